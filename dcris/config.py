@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from dcris.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user mistake in a config file, preset name or override."""
 
 
@@ -27,7 +30,7 @@ class VisionConfig:
     width: int = 768  # token width (L: 1024)
     depth: int = 12  # number of blocks (L: 24)
     heads: int = 12  # attention heads (L: 16)
-    mlp_ratio: float = 4.0  # MLP hidden = width * mlp_ratio
+    mlp_ratio: int = 4  # MLP hidden = width * mlp_ratio
     patch_size: int = 14  # ViT/14
     num_registers: int = 4  # register tokens between cls and patches
     pretrained_size: int = 518  # image size the position embedding was trained for (37x37 patches)
@@ -48,6 +51,7 @@ class TextConfig:
     embed_dim: int = 512  # text_projection output width
     context_length: int = 17  # tokens per sentence ("word_len"): start, BPE, end, zero padding
     positions: int = 77  # rows of the stored position embedding (CLIP's 77); the first context_length are used
+    quick_gelu: bool = True  # OpenAI CLIP weights were trained with QuickGELU
 
 
 @dataclass
@@ -82,6 +86,7 @@ class ModelConfig:
     """Everything needed to build the model, and nothing else."""
 
     image_size: int = 448  # square letterbox input; a multiple of the patch size
+    allow_download: bool = False  # fetch named weights from the hub when not cached locally
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
@@ -236,7 +241,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 value = tp(value) if tp is float else int(value)
             except ValueError:
                 raise ConfigError(f"config key {key!r} expects a {tp.__name__}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not float(value).is_integer()):
+        not_integral = tp is int and not float(value).is_integer()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not_integral:
             raise ConfigError(f"config key {key!r} expects a {tp.__name__}, got {value!r}")
         return tp(value)
     if tp is str:

@@ -1,0 +1,66 @@
+"""The DCRIS model (SPEC 2): frozen text and vision encoders with adapters, and the CRIS-style head.
+
+Order of computation: the whole text encoder (with its adapters) runs first; the vision encoder then runs
+and every DenseCrossAdapter attends to the final word features; the head segments at 1/4 of the input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dcris.config import ModelConfig
+from dcris.head import SegmentationHead, segmentation_loss
+from dcris.text import TextEncoder, build_text_encoder
+from dcris.vision import VisionEncoder, load_vision_backbone
+
+
+class DCRIS(nn.Module):
+    """Referring image segmentation: (images, tokens) -> mask logits at 4x the patch grid (128 x 128 for 448).
+
+    Trainable: the adapters (``vision.adapters``, ``text.adapters``) and the ``head``. Frozen: everything
+    else; the frozen backbones stay in eval mode under ``train()``.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, text: TextEncoder, vision: VisionEncoder, head: SegmentationHead
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text = text
+        self.vision = vision
+        self.head = head
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Maps images (B, 3, S, S) and tokens (B, L) to logits (B, 1, 4 * S/14, 4 * S/14)."""
+        words, sentence = self.text(tokens)  # (B, L, Ct), (B, E)
+        maps = self.vision(images, words)  # 3 x (B, Cv, S/14, S/14)
+        return self.head(maps, words, sentence, tokens)  # (B, 1, 4 * S/14, 4 * S/14)
+
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Sigmoid BCE against masks (B, 1, S, S) resized to the logits (SPEC 2)."""
+        return segmentation_loss(logits, masks)
+
+    def train(self, mode: bool = True) -> DCRIS:
+        super().train(mode)
+        # frozen backbones never train: dropout off, statistics fixed
+        self.text.transformer.eval()
+        self.vision.backbone.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapters and head with their BatchNorm statistics: the deployable weights."""
+        return {k: v for k, v in self.state_dict().items() if is_trainable_key(k)}
+
+
+def is_trainable_key(key: str) -> bool:
+    """Whether a state-dict key of :class:`DCRIS` belongs to the adapters or the head."""
+    return key.startswith(("head.", "text.adapters.", "vision.adapters."))
+
+
+def build_model(cfg: ModelConfig, pretrained: bool = True) -> DCRIS:
+    """Builds DCRIS from its config alone; loads the named backbone weights when ``pretrained``."""
+    text = build_text_encoder(cfg.text, cfg.adapters, pretrained, cfg.allow_download)
+    backbone = load_vision_backbone(cfg.vision, pretrained, cfg.allow_download)
+    vision = VisionEncoder(cfg.vision, cfg.adapters, cfg.text.width, backbone)
+    return DCRIS(cfg, text, vision, SegmentationHead(cfg.head, cfg.vision.width, cfg.text.embed_dim))

@@ -1,0 +1,229 @@
+"""The model: trainable set, gradients, shapes, weight loading against the libraries' own forward passes."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from transformers import Dinov2WithRegistersModel
+
+from dcris.config import PRESETS, preset
+from dcris.model import build_model, is_trainable_key
+from dcris.params import main as params_main
+from dcris.text import TextEncoder, build_text_encoder
+from dcris.vision import VisionEncoder, hf_vision_config, load_vision_backbone
+
+
+def random_tokens(batch: int, length: int = 17, vocab: int = 49408, seed: int = 0) -> torch.Tensor:
+    """Start token, random BPE ids, end token (the largest id), zero padding; varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(batch, length, dtype=torch.long)
+    for i in range(batch):
+        n = int(torch.randint(1, length - 1, (1,), generator=g))
+        tokens[i, 0] = vocab - 2
+        tokens[i, 1 : n + 1] = torch.randint(1, vocab - 2, (n,), generator=g)
+        tokens[i, n + 1 if n + 1 < length else length - 1] = vocab - 1
+    return tokens
+
+
+@pytest.fixture(scope="module", params=["tiny-dcris", "tiny-detris"])
+def tiny(request):
+    torch.manual_seed(0)
+    cfg = preset(request.param)
+    return cfg, build_model(cfg.model, pretrained=False)
+
+
+def test_only_adapters_and_head_train(tiny):
+    _, model = tiny
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(is_trainable_key(n) for n in names)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and not any(is_trainable_key(n) for n in frozen)
+    assert any(".adapters." in n for n in names) and any(n.startswith("head.") for n in names)
+
+
+def test_gradients_reach_every_adapter_and_head_parameter(tiny):
+    cfg, model = tiny
+    model.train()
+    model.zero_grad()
+    s = cfg.model.image_size
+    images, tokens = torch.randn(2, 3, s, s), random_tokens(2)
+    loss = model.loss(model(images, tokens), (torch.rand(2, 1, s, s) > 0.5).float())
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            # a conv bias right before a training-mode BatchNorm is cancelled by its mean: its gradient is 0
+            if not name.endswith("conv.bias"):
+                assert p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_frozen_backbones_stay_in_eval_mode(tiny):
+    _, model = tiny
+    model.train()
+    assert not model.vision.backbone.training and not model.text.transformer.training
+    assert model.head.training and all(a.training for a in model.vision.adapters.values())
+
+
+@pytest.mark.parametrize("size, out", [(448, 128), (224, 64), (126, 36)])
+def test_output_is_a_quarter_of_a_patch(size: int, out: int):
+    """Logits at 4x the 14-pixel patch grid: 128 x 128 for the 448 input."""
+    cfg = preset("tiny-dcris")
+    cfg.model.image_size = size
+    model = build_model(cfg.model, pretrained=False).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, size, size), random_tokens(1))
+    assert logits.shape == (1, 1, out, out)
+
+
+def test_bf16_autocast_forward_backward():
+    cfg = preset("tiny-detris")
+    model = build_model(cfg.model, pretrained=False).train()
+    s = cfg.model.image_size
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, s, s), random_tokens(2))
+        loss = model.loss(logits, torch.rand(2, 1, s, s))
+    loss.backward()
+    assert torch.isfinite(loss) and logits.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds(name: str):
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = build_model(cfg.model, pretrained=False)
+    assert len(model.vision.adapters) == len(cfg.model.adapters.vision_layers)
+    assert len(model.text.adapters) == len(cfg.model.adapters.text_layers)
+
+
+# ---------------------------------------------------------------------------------------------- weight loading
+
+
+def test_vision_weights_round_trip_and_match_transformers_forward(tmp_path):
+    """A tiny DINOv2 saved with save_pretrained loads through the real loader and reproduces HF's forward."""
+    cfg = preset("tiny-dcris").model
+    torch.manual_seed(1)
+    reference = Dinov2WithRegistersModel(hf_vision_config(cfg.vision)).eval()
+    with torch.no_grad():  # non-trivial LayerScale so every branch counts
+        for layer in reference.encoder.layer:
+            layer.layer_scale1.lambda1.uniform_(0.5, 1.5)
+            layer.layer_scale2.lambda1.uniform_(0.5, 1.5)
+    reference.save_pretrained(tmp_path / "dino")
+    cfg.vision.weights = str(tmp_path / "dino")
+    cfg.adapters.vision_layers = []
+    backbone = load_vision_backbone(cfg.vision, pretrained=True, allow_download=False)
+    for (k, a), b in zip(reference.state_dict().items(), backbone.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    encoder = VisionEncoder(cfg.vision, cfg.adapters, cfg.text.width, backbone).eval()
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        maps = encoder(images, torch.randn(2, 17, cfg.text.width))
+        out = reference(pixel_values=images, output_hidden_states=True)
+    grid = cfg.image_size // cfg.vision.patch_size
+    prefix = 1 + cfg.vision.num_registers
+
+    def as_map(t):
+        return t[:, prefix:].transpose(1, 2).reshape(2, -1, grid, grid)
+
+    expected = [out.hidden_states[i + 1] for i in cfg.vision.taps] + [out.last_hidden_state]
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, as_map(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_text_weights_round_trip_and_match_open_clip_forward(tmp_path, fmt: str):
+    """A tiny open_clip CLIP saved as a checkpoint file loads through the real loader and reproduces encode_text."""
+    cfg = preset("tiny-dcris").model
+    t = cfg.text
+    torch.manual_seed(2)
+    clip = open_clip.model.CLIP(
+        embed_dim=t.embed_dim,
+        vision_cfg=open_clip.model.CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32),
+        text_cfg=open_clip.model.CLIPTextCfg(
+            context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads, layers=t.layers
+        ),
+        quick_gelu=True,
+    ).eval()
+    path = tmp_path / f"tiny_clip.{fmt}"
+    if fmt == "pt":
+        torch.save({"state_dict": clip.state_dict()}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(clip.state_dict(), str(path))
+    t.weights = str(path)
+    cfg.adapters.text_layers = []
+    encoder = build_text_encoder(t, cfg.adapters, pretrained=True, allow_download=False).eval()
+    tokens = random_tokens(3)
+    with torch.no_grad():
+        words, sentence = encoder(tokens)
+        expected_sentence = clip.encode_text(tokens)
+        x = clip.token_embedding(tokens) + clip.positional_embedding
+        expected_words = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
+    torch.testing.assert_close(sentence, expected_sentence, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(words, expected_words, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_text_weights_are_a_clear_error(tmp_path):
+    from dcris.errors import UserError
+
+    cfg = preset("tiny-dcris").model
+    cfg.text.weights = "openai"  # a real tag: refused without allow_download, nothing is fetched
+    with pytest.raises(UserError, match="allow_download"):
+        build_text_encoder(cfg.text, cfg.adapters, pretrained=True, allow_download=False)
+    cfg.vision.weights = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="cannot load vision weights"):
+        load_vision_backbone(cfg.vision, pretrained=True, allow_download=False)
+
+
+def test_text_adapters_change_the_words_only_where_placed():
+    cfg = preset("tiny-detris").model
+    torch.manual_seed(3)
+    with_ta = TextEncoder(cfg.text, cfg.adapters).eval()
+    cfg.adapters.text_layers = []
+    without = TextEncoder(cfg.text, cfg.adapters).eval()
+    without.load_state_dict(with_ta.backbone_state_dict())
+    tokens = random_tokens(2)
+    with torch.no_grad():
+        assert not torch.allclose(with_ta(tokens)[0], without(tokens)[0])
+        for adapter in with_ta.adapters.values():
+            torch.nn.init.zeros_(adapter.up.weight)
+            torch.nn.init.zeros_(adapter.up.bias)
+        torch.testing.assert_close(with_ta(tokens)[0], without(tokens)[0])
+
+
+# ---------------------------------------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize(
+    "args, adapters, head",
+    [
+        (["--preset", "dcris-b"], 2_694_048, 22_802_433),
+        (["--preset", "dcris-b", "--adapter-layers", "4,8,11"], 1_347_024, 22_802_433),
+        (["--preset", "dcris-b", "--adapter-layers", "8"], 449_008, 22_802_433),
+        (["--preset", "dcris-b", "--adapter-layers", ",".join(map(str, range(12)))], 5_388_096, 22_802_433),
+        (["--preset", "detris-b"], 2_715_696, 22_802_433),
+        (["--preset", "dcris-b", "--adapter-layers", "none"], 0, 22_802_433),
+    ],
+)
+def test_params_command_reports_the_paper_counts(capsys, args: list[str], adapters: int, head: int):
+    assert params_main([*args, "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["adapter_params"] == adapters
+    assert counts["head_params"] == head
+    assert 149_970_000 <= counts["frozen_params"] <= 150_011_649
+    assert counts["adapter_percent"] == pytest.approx(100 * adapters / counts["frozen_params"])
+
+
+def test_params_table_da_only_and_ta_only(capsys):
+    assert params_main(["--preset", "dcris-b", "--text-layers", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter_params"] == 6 * 382_896
+    assert params_main(["--preset", "dcris-b", "--vision-layers", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter_params"] == 6 * 66_112
+    assert params_main(["--preset", "dcris-b"]) == 0
+    assert "2,694,048 (1.80% of frozen)" in capsys.readouterr().out
