@@ -236,14 +236,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r} expects true/false, got {value!r}")
         return value
     if tp in (int, float):
+        kind = "an integer" if tp is int else "a number"
         if isinstance(value, str):
             try:
                 value = tp(value) if tp is float else int(value)
             except ValueError:
-                raise ConfigError(f"config key {key!r} expects a {tp.__name__}, got {value!r}") from None
+                raise ConfigError(f"config key {key!r} expects {kind}, got {value!r}") from None
         not_integral = tp is int and not float(value).is_integer()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not_integral:
-            raise ConfigError(f"config key {key!r} expects a {tp.__name__}, got {value!r}")
+            raise ConfigError(f"config key {key!r} expects {kind}, got {value!r}")
         return tp(value)
     if tp is str:
         if not isinstance(value, str):

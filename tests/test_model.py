@@ -227,3 +227,25 @@ def test_params_table_da_only_and_ta_only(capsys):
     assert json.loads(capsys.readouterr().out)["adapter_params"] == 6 * 66_112
     assert params_main(["--preset", "dcris-b"]) == 0
     assert "2,694,048 (1.80% of frozen)" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_forward_never_syncs_with_the_host():
+    """bf16 training step at the real input size with CUDA's sync debug mode set to raise on any sync."""
+    cfg = preset("tiny-dcris")
+    cfg.model.image_size = 448
+    model = build_model(cfg.model, pretrained=False).cuda().train()
+    images, tokens = torch.randn(2, 3, 448, 448, device="cuda"), random_tokens(2).cuda()
+    masks = torch.rand(2, 1, 448, 448, device="cuda")
+    model(images, tokens)  # warm-up: one-time set-up (kernel probes, caches) may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(images, tokens)
+            loss = model.loss(logits, masks)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert logits.shape == (2, 1, 128, 128)
