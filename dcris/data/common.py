@@ -1,0 +1,216 @@
+"""What both loaders share: the manifest, per-rank ranges, sentence choice and the batch contract.
+
+Shards live in ``SHARDS/SPLIT/NNNNNN.tar`` (with ``NNNNNN.idx`` beside them) and ``SHARDS/manifest.json`` lists
+them per split, paths relative to ``SHARDS``; the sample format (``jpg``, ``mask.png``, ``tokens.npy``,
+``json``, ``meta``) is described in ``shards/pack.py``.
+
+Each loader (DALI, PyTorch) only turns shard samples into *object batches* -- one item per referred object:
+
+    image        float32 (B, 3, S, S), letterboxed and CLIP-normalised, on the loader's device
+    mask         float32 (B, 1, S, S) in [0, 1], on the device
+    tokens_all   int64 (B, K, 17): every sentence of the object, zero rows past its count, on the device
+    meta         int64 (B, 7) on the CPU: sample_index, ref_id, image_id, ann_id, height, width, num_sentences
+    orig_mask    evaluation only: list of B uint8 (h, w) arrays in {0, 1}
+
+:class:`ShardLoader` turns those into the batches trainers see (the contract in ``dcris.data``): training
+picks one sentence per object, evaluation emits one item per (object, sentence) and re-batches.
+
+Sharding across ranks (exact, the same in both loaders): the split's samples, in shard order, are cut into
+``world_size`` contiguous ranges, rank r reading ``[r * N // W, (r + 1) * N // W)`` -- the split NVIDIA DALI's
+readers make for ``shard_id``/``num_shards``. For evaluation every sample is read once over all ranks.
+Training rotates the ranges by the epoch (rank r reads range ``(r + epoch) % W``) so every rank sees all data
+over W epochs, and yields ``(N // W) // batch_size`` full batches on every rank, so ranks never disagree on
+the number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+META_FIELDS = ("sample_index", "ref_id", "image_id", "ann_id", "height", "width", "num_sentences")
+
+
+def read_manifest(shards_dir: str | Path) -> dict:
+    """The ``manifest.json`` written by ``shards/pack.py``."""
+    path = Path(shards_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest.json in {shards_dir}: pack the data with shards/pack.py first")
+    return json.loads(path.read_text())
+
+
+def split_info(shards_dir: str | Path, split: str) -> dict:
+    """The manifest entry of one split; KeyError names the splits there are."""
+    splits = read_manifest(shards_dir)["splits"]
+    if split not in splits:
+        raise KeyError(f"split {split!r} not in {shards_dir} (have {', '.join(splits)})")
+    return splits[split]
+
+
+def num_samples(shards_dir: str | Path, split: str, train: bool) -> int:
+    """Samples of a split over all ranks: objects for training, (object, sentence) pairs for evaluation."""
+    info = split_info(shards_dir, split)
+    return info["objects"] if train else info["sentences"]
+
+
+def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous ``[start, end)`` sample range of one rank (DALI's shard formula)."""
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
+def sentence_index(seed: int, epoch: int, sample_index: int, num_sentences: int) -> int:
+    """The sentence trained on for an object in an epoch: random, but fixed by (seed, epoch, sample)."""
+    return int(np.random.default_rng((seed, epoch, sample_index)).integers(num_sentences))
+
+
+def take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """Rows ``index`` of every field of a batch (tensors on their own device, lists by position)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, list):
+            out[key] = [value[i] for i in index.tolist()]
+        else:
+            out[key] = value[index.to(value.device)]
+    return out
+
+
+def concat_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Rows of ``a`` followed by the rows of ``b``, field by field."""
+    return {k: a[k] + b[k] if isinstance(a[k], list) else torch.cat([a[k], b[k]]) for k in a}
+
+
+class ShardLoader:
+    """Iterable over the batches of one epoch; subclasses provide :meth:`object_batches`.
+
+    Args:
+        shards_dir: Directory with ``manifest.json`` and the shards.
+        split: Split to read.
+        train: Training (shuffled, one random sentence per object, full batches only) or evaluation
+            (in order, every sentence, last batch partial).
+        batch_size: Items per batch on this rank.
+        image_size: Side of the letterboxed square.
+        rank: This process's rank.
+        world_size: Number of ranks.
+        seed: Seed of the shuffle and of the sentence choice.
+        workers: Decoding threads / processes.
+        device: Where image, mask and tokens are put.
+        epoch: Epoch to iterate (changes order, sentence choice and the rank's range when training);
+            :meth:`set_epoch` changes it.
+        shuffle_buffer: Samples in the training shuffle buffer.
+    """
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        split: str,
+        *,
+        train: bool,
+        batch_size: int,
+        image_size: int = 448,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        workers: int = 2,
+        device: str | torch.device = "cpu",
+        epoch: int = 0,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.shards_dir = Path(shards_dir)
+        self.split = split
+        self.info = split_info(shards_dir, split)
+        self.train = train
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.workers = workers
+        self.device = torch.device(device)
+        self.epoch = epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.context_length = read_manifest(shards_dir)["context_length"]
+
+    @property
+    def shard_paths(self) -> list[tuple[str, str]]:
+        """(tar, idx) paths of the split's shards (``SHARDS/SPLIT/NNNNNN.{tar,idx}``), in order.
+
+        The manifest records them relative to the shards directory, e.g. ``train/000000.tar``.
+        """
+        return [(str(self.shards_dir / s["tar"]), str(self.shards_dir / s["idx"])) for s in self.info["shards"]]
+
+    @property
+    def max_sentences(self) -> int:
+        """The most sentences any object of the split has."""
+        return max(c for s in self.info["shards"] for c in s["sentence_counts"])
+
+    @property
+    def range_index(self) -> int:
+        """Which of the ``world_size`` contiguous ranges this rank reads in this epoch."""
+        return (self.rank + self.epoch) % self.world_size if self.train else self.rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches this rank yields in one epoch."""
+        start, end = rank_range(self.info["objects"], self.range_index, self.world_size)
+        if self.train:
+            return (self.info["objects"] // self.world_size) // self.batch_size
+        counts = [c for s in self.info["shards"] for c in s["sentence_counts"]][start:end]
+        return -(-sum(counts) // self.batch_size)
+
+    def object_batches(self) -> Iterator[dict[str, Any]]:
+        """Object batches (module docstring) of this rank's range for the current epoch."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.train:
+            yield from self._train_batches()
+        else:
+            yield from self._eval_batches()
+
+    def _train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        steps = len(self)
+        if steps == 0:
+            return
+        for step, batch in enumerate(self.object_batches()):
+            meta = batch["meta"]
+            choice = [sentence_index(self.seed, self.epoch, int(m[0]), int(m[6])) for m in meta]  # one per object
+            rows = torch.arange(len(choice), device=batch["tokens_all"].device)
+            tokens = batch["tokens_all"][rows, torch.tensor(choice, device=rows.device)]  # (B, 17)
+            yield dict(image=batch["image"], mask=batch["mask"], tokens=tokens, ref_id=meta[:, 1])
+            if step + 1 == steps:
+                return
+
+    def _eval_batches(self) -> Iterator[dict[str, Any]]:
+        pending: dict[str, Any] | None = None
+        for batch in self.object_batches():
+            meta = batch["meta"]  # (B, 7)
+            counts = meta[:, 6]
+            obj = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (P,) object of each pair
+            sent = torch.cat([torch.arange(int(c)) for c in counts])  # (P,) sentence index within its object
+            tokens_all = batch["tokens_all"]
+            items = dict(
+                image=batch["image"][obj.to(batch["image"].device)],
+                mask=batch["mask"][obj.to(batch["mask"].device)],
+                tokens=tokens_all[obj.to(tokens_all.device), sent.to(tokens_all.device)],  # (P, 17)
+                ref_id=meta[obj, 1],
+                sent_idx=sent,
+                orig_size=meta[obj][:, 4:6],  # (P, 2): h, w
+                orig_mask=[batch["orig_mask"][i] for i in obj.tolist()],
+            )
+            pending = items if pending is None else concat_rows(pending, items)
+            while len(pending["ref_id"]) >= self.batch_size:
+                head = torch.arange(self.batch_size)
+                yield take_rows(pending, head)
+                pending = take_rows(pending, torch.arange(self.batch_size, len(pending["ref_id"])))
+        if pending is not None and len(pending["ref_id"]):
+            yield pending

@@ -1,0 +1,156 @@
+"""The NVIDIA DALI loader: webdataset reader, JPEG decode ("mixed" on a GPU, "cpu" without), cubic letterbox.
+
+``fn.warp_affine`` interpolates only nearest or linear, so the bicubic letterbox of SPEC 4 is a cubic
+``fn.resize`` to the letterbox size followed by an out-of-bounds ``fn.slice`` that pads the canvas centred.
+The geometry is computed inside the graph with integers, mirroring :func:`dcris.data.letterbox.letterbox_geometry`
+exactly (the tests compare the two).
+
+The reader takes the ``jpg``, ``mask.png``, ``tokens.npy`` and ``meta`` fields of each sample. ``tokens.npy`` is
+in ``np.save`` format, so the pipeline passes its bytes through untouched (uint8, zero-padded to the batch's
+longest) and :func:`tokens_from_npy` parses them with ``np.load`` outside the graph.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
+import nvidia.dali.types as types
+import torch
+from nvidia.dali import pipeline_def
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from dcris.data.common import ShardLoader
+from dcris.data.letterbox import CLIP_MEAN, CLIP_MEAN_UINT8, CLIP_STD
+
+_READER = "shards"
+
+
+def tokens_from_npy(padded: np.ndarray, max_sentences: int, context_length: int) -> torch.Tensor:
+    """int64 (B, K_max, 17) tokens from the ``tokens.npy`` bytes of a batch, (B, L) uint8 zero-padded.
+
+    ``np.load`` reads exactly the array its header describes, so the zero padding after it is ignored.
+    """
+    out = torch.zeros(len(padded), max_sentences, context_length, dtype=torch.long)
+    for i, row in enumerate(padded):
+        tokens = np.load(io.BytesIO(row.tobytes()), allow_pickle=False)  # int32 (K, 17)
+        out[i, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
+    return out
+
+
+def _letterbox_nodes(encoded_jpeg: Any, size: int) -> tuple[Any, Any, Any, Any]:
+    """Per-sample letterbox sizes from the JPEG header (no decode): new_h, new_w and the slice anchor/shape."""
+    shape = fn.peek_image_shape(encoded_jpeg, dtype=types.INT64)  # (h, w, c)
+    height, width = shape[0], shape[1]
+    longest = dmath.max(height, width)
+    new_h = (2 * height * size + longest) // (2 * longest)  # round half up, as letterbox_geometry
+    new_w = (2 * width * size + longest) // (2 * longest)
+    # A slice starting at minus the padding, size x size long, pads the resized image centred.
+    anchor = fn.stack(-((size - new_h) // 2), -((size - new_w) // 2))
+    canvas = fn.constant(idata=[size, size], dtype=types.INT64)
+    return fn.cast(new_h, dtype=types.FLOAT), fn.cast(new_w, dtype=types.FLOAT), anchor, canvas
+
+
+@pipeline_def
+def _letterbox_pipeline(
+    tars: list[str],
+    indices: list[str],
+    size: int,
+    train: bool,
+    gpu: bool,
+    shard_id: int,
+    num_shards: int,
+    shuffle_buffer: int,
+) -> tuple[Any, ...]:
+    jpeg, png, tokens, meta = fn.readers.webdataset(
+        paths=tars,
+        index_paths=indices,
+        ext=["jpg", "mask.png", "tokens.npy", "meta"],
+        dtypes=[types.UINT8, types.UINT8, types.UINT8, types.INT64],
+        random_shuffle=train,
+        initial_fill=shuffle_buffer,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=True,  # the loader rotates ranges itself, once per epoch (dcris.data.common)
+        pad_last_batch=not train,
+        name=_READER,
+    )
+    new_h, new_w, anchor, canvas = _letterbox_nodes(jpeg, size)
+    image = fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    image = fn.resize(image, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_CUBIC)
+    image = fn.slice(image, anchor, canvas, axes=[0, 1], out_of_bounds_policy="pad", fill_values=CLIP_MEAN_UINT8)
+    image = fn.crop_mirror_normalize(
+        image,
+        mean=[255 * m for m in CLIP_MEAN],
+        std=[255 * s for s in CLIP_STD],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )  # (3, S, S)
+    orig_mask = fn.decoders.image(png, device="cpu", output_type=types.GRAY)  # (h, w, 1), 0 or 255
+    mask = orig_mask.gpu() if gpu else orig_mask
+    # Linear and float output: the mask edge stays soft, as letterbox_mask.
+    mask = fn.resize(mask, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
+    mask = fn.slice(mask, anchor, canvas, axes=[0, 1], out_of_bounds_policy="pad", fill_values=0.0)
+    mask = dmath.clamp(fn.transpose(mask, perm=[2, 0, 1]) / 255.0, 0.0, 1.0)  # (1, S, S); resampling may overshoot
+    tokens = fn.pad(tokens, axes=[0])  # (L_max,) uint8: the .npy bytes, zero past each sample's end
+    if train:
+        return image, mask, tokens, meta
+    return image, mask, tokens, meta, fn.pad(orig_mask, axes=[0, 1])  # (H_max, W_max, 1) per batch
+
+
+class DaliShardLoader(ShardLoader):
+    """DALI implementation of :class:`~dcris.data.common.ShardLoader` (a fresh pipeline per epoch)."""
+
+    def _pipeline(self) -> Any:
+        gpu = self.device.type == "cuda"
+        device_id = (
+            (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
+        )
+        tars, indices = zip(*self.shard_paths, strict=True)
+        # A stable 31-bit seed per (seed, epoch, rank): DALI wants a non-negative int.
+        seed = zlib.crc32(f"{self.seed}-{self.epoch}-{self.rank}".encode()) & 0x7FFFFFFF
+        return _letterbox_pipeline(
+            list(tars),
+            list(indices),
+            self.image_size,
+            self.train,
+            gpu,
+            self.range_index,
+            self.world_size,
+            self.shuffle_buffer,
+            batch_size=self.batch_size,
+            num_threads=max(1, self.workers),
+            device_id=device_id,
+            seed=seed,
+        )
+
+    def object_batches(self) -> Iterator[dict[str, Any]]:
+        names = ["image", "mask", "tokens", "meta"] + ([] if self.train else ["orig_mask"])
+        iterator = DALIGenericIterator(
+            self._pipeline(),
+            names,
+            reader_name=_READER,
+            last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
+            auto_reset=False,
+        )
+        for (out,) in iterator:
+            meta = out["meta"].cpu()  # (B, 7)
+            tokens_all = tokens_from_npy(out["tokens"].cpu().numpy(), self.max_sentences, self.context_length)
+            batch = dict(
+                image=out["image"].to(self.device),
+                mask=out["mask"].to(self.device),
+                tokens_all=tokens_all.to(self.device),
+                meta=meta,
+            )
+            if not self.train:
+                padded = out["orig_mask"].numpy()  # (B, H_max, W_max, 1)
+                batch["orig_mask"] = [
+                    (padded[i, :h, :w, 0] > 127).astype("uint8") for i, (h, w) in enumerate(meta[:, 4:6].tolist())
+                ]
+            yield batch

@@ -1,0 +1,385 @@
+"""Data pipeline: synthetic release -> pack -> both loaders, letterbox geometry, tokenizer, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from dcris.data import build_loader, dali_available, num_samples
+from dcris.data.letterbox import forward_affine, inverse_affine, letterbox_geometry, unletterbox
+from dcris.tokenizer import TextTooLongError, tokenize
+from shards import pack
+from shards.synth import make_synthetic_release
+
+LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI"))]
+SIZE = 112  # a small canvas keeps the tests fast; the geometry does not depend on it
+
+
+def _pack(release: Path, out: Path, *extra: str) -> int:
+    images = str(release / "images")
+    argv = ["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images", images]
+    return pack.main([*argv, "--out", str(out), "--shard-size", "7", "--workers", "2", *extra])
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_release(tmp_path_factory.mktemp("release"), images=24, seed=3)
+
+
+@pytest.fixture(scope="session")
+def refs(release: Path) -> dict[int, dict]:
+    return {r["ref_id"]: r for r in pickle.loads((release / "synthetic" / "refs(unc).p").read_bytes())}
+
+
+@pytest.fixture(scope="session")
+def shards(release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    assert _pack(release, out) == 0
+    return out / "synthetic"
+
+
+def _eval_items(shards: Path, loader: str, rank: int = 0, world_size: int = 1, split: str = "val") -> list[dict]:
+    batches = build_loader(
+        shards,
+        split,
+        train=False,
+        batch_size=5,
+        image_size=SIZE,
+        rank=rank,
+        world_size=world_size,
+        loader=loader,
+        workers=2,
+    )
+    return list(batches)
+
+
+def _original_mask(release: Path, ref: dict) -> np.ndarray:
+    instances = json.loads((release / "synthetic" / "instances.json").read_text())
+    ann = next(a for a in instances["annotations"] if a["id"] == ref["ann_id"])
+    image = next(i for i in instances["images"] if i["id"] == ref["image_id"])
+    rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], image["height"], image["width"]))
+    return mask_utils.decode(rle)
+
+
+def test_synthetic_release_is_deterministic_and_resolvable(release: Path, tmp_path: Path, refs: dict) -> None:
+    again = make_synthetic_release(tmp_path, images=24, seed=3)
+    assert (again / "synthetic" / "refs(unc).p").read_bytes() == (release / "synthetic" / "refs(unc).p").read_bytes()
+    instances = json.loads((release / "synthetic" / "instances.json").read_text())
+    sizes = {(i["height"], i["width"]) for i in instances["images"]}
+    assert any(h > w for h, w in sizes) and any(w > h for h, w in sizes)
+    assert {r["split"] for r in refs.values()} == {"train", "val", "testA", "testB"}
+    # Within an image, no two refs share a sentence: each expression names one object.
+    by_image: dict[int, list[str]] = {}
+    for r in refs.values():
+        by_image.setdefault(r["image_id"], []).extend(s["sent"] for s in r["sentences"])
+    assert all(len(v) == len(set(v)) for v in by_image.values())
+
+
+def test_manifest_counts_match_the_release(shards: Path, refs: dict) -> None:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for split, info in manifest["splits"].items():
+        expected = [r for r in refs.values() if r["split"] == split]
+        assert info["objects"] == len(expected) == sum(s["samples"] for s in info["shards"])
+        assert info["sentences"] == sum(len(r["sentences"]) for r in expected)
+        assert info["skipped"] == []
+        for s in info["shards"]:
+            assert (shards / s["tar"]).is_file() and (shards / s["idx"]).read_text().startswith("v1.2")
+    assert num_samples(shards, "train", train=True) == manifest["splits"]["train"]["objects"]
+    assert num_samples(shards, "val", train=False) == manifest["splits"]["val"]["sentences"]
+
+
+def test_shard_layout_and_sample_format(shards: Path, release: Path, refs: dict) -> None:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["splits"].keys() == {"train", "val", "testA", "testB"}
+    instances = json.loads((release / "synthetic" / "instances.json").read_text())
+    images = {i["id"]: i for i in instances["images"]}
+    for split, info in manifest["splits"].items():
+        assert {"objects", "sentences", "shards", "skipped"} <= info.keys()
+        assert (shards / split / "000000.tar").is_file() and (shards / split / "000000.idx").is_file()
+        for k, s in enumerate(info["shards"]):
+            assert s["tar"] == f"{split}/{k:06d}.tar" and s["idx"] == f"{split}/{k:06d}.idx"  # relative to OUT/NAME
+            assert len(s["sha256"]) == 64
+    with tarfile.open(shards / "val" / "000000.tar") as tar:
+        members = {}
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    assert len(members) == manifest["splits"]["val"]["shards"][0]["samples"]
+    for sample in members.values():
+        assert {"jpg", "mask.png", "tokens.npy", "json"} <= sample.keys()
+        info = json.loads(sample["json"])
+        ref = refs[info["ref_id"]]
+        image = images[info["image_id"]]
+        assert all(info[k] == ref[k] for k in ("ann_id", "image_id", "category_id"))
+        assert all(info[k] == image[k] for k in ("file_name", "height", "width"))
+        assert info["sentences"] == [s["sent"] for s in ref["sentences"]]
+        assert sample["jpg"] == (release / "images" / info["file_name"]).read_bytes()  # not re-encoded
+        with Image.open(io.BytesIO(sample["mask.png"])) as mask:
+            assert mask.mode == "L" and mask.size == (info["width"], info["height"])
+            assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+        tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+        assert tokens.dtype == np.int32 and tokens.shape == (len(info["sentences"]), 17)
+        assert np.array_equal(tokens, tokenize(info["sentences"]).numpy())
+
+
+def test_tokenize_matches_open_clip_and_truncates() -> None:
+    rng = random.Random(0)
+    words = ["the", "small", "red", "circle", "on", "left", "man", "in", "shirt", "zebra", "(far)", "Giraffe's"]
+    texts = [" ".join(rng.choices(words, k=rng.randint(1, 25))) for _ in range(20)]
+    ours = tokenize(texts)
+    assert ours.shape == (20, 17) and ours.dtype == torch.long
+    assert torch.equal(ours, open_clip.get_tokenizer("ViT-B-16")(texts, context_length=17))
+    eot = ours.argmax(dim=1)  # the end token has the largest id
+    assert (ours[torch.arange(20), eot] == 49407).all() and (ours[:, 0] == 49406).all()
+    long_text = next(t for t in texts if len(t.split()) > 15)
+    with pytest.raises(TextTooLongError) as error:
+        tokenize([texts[0], long_text], truncate=False)
+    assert str(error.value).startswith("text too long: ") and long_text in str(error.value)
+
+
+def test_letterbox_geometry_is_centred_and_invertible() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        h, w, size = (int(v) for v in rng.integers([1, 1, 8], [1000, 1000, 600]))
+        scale, new_h, new_w, top, left = letterbox_geometry(h, w, size)
+        assert max(new_h, new_w) == size and abs(new_h - h * scale) <= 0.5 and abs(new_w - w * scale) <= 0.5
+        assert top == (size - new_h) // 2 and left == (size - new_w) // 2
+        point = np.array([rng.uniform(0, w), rng.uniform(0, h), 1.0])
+        canvas = forward_affine(h, w, size) @ point
+        assert np.allclose(inverse_affine(h, w, size) @ np.append(canvas, 1.0), point[:2])
+        corner = forward_affine(h, w, size) @ np.array([w, h, 1.0])  # the far image corner lands on the paste edge
+        assert np.allclose(corner, [left + new_w, top + new_h])
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_eval_batches_match_the_release(shards: Path, release: Path, refs: dict, loader: str) -> None:
+    batches = _eval_items(shards, loader)
+    pairs = [(int(r), int(s)) for b in batches for r, s in zip(b["ref_id"], b["sent_idx"], strict=True)]
+    val = [r for r in refs.values() if r["split"] == "val"]
+    assert sorted(pairs) == sorted((r["ref_id"], k) for r in val for k in range(len(r["sentences"])))
+    assert len(batches) == len(build_loader(shards, "val", train=False, batch_size=5, loader=loader))
+    b = batches[0]
+    assert b["image"].shape == (5, 3, SIZE, SIZE) and b["image"].dtype == torch.float32
+    assert b["mask"].shape == (5, 1, SIZE, SIZE) and 0 <= b["mask"].min() and b["mask"].max() <= 1
+    rng = np.random.default_rng(2)
+    for batch in batches:
+        for i, (ref_id, k) in enumerate(zip(batch["ref_id"].tolist(), batch["sent_idx"].tolist(), strict=True)):
+            ref = refs[ref_id]
+            assert torch.equal(batch["tokens"][i], tokenize([ref["sentences"][k]["sent"]])[0])
+            original = _original_mask(release, ref)
+            assert np.array_equal(batch["orig_mask"][i], original)
+            assert tuple(batch["orig_size"][i].tolist()) == original.shape
+            _check_mask_geometry(batch["mask"][i, 0].numpy(), original, rng)
+
+
+def _check_mask_geometry(canvas_mask: np.ndarray, original: np.ndarray, rng: np.random.Generator) -> None:
+    """Canvas pixels that are clearly in / out of the mask map back (inverse affine) to in / out originals."""
+    h, w = original.shape
+    inverse = inverse_affine(h, w, canvas_mask.shape[0])
+    for wanted, where in ((1, canvas_mask > 0.99), (0, canvas_mask < 0.01)):
+        ys, xs = np.nonzero(where)
+        pick = rng.choice(len(ys), size=min(40, len(ys)), replace=False)
+        centres = np.stack([xs[pick] + 0.5, ys[pick] + 0.5, np.ones(len(pick))])  # (3, n) pixel centres
+        ox, oy = inverse @ centres  # original continuous coordinates
+        inside = (ox >= 0) & (ox < w) & (oy >= 0) & (oy < h)
+        assert wanted == 0 or inside.all()  # the mask never shows on the border
+        assert (original[oy[inside].astype(int), ox[inside].astype(int)] == wanted).all()
+    # The inverse warp of evaluation recovers the original mask.
+    back = unletterbox(torch.from_numpy(canvas_mask), h, w).numpy() > 0.5
+    iou = (back & (original > 0)).sum() / (back | (original > 0)).sum()
+    assert iou > 0.85
+
+
+@pytest.mark.skipif(not dali_available(), reason="no DALI")
+def test_dali_and_torch_give_the_same_batches(shards: Path) -> None:
+    for ours, ref in zip(
+        _eval_items(shards, "dali", split="testA"), _eval_items(shards, "torch", split="testA"), strict=True
+    ):
+        for key in ("ref_id", "sent_idx", "tokens", "orig_size"):
+            assert torch.equal(ours[key], ref[key]), key
+        assert all(np.array_equal(a, b) for a, b in zip(ours["orig_mask"], ref["orig_mask"], strict=True))
+        image_diff = (ours["image"] - ref["image"]).abs()  # cubic resamplers differ in rounding only
+        assert image_diff.mean() < 2e-3 and image_diff.max() < 0.2, (image_diff.mean(), image_diff.max())
+        assert (ours["mask"] - ref["mask"]).abs().max() < 1e-3
+    for rank in range(2):  # both loaders give each rank the same samples
+        ranks = [
+            {int(r) for b in _eval_items(shards, kind, rank, 2) for r in b["ref_id"]} for kind in ("dali", "torch")
+        ]
+        assert ranks[0] == ranks[1]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_ranks_split_evaluation_exactly(shards: Path, loader: str) -> None:
+    seen = [
+        {
+            (int(r), int(s))
+            for b in _eval_items(shards, loader, rank, 3)
+            for r, s in zip(b["ref_id"], b["sent_idx"], strict=True)
+        }
+        for rank in range(3)
+    ]
+    whole = {
+        (int(r), int(s)) for b in _eval_items(shards, loader) for r, s in zip(b["ref_id"], b["sent_idx"], strict=True)
+    }
+    assert sum(len(s) for s in seen) == len(whole) == num_samples(shards, "val", train=False)
+    assert set.union(*seen) == whole
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_training_batches(shards: Path, refs: dict, loader: str) -> None:
+    def epoch(rank: int, number: int) -> dict[int, torch.Tensor]:
+        batches = build_loader(
+            shards,
+            "train",
+            train=True,
+            batch_size=4,
+            image_size=SIZE,
+            rank=rank,
+            world_size=2,
+            loader=loader,
+            seed=5,
+            epoch=number,
+            workers=2,
+            shuffle_buffer=16,
+        )
+        out = list(batches)
+        assert len(out) == len(batches) == (num_samples(shards, "train", train=True) // 2) // 4
+        assert all(b["image"].shape == (4, 3, SIZE, SIZE) and b["tokens"].shape == (4, 17) for b in out)
+        return {int(r): t for b in out for r, t in zip(b["ref_id"], b["tokens"], strict=True)}
+
+    first, second = epoch(0, 0), epoch(1, 0)
+    assert not first.keys() & second.keys()  # ranks read disjoint objects
+    again = epoch(0, 0)
+    assert all(torch.equal(again[r], first[r]) for r in first.keys() & again.keys())  # seeded sentence choice
+    for ref_id, tokens in first.items():
+        assert any(torch.equal(tokens, t) for t in tokenize([s["sent"] for s in refs[ref_id]["sentences"]]))
+    rotated = epoch(0, 1)  # the next epoch, rank 0 reads the range rank 1 read
+    assert not rotated.keys() & first.keys()
+
+
+def _corrupt_release(release: Path, tmp_path: Path) -> tuple[Path, dict[int, str]]:
+    """A copy with a truncated JPEG, a missing JPEG, an empty sentence list and a mask-less annotation."""
+    bad = tmp_path / "bad"
+    shutil.copytree(release, bad)
+    refs_path = bad / "synthetic" / "refs(unc).p"
+    refs = pickle.loads(refs_path.read_bytes())
+    instances = json.loads((bad / "synthetic" / "instances.json").read_text())
+    files = {i["id"]: i["file_name"] for i in instances["images"]}
+    rng = random.Random(7)
+    by_image: dict[int, list[dict]] = {}
+    for r in refs:
+        by_image.setdefault(r["image_id"], []).append(r)
+    corrupt_image, missing_image = rng.sample(sorted(by_image), 2)
+    jpeg = bad / "images" / files[corrupt_image]
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    (bad / "images" / files[missing_image]).unlink()
+    others = [r for r in refs if r["image_id"] not in (corrupt_image, missing_image)]
+    no_sentences, no_mask = rng.sample(others, 2)
+    no_sentences["sentences"] = []
+    next(a for a in instances["annotations"] if a["id"] == no_mask["ann_id"])["segmentation"] = []
+    refs_path.write_bytes(pickle.dumps(refs))
+    (bad / "synthetic" / "instances.json").write_text(json.dumps(instances))
+    reasons = {r["ref_id"]: "image corrupt" for r in by_image[corrupt_image]}
+    reasons |= {r["ref_id"]: "image missing" for r in by_image[missing_image]}
+    reasons |= {no_sentences["ref_id"]: "no sentences", no_mask["ref_id"]: "no mask"}
+    return bad, reasons
+
+
+def test_bad_samples_are_counted_and_skipped(release: Path, refs: dict, tmp_path: Path, capsys) -> None:
+    bad, reasons = _corrupt_release(release, tmp_path)
+    assert _pack(bad, tmp_path / "out") == 0
+    manifest = json.loads((tmp_path / "out" / "synthetic" / "manifest.json").read_text())
+    skipped = {s["ref_id"]: s["reason"] for info in manifest["splits"].values() for s in info["skipped"]}
+    assert skipped.keys() == reasons.keys()
+    assert all(skipped[r].startswith(reason) for r, reason in reasons.items())
+    for split, info in manifest["splits"].items():
+        total = sum(r["split"] == split for r in refs.values())
+        assert info["objects"] == total - len(info["skipped"])
+    err = capsys.readouterr()
+    for ref_id, reason in reasons.items():
+        assert f"skipped ref {ref_id} " in err.out + err.err and reason in err.out + err.err
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("truncate_instances", "error: malformed annotation file"),
+        ("truncate_refs", "error: malformed refs file"),
+        ("no_images", "error: image folder not found"),
+        ("unknown_split", "error: unknown split 'testC'"),
+    ],
+)
+def test_bad_input_stops_before_work(release: Path, tmp_path: Path, capsys, breakage: str, message: str) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(release, bad)
+    extra: list[str] = []
+    if breakage == "truncate_instances":
+        path = bad / "synthetic" / "instances.json"
+        path.write_text(path.read_text()[:-100])
+    elif breakage == "truncate_refs":
+        path = bad / "synthetic" / "refs(unc).p"
+        path.write_bytes(path.read_bytes()[:300])
+    elif breakage == "no_images":
+        shutil.rmtree(bad / "images")
+    else:
+        extra = ["--splits", "val", "testC"]
+    with pytest.raises(SystemExit) as exit_info:
+        _pack(bad, tmp_path / "out", *extra)
+    assert str(exit_info.value.code).startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerun_resumes_and_repairs(release: Path, shards: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(shards, out / "synthetic")
+    manifest = json.loads((out / "synthetic" / "manifest.json").read_text())
+    shard_count = sum(1 for _ in (out / "synthetic").glob("*/*.done.json"))
+    damaged = out / "synthetic" / manifest["splits"]["train"]["shards"][1]["tar"]
+    damaged.write_bytes(damaged.read_bytes()[:-1024])  # an interrupted copy: checksum no longer matches
+    capsys.readouterr()
+    assert _pack(release, out) == 0
+    assert f"({shard_count - 1} of {shard_count} shards were already complete)" in capsys.readouterr().out
+    assert json.loads((out / "synthetic" / "manifest.json").read_text())["splits"].keys() == manifest["splits"].keys()
+    items = [b for b in build_loader(out / "synthetic", "train", train=True, batch_size=4, loader="torch", workers=0)]
+    assert len(items) == (manifest["splits"]["train"]["objects"] // 4)
+
+
+def test_mix_drops_held_out_images(release: Path, tmp_path: Path) -> None:
+    root = tmp_path / "refer"
+    refs = pickle.loads((release / "synthetic" / "refs(unc).p").read_bytes())
+    rng = random.Random(11)
+    held_out: set[int] = set()
+    train_refs = 0
+    for name, split_by, splits in (
+        ("refcoco", "unc", ("train", "val", "testA", "testB")),
+        ("refcocog", "umd", ("train", "val", "test")),
+    ):
+        (root / name).mkdir(parents=True)
+        shutil.copy(release / "synthetic" / "instances.json", root / name / "instances.json")
+        # Each dataset splits the same images its own way, as RefCOCO and G-Ref do.
+        by_image = {
+            i: rng.choices(splits, weights=[6] + [1] * (len(splits) - 1))[0] for i in {r["image_id"] for r in refs}
+        }
+        mine = [dict(r, split=by_image[r["image_id"]]) for r in refs]
+        (root / name / f"refs({split_by}).p").write_bytes(pickle.dumps(mine))
+        held_out |= {r["image_id"] for r in mine if r["split"] != "train"}
+        train_refs += sum(r["split"] == "train" for r in mine)
+    kept = 2 * sum(1 for r in refs if r["image_id"] not in held_out)
+    argv = ["--refer", str(root), "--mix", "refcoco,refcocog", "--images", str(release / "images")]
+    assert pack.main([*argv, "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "out" / "mix" / "manifest.json").read_text())
+    assert manifest["splits"].keys() == {"train"}
+    assert manifest["splits"]["train"]["objects"] == kept
+    assert manifest["splits"]["train"]["dropped"] == train_refs - kept > 0
