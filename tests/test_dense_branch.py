@@ -1,0 +1,248 @@
+"""Fused Triton dense branch (kernels/dense_branch.py) against the eager reference (kernels/dense_branch_ref.py).
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors at small, odd sizes; TRITON_INTERPRET must
+be set before the kernels are decorated, so this module sets it (CPU-only processes cannot compile Triton
+kernels anyway) and reloads kernels.dense_branch if another test imported it first. The tests at the real
+size (B=32, 32x32, bf16) need a GPU and skip without one.
+
+Tolerances are relative to the reference's max abs: 1e-5 in fp32. In bf16 the reference is the fp32 module on
+the same bf16-rounded input and parameters; forward outputs and running statistics must be within 1e-2. bf16
+gradients cannot be: ReLU masks that flip under bf16 rounding of the intermediates, and BatchNorm's backward
+(which cancels the mean and the xhat component of dz), make PyTorch's own bf16 path miss the fp32 gradients by
+up to tens of percent at these sizes. So every bf16 gradient must be within 1e-2, or no further from fp32
+than twice PyTorch's eager bf16 gradient is.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "kernels.dense_branch" in sys.modules:
+        importlib.reload(sys.modules["kernels.dense_branch"])
+
+from kernels.dense_branch_ref import DenseBranch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+dense_branch = importlib.import_module("kernels.dense_branch")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _randomize(branch: DenseBranch, seed: int) -> DenseBranch:
+    """Random conv biases and BatchNorm affine parameters / running statistics (never the zero defaults)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in branch.modules():
+            if isinstance(mod, nn.Conv2d):
+                fan_in = mod.weight[0].numel()  # Kaiming scale, independent of the global RNG state
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                mod.bias.copy_(torch.rand(mod.bias.shape, generator=gen) * 0.4 - 0.2)
+            elif isinstance(mod, nn.BatchNorm2d):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) + 0.5)
+                mod.bias.copy_(torch.rand(mod.bias.shape, generator=gen) - 0.5)
+                mod.running_mean.copy_(torch.rand(mod.running_mean.shape, generator=gen) - 0.5)
+                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=gen) * 1.5 + 0.5)
+                mod.num_batches_tracked.fill_(int(torch.randint(0, 100, (1,), generator=gen)))
+    return branch
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def _assert_close(got: torch.Tensor, ref: torch.Tensor, tol: float, name: str, scale: float | None = None) -> None:
+    """max |got - ref| <= tol * (scale or max |ref|), reporting where they differ most."""
+    diff = (got.float() - ref.float()).abs()
+    bound = tol * (ref.float().abs().max().item() if scale is None else scale)
+    if diff.max().item() > bound:
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{name}: max abs diff {diff.max().item():.3e} > {bound:.3e} (rel {_rel_err(got, ref):.3e}) at {idx}: "
+            f"got {got.flatten()[diff.argmax()].item():.6g}, ref {ref.flatten()[diff.argmax()].item():.6g}"
+        )
+
+
+def _make_input(shape: tuple[int, int, int, int], dtype: torch.dtype, channels_last: bool, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(shape, generator=gen).relu().to(DEVICE, dtype)  # the DA's map is a ReLU output
+    return h.to(memory_format=torch.channels_last) if channels_last else h
+
+
+def _train_step(branch: DenseBranch, h: torch.Tensor, gout: torch.Tensor, fused: bool) -> torch.Tensor:
+    branch.train()
+    branch.zero_grad(set_to_none=True)
+    x = h.detach().clone().requires_grad_()
+    out = dense_branch.fused_dense_branch(x, branch) if fused else branch.reference_forward(x)
+    out.backward(gout)
+    return out.detach(), x.grad
+
+
+def _compare_training(
+    fused: DenseBranch, ref: DenseBranch, out: torch.Tensor, out_ref: torch.Tensor, dh: torch.Tensor,
+    dh_ref: torch.Tensor, tol: float, grad_bounds: dict[str, float] | None = None,
+) -> None:  # fmt: skip
+    """Compare outputs, gradients and BatchNorm buffers; grad_bounds overrides the tolerance per gradient."""
+    bounds = grad_bounds or {}
+    _assert_close(out, out_ref, tol, "output")
+    _assert_close(dh, dh_ref, bounds.get("h", tol), "grad h")
+    ref_params = dict(ref.named_parameters())
+    for name, prm in fused.named_parameters():
+        rp = ref_params[name]
+        if name.endswith("conv.bias"):
+            # A conv bias before training-mode BatchNorm has an exactly zero gradient; both sides hold rounding
+            # noise, so measure it against the scale of the matching weight gradient.
+            wname = name.replace("bias", "weight")
+            _assert_close(prm.grad, rp.grad, tol, f"grad {name}", scale=ref_params[wname].grad.abs().max().item())
+        else:
+            _assert_close(prm.grad, rp.grad, bounds.get(name, tol), f"grad {name}")
+    ref_bufs = dict(ref.named_buffers())
+    for name, buf in fused.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert buf.item() == ref_bufs[name].item(), name
+        else:
+            _assert_close(buf, ref_bufs[name], max(tol, 1e-5), name)
+
+
+def test_param_counts() -> None:
+    assert sum(p.numel() for p in DenseBranch().parameters() if p.requires_grad) == 20_656
+    assert sum(p.numel() for p in DenseBranch(64, (32, 4, 16, 4, 16), dims=1).parameters()) == 3_608
+
+
+def test_eager_paths() -> None:
+    """CPU forward and the 1-D form take the eager path; DCRIS_NO_TRITON forces it."""
+    branch = _randomize(DenseBranch(), 0).eval()
+    h = torch.randn(2, 128, 5, 3)
+    assert not branch.use_fused(h)
+    torch.testing.assert_close(branch(h), branch.reference_forward(h))
+    text = DenseBranch(64, (32, 4, 16, 4, 16), dims=1)
+    assert text(torch.randn(2, 64, 16)).shape == (2, 64, 16)
+    assert not text.use_fused(torch.randn(2, 64, 16))
+    os.environ["DCRIS_NO_TRITON"] = "1"
+    try:
+        assert not branch.use_fused(h.to(DEVICE))
+    finally:
+        del os.environ["DCRIS_NO_TRITON"]
+
+
+def test_input_checks() -> None:
+    branch = DenseBranch().to(DEVICE).eval()
+    with pytest.raises(ValueError, match="128 channels"):
+        dense_branch.fused_dense_branch(torch.randn(1, 64, 4, 4, device=DEVICE), branch)
+    with pytest.raises(ValueError, match="4-D"):
+        dense_branch.fused_dense_branch(torch.randn(1, 128, 4, device=DEVICE), branch)
+    with pytest.raises(TypeError, match="float32"):
+        dense_branch.fused_dense_branch(torch.ones(1, 128, 4, 4, device=DEVICE, dtype=torch.int32), branch)
+    with pytest.raises(ValueError, match="dims=2"):
+        dense_branch.fused_dense_branch(torch.randn(1, 64, 4, device=DEVICE), DenseBranch(64, (32, 4, 16, 4, 16), 1))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        dense_branch.fused_dense_branch(torch.randn(1, 128, 1, 1, device=DEVICE), branch.train())
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [((2, 128, 7, 5), False), ((1, 128, 37, 37), False), ((3, 128, 4, 9), True)],
+)
+def test_inference_fp32(shape: tuple[int, int, int, int], channels_last: bool) -> None:
+    branch = _randomize(DenseBranch(), 1).to(DEVICE).eval()
+    h = _make_input(shape, torch.float32, channels_last, 2)
+    with torch.no_grad():
+        out = dense_branch.fused_dense_branch(h, branch)
+        ref = branch.reference_forward(h)
+    assert out.shape == ref.shape and out.dtype == h.dtype
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    _assert_close(out, ref, 1e-5, "output")
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last", "momentum"),
+    [((2, 128, 7, 5), False, 0.1), ((1, 128, 9, 11), True, 0.3), ((3, 128, 5, 3), False, None)],
+)
+def test_training_fp32(shape: tuple[int, int, int, int], channels_last: bool, momentum: float | None) -> None:
+    ref = _randomize(DenseBranch(), 3).to(DEVICE)
+    for mod in ref.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = momentum
+    fused = copy.deepcopy(ref)
+    h = _make_input(shape, torch.float32, channels_last, 4)
+    gout = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    out, dh = _train_step(fused, h, gout, fused=True)
+    out_ref, dh_ref = _train_step(ref, h, gout, fused=False)
+    assert dh.is_contiguous(memory_format=torch.channels_last) == channels_last
+    _compare_training(fused, ref, out, out_ref, dh, dh_ref, 1e-5)
+
+
+def _bf16_check(shape: tuple[int, int, int, int], seed: int, check_grads: bool = True) -> None:
+    """bf16 inference and one training step against the fp32 module on the same bf16-rounded values."""
+    base = _randomize(DenseBranch(), seed).to(DEVICE, torch.bfloat16)
+    h = _make_input(shape, torch.bfloat16, False, seed + 1)
+    with torch.no_grad():
+        out = dense_branch.fused_dense_branch(h, base.eval())
+        ref = copy.deepcopy(base).float().reference_forward(h.float())
+    assert out.dtype == torch.bfloat16
+    _assert_close(out, ref, 1e-2, "bf16 inference output")
+
+    ref32 = copy.deepcopy(base).float()
+    eager16 = copy.deepcopy(base)
+    fused = copy.deepcopy(base)
+    gout = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE)
+    out_ref, dh_ref = _train_step(ref32, h.float(), gout, fused=False)
+    out16, dh16 = _train_step(eager16, h, gout.bfloat16(), fused=False)
+    out, dh = _train_step(fused, h, gout.bfloat16(), fused=True)
+    if not check_grads:
+        _assert_close(out, out_ref, 1e-2, "bf16 training output")
+        ref_bufs = dict(ref32.named_buffers())
+        for name, buf in fused.named_buffers():
+            _assert_close(buf, ref_bufs[name], 1e-2, name)
+        return
+    bounds = {"h": max(1e-2, 2 * _rel_err(dh16, dh_ref))}
+    eager_grads = dict(eager16.named_parameters())
+    for name, prm in ref32.named_parameters():
+        bounds[name] = max(1e-2, 2 * _rel_err(eager_grads[name].grad, prm.grad))
+    _compare_training(fused, ref32, out, out_ref, dh, dh_ref, 1e-2, bounds)
+
+
+def test_bf16_small() -> None:
+    # The interpreter has no bf16 tensor-core products: it emulates them by rounding operands, which for the
+    # backward products is not what the GPU does (near-fp32 there), so gradients are checked on the GPU only.
+    _bf16_check((2, 128, 7, 5), 6, check_grads=torch.cuda.is_available())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dispatch_cuda(dtype: torch.dtype) -> None:
+    """DenseBranch.forward takes the fused path on CUDA and matches the reference."""
+    branch = _randomize(DenseBranch(), 7).cuda().eval()
+    h = _make_input((4, 128, 32, 32), dtype, False, 8)
+    assert branch.use_fused(h)
+    with torch.no_grad():
+        _assert_close(branch(h), branch.reference_forward(h), 1e-5 if dtype == torch.float32 else 1e-2, "output")
+
+
+@needs_cuda
+@pytest.mark.parametrize("hw", [32, 37])
+def test_real_size_fp32(hw: int) -> None:
+    ref = _randomize(DenseBranch(), 9).cuda()
+    fused = copy.deepcopy(ref)
+    shape = (32, 128, hw, hw)
+    h = _make_input(shape, torch.float32, hw == 37, 10)
+    gout = torch.randn(shape, device="cuda")
+    with torch.no_grad():
+        _assert_close(dense_branch.fused_dense_branch(h, fused.eval()), ref.eval().reference_forward(h), 1e-5, "eval")
+    out, dh = _train_step(fused, h, gout, fused=True)
+    out_ref, dh_ref = _train_step(ref, h, gout, fused=False)
+    _compare_training(fused, ref, out, out_ref, dh, dh_ref, 1e-5)
+
+
+@needs_cuda
+def test_real_size_bf16() -> None:
+    _bf16_check((32, 128, 32, 32), 11)
