@@ -1,8 +1,7 @@
 """Fused Triton dense branch (kernels/dense_branch.py) against the eager reference (kernels/dense_branch_ref.py).
 
-Without CUDA the kernels run in Triton's interpreter on CPU tensors at small, odd sizes; TRITON_INTERPRET must
-be set before the kernels are decorated, so this module sets it (CPU-only processes cannot compile Triton
-kernels anyway) and reloads kernels.dense_branch if another test imported it first. The tests at the real
+Without CUDA the kernels run in Triton's interpreter on CPU tensors at small, odd sizes (tests/conftest.py sets
+TRITON_INTERPRET before anything decorates a kernel). The tests at the real
 size (B=32, 32x32, bf16) need a GPU and skip without one.
 
 Tolerances are relative to the reference's max abs: 1e-5 in fp32. In bf16 the reference is the fp32 module on
@@ -18,18 +17,12 @@ from __future__ import annotations
 import copy
 import importlib
 import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-    if "kernels.dense_branch" in sys.modules:
-        importlib.reload(sys.modules["kernels.dense_branch"])
-
-from kernels.dense_branch_ref import DenseBranch  # noqa: E402
+from kernels.dense_branch_ref import DenseBranch
 
 triton = pytest.importorskip("triton")
 dense_branch = importlib.import_module("kernels.dense_branch")
