@@ -123,6 +123,7 @@ class TrainConfig:
     eval_every_steps: int = 0  # evaluate every N optimizer steps as well; 0 = only at epoch ends
     log_every_steps: int = 10  # console / TensorBoard interval
     save_every_steps: int = 0  # checkpoint every N steps as well; 0 = only at epoch ends
+    keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (older ones deleted); 0 = all
     max_steps: int = 0  # stop after this many steps (0 = run all epochs)
     seed: int = 0  # model init and sentence sampling seed
 

@@ -21,8 +21,9 @@ def test_presets_differ_where_the_paper_says():
 
 def test_file_then_overrides(tmp_path):
     run = tmp_path / "run.yaml"
-    run.write_text("preset: tiny-dcris\ntrain:\n  epochs: 3\n  lr: 0.002\nmodel:\n  adapters:\n    vision_layers: [0, 2]\n")
-    cfg = load_config(str(run), overrides=["train.epochs=5", "model.adapters.text_layers=3", "model.head.dropout=0"])
+    run.write_text("preset: tiny-dcris\ntrain: {epochs: 3, lr: 0.002}\nmodel: {adapters: {vision_layers: [0, 2]}}\n")
+    overrides = ["train.epochs=5", "model.adapters.text_layers=3", "model.head.dropout=0"]
+    cfg = load_config(str(run), overrides=overrides)
     assert cfg.preset == "tiny-dcris" and cfg.train.epochs == 5 and cfg.train.lr == 0.002
     assert cfg.model.adapters.vision_layers == [0, 2] and cfg.model.adapters.text_layers == [3]
     assert cfg.model.head.dropout == 0.0 and isinstance(cfg.model.head.dropout, float)

@@ -72,3 +72,32 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         read_released_checkpoint(str(bad))
     with pytest.raises(UserError, match="does not exist"):
         read_released_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_convert_command_writes_a_dcris_export(released, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from dcris.cli import main
+    from dcris.export import read_export_config
+
+    path, out = tmp_path / "detris_b.pth", tmp_path / "detris_b.safetensors"
+    torch.save(released, path)
+    assert main(["convert-detris", str(path), str(out)]) == 0
+    assert "detris-b" in capsys.readouterr().out
+    assert read_export_config(out).preset == "detris-b"
+    with safe_open(str(out), framework="pt") as f:
+        keys = set(f.keys())
+        # named backbones are reloaded from their weights: only adapters and head travel (about 25M numbers)
+        assert keys and all(k.startswith(("head.", "vision.adapters.", "text.adapters.")) for k in keys)
+        assert torch.equal(f.get_tensor("head.neck.txt_proj.weight"), released["neck.txt_proj.weight"])
+    assert len([k for k in released if k.startswith(("neck.", "decoder.", "proj.")) or ".adapter." in k]) == len(keys)
+
+
+def test_convert_command_reports_bad_input_in_one_line(tmp_path, capsys):
+    from dcris.cli import main
+
+    bad = tmp_path / "bad.pth"
+    torch.save({"dinov2.blocks.0.unknown": torch.randn(2)}, bad)
+    assert main(["convert-detris", str(bad), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown key 'dinov2.blocks.0.unknown'")

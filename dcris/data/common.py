@@ -33,22 +33,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcris.errors import UserError
+
 META_FIELDS = ("sample_index", "ref_id", "image_id", "ann_id", "height", "width", "num_sentences")
 
 
 def read_manifest(shards_dir: str | Path) -> dict:
-    """The ``manifest.json`` written by ``shards/pack.py``."""
+    """The ``manifest.json`` written by ``shards/pack.py``; a folder without one is a user error."""
     path = Path(shards_dir) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {shards_dir}: pack the data with shards/pack.py first")
+        raise UserError(f"no manifest.json in {shards_dir}: pack the data with shards/pack.py first")
     return json.loads(path.read_text())
 
 
 def split_info(shards_dir: str | Path, split: str) -> dict:
-    """The manifest entry of one split; KeyError names the splits there are."""
+    """The manifest entry of one split; an unknown split is a user error naming the splits there are."""
     splits = read_manifest(shards_dir)["splits"]
     if split not in splits:
-        raise KeyError(f"split {split!r} not in {shards_dir} (have {', '.join(splits)})")
+        raise UserError(f"split {split!r} not in {shards_dir} (have {', '.join(splits)})")
     return splits[split]
 
 

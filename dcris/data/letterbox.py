@@ -22,6 +22,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_MEAN_UINT8 = tuple(int(round(255 * m)) for m in CLIP_MEAN)
 
 
+def normalize_image(canvas: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (..., 3, S, S) on any device -> float32 normalised with the CLIP mean and std."""
+    mean = torch.tensor(CLIP_MEAN, device=canvas.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=canvas.device).view(3, 1, 1)
+    return (canvas.float() / 255 - mean) / std
+
+
 def letterbox_geometry(height: int, width: int, size: int = 448) -> tuple[float, int, int, int, int]:
     """Geometry of the letterbox of an image into a ``size`` x ``size`` canvas.
 

@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from dcris.data.common import ShardLoader, concat_rows, rank_range, take_rows
-from dcris.data.letterbox import CLIP_MEAN, CLIP_STD, letterbox_image, letterbox_mask
+from dcris.data.letterbox import letterbox_image, letterbox_mask, normalize_image
 
 
 def decode_sample(sample: dict[str, Any], image_size: int, context_length: int, keep_orig: bool) -> dict[str, Any]:
@@ -127,23 +127,21 @@ class TorchShardLoader(ShardLoader):
         loader = torch.utils.data.DataLoader(
             _RankParts(self), batch_size=None, num_workers=self.workers, collate_fn=_as_is
         )
-        mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        inv_std = 1 / (torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1) * 255)
         pending: dict[str, Any] | None = None
         # Workers' parts may be short (ends of their streams); regroup them into full batches.
         for part in loader:
             pending = part if pending is None else concat_rows(pending, part)
             while pending is not None and len(pending["meta"]) >= self.batch_size:
-                yield self._to_device(take_rows(pending, torch.arange(self.batch_size)), mean, inv_std)
+                yield self._to_device(take_rows(pending, torch.arange(self.batch_size)))
                 rest = torch.arange(self.batch_size, len(pending["meta"]))
                 pending = take_rows(pending, rest) if len(rest) else None
         if pending is not None:
-            yield self._to_device(pending, mean, inv_std)
+            yield self._to_device(pending)
 
-    def _to_device(self, part: dict[str, Any], mean: torch.Tensor, inv_std: torch.Tensor) -> dict[str, Any]:
+    def _to_device(self, part: dict[str, Any]) -> dict[str, Any]:
         """Object batch: normalised image, mask and tokens on the device (uint8 crosses the bus, not float)."""
-        image = part["image"].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()  # (B, 3, S, S)
-        part["image"] = image.sub_(mean).mul_(inv_std)
+        image = part["image"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+        part["image"] = normalize_image(image)
         part["mask"] = part["mask"].to(self.device, non_blocking=True)
         part["tokens_all"] = part["tokens_all"].to(self.device, non_blocking=True)
         return part

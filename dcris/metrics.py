@@ -1,0 +1,106 @@
+"""Evaluation metrics of SPEC 5: mIoU, oIoU and Pr@0.5..0.9 at the original image resolution.
+
+Per (object, sentence): sigmoid -> bicubic upsample to the input size -> inverse letterbox to the original
+h x w -> threshold 0.35 -> IoU with the original mask. The accumulator keeps only integer sums (the IoU sum in
+fixed point, 2^-40 resolution), so per-rank partial results all-reduce, in any order, to exactly the numbers one
+process would get.
+
+Convention for an empty prediction against an empty mask (union 0): IoU 0, as in the released CRIS/DETRIS
+evaluation (which divides by ``union + 1e-6``). REFER masks are never empty, so this only touches degenerate
+inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dcris.data.letterbox import unletterbox
+
+MASK_THRESHOLD = 0.35  # probability above which a pixel is foreground (released code)
+PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # Pr@t counts IoU > t
+IOU_SCALE = 2**40  # fixed-point unit of the IoU sum: int64 holds 8 million samples exactly
+
+
+def masks_from_logits(logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Binary masks at the original resolution from model logits (the inference path of SPEC 5).
+
+    Args:
+        logits: (B, 1, S/4, S/4) mask logits of letterboxed S x S inputs.
+        sizes: Original ``(height, width)`` of each image.
+
+    Returns:
+        B bool tensors (h, w) on the logits' device.
+    """
+    size = logits.shape[-1] * 4
+    # bicubic with align_corners=True, as the released code upsamples before its inverse warp
+    prob = F.interpolate(torch.sigmoid(logits.float()), size=(size, size), mode="bicubic", align_corners=True)
+    return [unletterbox(prob[i, 0], h, w) > MASK_THRESHOLD for i, (h, w) in enumerate(sizes)]
+
+
+@dataclass
+class IoUAccumulator:
+    """Running sums of per-sample IoU statistics; :meth:`all_reduce` makes them global across ranks."""
+
+    intersection: int = 0  # total intersecting pixels (oIoU numerator)
+    union: int = 0  # total union pixels (oIoU denominator)
+    iou_sum: int = 0  # sum of per-sample IoUs in units of 1 / IOU_SCALE (mIoU numerator)
+    count: int = 0  # samples seen
+    prec_hits: list[int] = field(default_factory=lambda: [0] * len(PREC_THRESHOLDS))  # samples with IoU > t
+
+    def add(self, pred: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> float:
+        """Adds one sample: a predicted and a ground-truth mask of the same (h, w); returns its IoU."""
+        pred_t = torch.as_tensor(pred).bool()
+        mask_t = torch.as_tensor(mask, device=pred_t.device).bool()
+        if pred_t.shape != mask_t.shape:
+            raise ValueError(f"prediction {tuple(pred_t.shape)} and mask {tuple(mask_t.shape)} differ in size")
+        inter = int((pred_t & mask_t).sum())
+        union = int((pred_t | mask_t).sum())
+        iou = inter / union if union else 0.0  # empty vs empty: 0 (module docstring)
+        self.intersection += inter
+        self.union += union
+        self.iou_sum += round(iou * IOU_SCALE)
+        self.count += 1
+        for k, t in enumerate(PREC_THRESHOLDS):
+            self.prec_hits[k] += iou > t
+        return iou
+
+    def add_logits(self, logits: torch.Tensor, masks: list[np.ndarray], sizes: list[tuple[int, int]]) -> None:
+        """Adds a batch: logits (B, 1, S/4, S/4), original masks (h, w) and their sizes."""
+        for pred, mask in zip(masks_from_logits(logits, sizes), masks, strict=True):
+            self.add(pred, mask)
+
+    def all_reduce(self) -> None:
+        """Sums the statistics over all ranks in place (a no-op without an initialised process group)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        # integer sums reduce exactly in any order; nccl needs the tensor on the rank's GPU
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        sums = [self.intersection, self.union, self.iou_sum, self.count, *self.prec_hits]
+        reduced = torch.tensor(sums, dtype=torch.int64, device=device)
+        dist.all_reduce(reduced)
+        self.intersection, self.union, self.iou_sum, self.count, *self.prec_hits = reduced.tolist()
+
+    def result(self) -> dict[str, float | int]:
+        """``miou``, ``oiou``, ``prec@0.5`` .. ``prec@0.9`` (fractions in [0, 1]) and ``count``."""
+        n = max(self.count, 1)
+        out: dict[str, float | int] = {
+            "miou": self.iou_sum / IOU_SCALE / n,
+            "oiou": self.intersection / self.union if self.union else 0.0,
+        }
+        out.update({f"prec@{t}": hits / n for t, hits in zip(PREC_THRESHOLDS, self.prec_hits, strict=True)})
+        out["count"] = self.count
+        return out
+
+
+def format_table(results: dict[str, dict[str, float | int]]) -> str:
+    """A plain-text table of per-split results (percentages, as the paper reports them)."""
+    cols = ["miou", "oiou", *(f"prec@{t}" for t in PREC_THRESHOLDS)]
+    lines = [f"{'split':<10}" + "".join(f"{c:>10}" for c in cols) + f"{'count':>10}"]
+    for split, res in results.items():
+        lines.append(f"{split:<10}" + "".join(f"{100 * res[c]:>10.2f}" for c in cols) + f"{res['count']:>10}")
+    return "\n".join(lines)
