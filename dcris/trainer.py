@@ -186,7 +186,8 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
     engine.train()
     metrics: dict = {}
     evaluated_at = -1
-    loss_sum, loss_count, last_loss = 0.0, 0, float("nan")
+    # the loss stays on the device between log lines: no host sync per step
+    loss_sum, loss_count, last_loss = torch.zeros((), device=device), 0, float("nan")
     start_step, start_time = step, time.time()
     while step < total_steps:
         epoch = step // steps_per_epoch  # also the loader's epoch: its order, sentence choice and rank range
@@ -203,11 +204,11 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
                 loss = engine.module.loss(logits, batch["mask"].to(device))
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule every ``accum`` calls
-                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
             step += 1
             if step % t.log_every_steps == 0 or step == total_steps:
-                last_loss = _mean_over_ranks(loss_sum / max(loss_count, 1))
-                loss_sum, loss_count = 0.0, 0
+                last_loss = _mean_over_ranks(loss_sum.item() / max(loss_count, 1))
+                loss_sum, loss_count = torch.zeros((), device=device), 0
                 elapsed = time.time() - start_time
                 rate = (step - start_step) * t.global_batch / elapsed
                 lr = scheduler.get_last_lr()[0]
