@@ -51,8 +51,9 @@ def evaluate(
         )  # fmt: skip
         acc = IoUAccumulator()
         for batch in tqdm(data, desc=f"eval {split}", disable=rank != 0, leave=False, dynamic_ncols=True):
-            logits = model(batch["image"].to(device, dtype), batch["tokens"].to(device))  # (B, 1, S/4, S/4)
-            acc.add_logits(logits, batch["orig_mask"], [tuple(s) for s in batch["orig_size"].tolist()])
+            logits = model(batch["image"].to(device, dtype), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
+            sizes = [tuple(s) for s in batch["orig_size"].tolist()]
+            acc.add_logits(logits, batch["orig_mask"], sizes, image_size)
         acc.all_reduce()
         if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
             raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")

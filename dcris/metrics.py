@@ -26,19 +26,20 @@ PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # Pr@t counts IoU > t
 IOU_SCALE = 2**40  # fixed-point unit of the IoU sum: int64 holds 8 million samples exactly
 
 
-def masks_from_logits(logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+def masks_from_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], image_size: int) -> list[torch.Tensor]:
     """Binary masks at the original resolution from model logits (the inference path of SPEC 5).
 
     Args:
-        logits: (B, 1, S/4, S/4) mask logits of letterboxed S x S inputs.
+        logits: (B, 1, 4 * S/14, 4 * S/14) mask logits of letterboxed S x S inputs (128 x 128 for 448).
         sizes: Original ``(height, width)`` of each image.
+        image_size: The letterbox canvas S the logits were predicted from.
 
     Returns:
         B bool tensors (h, w) on the logits' device.
     """
-    size = logits.shape[-1] * 4
     # bicubic with align_corners=True, as the released code upsamples before its inverse warp
-    prob = F.interpolate(torch.sigmoid(logits.float()), size=(size, size), mode="bicubic", align_corners=True)
+    size = (image_size, image_size)
+    prob = F.interpolate(torch.sigmoid(logits.float()), size=size, mode="bicubic", align_corners=True)
     return [unletterbox(prob[i, 0], h, w) > MASK_THRESHOLD for i, (h, w) in enumerate(sizes)]
 
 
@@ -69,9 +70,11 @@ class IoUAccumulator:
             self.prec_hits[k] += iou > t
         return iou
 
-    def add_logits(self, logits: torch.Tensor, masks: list[np.ndarray], sizes: list[tuple[int, int]]) -> None:
-        """Adds a batch: logits (B, 1, S/4, S/4), original masks (h, w) and their sizes."""
-        for pred, mask in zip(masks_from_logits(logits, sizes), masks, strict=True):
+    def add_logits(
+        self, logits: torch.Tensor, masks: list[np.ndarray], sizes: list[tuple[int, int]], image_size: int
+    ) -> None:
+        """Adds a batch: logits of S x S inputs (see :func:`masks_from_logits`), original masks and sizes."""
+        for pred, mask in zip(masks_from_logits(logits, sizes, image_size), masks, strict=True):
             self.add(pred, mask)
 
     def all_reduce(self) -> None:

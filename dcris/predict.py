@@ -50,8 +50,8 @@ def predict_mask(model: DCRIS, image: Image.Image, text: str) -> np.ndarray:
         raise UserError(str(exc)) from None
     canvas = torch.from_numpy(letterbox_image(image, cfg.image_size)).to(device)  # (S, S, 3) uint8
     pixels = normalize_image(canvas.permute(2, 0, 1))[None]  # (1, 3, S, S)
-    logits = model(pixels, tokens.to(device))  # (1, 1, S/4, S/4)
-    return masks_from_logits(logits, [(image.height, image.width)])[0].cpu().numpy()
+    logits = model(pixels, tokens.to(device))  # (1, 1, 4S/14, 4S/14)
+    return masks_from_logits(logits, [(image.height, image.width)], cfg.image_size)[0].cpu().numpy()
 
 
 def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
