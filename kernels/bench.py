@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dcris.provenance import git_commit  # noqa: E402
 from kernels.dense_branch_ref import DenseBranch  # noqa: E402
 
 _BATCHES = (16, 32, 64)
 _SIZES = (32, 37)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _bytes_moved(h: torch.Tensor, branch: DenseBranch, training: bool) -> int:
@@ -120,7 +115,7 @@ def run(out_path: Path | None) -> int:
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=triton.__version__,
-        commit=_git_commit(),
+        commit=git_commit(),
         dtype="bfloat16",
         rows=rows,
     )

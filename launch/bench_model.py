@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 
 from dcris.config import load_config  # noqa: E402
 from dcris.model import build_model  # noqa: E402
+from dcris.provenance import git_commit  # noqa: E402
 
 
 def _timed(fn, steps: int, warmup: int) -> float:
@@ -80,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':<10} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'peak GiB':>9}")
     for r in rows:
         print(f"{r['mode']:<10} {r['batch']:>5} {r['ms']:>9.1f} {r['images_per_s']:>9.1f} {r['peak_gib']:>9.1f}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, preset=cfg.preset, commit=commit, rows=rows
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, preset=cfg.preset, commit=git_commit(), rows=rows
     )
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dcris.data import build_loader, dali_available
+from dcris.provenance import git_commit
 from shards import pack
 from shards.synth import make_synthetic_release
 
@@ -52,11 +52,6 @@ def _synthetic_shards(root: Path, images: int) -> Path:
     return root / "shards" / "synthetic"
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(
         rows=rows, batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
         cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-        gpu=torch.cuda.get_device_name() if gpu else None, commit=_commit(),
+        gpu=torch.cuda.get_device_name() if gpu else None, commit=git_commit(),
     )  # fmt: skip
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"\n{'loader':<8}{'device':<8}{'decode':<8}{'images/s':>10}")
