@@ -87,6 +87,8 @@ def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source:
         # BatchNorm with bf16 weights and fp32 statistics does not run
         ("data_types", "buffer_dtype"): {"bf16": "bf16", "fp16": "fp16", "fp32": None}[cfg.train.precision],
     }
+    if "tensorboard" not in base:  # DeepSpeed's monitor writes RUN/tensorboard (rank 0)
+        base = dict(base, tensorboard=dict(enabled=True, output_path=cfg.train.output_dir, job_name="tensorboard"))
     for section in ("optimizer", "scheduler"):
         if section in base:
             raise ConfigError(f"{source}: remove the {section!r} section; train.lr / lr_milestones set it")

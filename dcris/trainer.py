@@ -37,14 +37,10 @@ EXPORT_NAME = "dcris.safetensors"
 
 
 class _Logger:
-    """Console, TensorBoard and JSON-lines output of rank 0 (silent elsewhere)."""
+    """Console and JSON-lines output of rank 0 (silent elsewhere); TensorBoard through DeepSpeed's monitor."""
 
-    def __init__(self, out: Path, rank: int) -> None:
-        self.out, self.active, self.writer = out, rank == 0, None
-        if self.active:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+    def __init__(self, out: Path, rank: int, monitor: Any) -> None:
+        self.out, self.active, self.monitor = out, rank == 0, monitor
 
     def print(self, text: str) -> None:
         if self.active:
@@ -53,15 +49,9 @@ class _Logger:
     def record(self, file: str, step: int, scalars: dict[str, float], row: dict[str, Any]) -> None:
         if not self.active:
             return
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+        self.monitor.write_events([(key, value, step) for key, value in scalars.items()])
         with open(self.out / file, "a") as f:
             f.write(json.dumps(row) + "\n")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -146,7 +136,7 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
 
     out = Path(t.output_dir)
     ckpt_dir = out / "checkpoints"
-    log = _Logger(out, rank)
+    log = _Logger(out, rank, engine.monitor)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -236,7 +226,6 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
     export = export_engine(engine, cfg, out / EXPORT_NAME, rank)
     if export is not None:
         log.print(f"exported {export}")
-    log.close()
     return dict(
         step=step,
         epoch=step // steps_per_epoch,

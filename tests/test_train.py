@@ -68,6 +68,7 @@ def test_training_loss_falls(shards: Path, tmp_path: Path) -> None:
     assert log[-1]["loss"] < 0.7 * log[0]["loss"]
     assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "dcris.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step00000016"
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))  # DeepSpeed's monitor
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step*")] == ["step00000016"]  # older pruned
 
 
