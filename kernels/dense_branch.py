@@ -231,10 +231,112 @@ def _store_w1x1_grad(
 
 
 @triton.jit
+def _z1(hx, w1_ptr, c1_ptr, C: tl.constexpr, W1: tl.constexpr, DOT: tl.constexpr):
+    """z1 = conv1x1(h) from h (P, C): (P, W1)."""
+    return _mm(hx, _load_w1x1(w1_ptr, 0, C, C, W1, W1), DOT) + _load_vec(c1_ptr, W1, W1)[None, :]
+
+
+@triton.jit
 def _b1(hx, w1_ptr, c1_ptr, a1, d1, C: tl.constexpr, W1: tl.constexpr, DOT: tl.constexpr):
     """(z1, b1) from h (P, C): z1 = conv1x1(h), b1 = relu(a1 * z1 + d1); each (P, W1)."""
-    z1 = _mm(hx, _load_w1x1(w1_ptr, 0, C, C, W1, W1), DOT) + _load_vec(c1_ptr, W1, W1)[None, :]
+    z1 = _z1(hx, w1_ptr, c1_ptr, C, W1, DOT)
     return z1, _bn_relu(z1, a1, d1)
+
+
+@triton.jit
+def _train_b1(
+    h_ptr, b, p, mask, s_hb, s_hc, s_hp, w1_ptr, c1_ptr, st1_ptr, C: tl.constexpr, W1: tl.constexpr, DOT: tl.constexpr
+):
+    """(h, z1, b1) at (image b, pixel p), b1 with the batch statistics st1 (4, W1): (P, C), (P, W1), (P, W1)."""
+    hx = _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, 0, C)
+    a1, d1 = _train_affine(st1_ptr, W1)
+    z1, b1 = _b1(hx, w1_ptr, c1_ptr, a1, d1, C, W1, DOT)
+    return hx, z1, b1
+
+
+@triton.jit
+def _squeeze_hb1(
+    hx, b1, w_ptr, C: tl.constexpr, W1: tl.constexpr, CIN: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+    DOT: tl.constexpr,
+):  # fmt: skip
+    """The [h, b1] input channels of a squeeze conv1x1 with weight (S, CIN), no bias: (P, SP)."""
+    return _mm(hx, _load_w1x1(w_ptr, 0, C, CIN, S, SP), DOT) + _mm(b1, _load_w1x1(w_ptr, C, W1, CIN, S, SP), DOT)
+
+
+@triton.jit
+def _tap(t, K: tl.constexpr):
+    """Offset (dy, dx) of tap t of a KxK 'same' conv."""
+    return t // K - K // 2, t % K - K // 2
+
+
+@triton.jit
+def _in_image(mask, y, x, dy, dx, H, W):
+    """mask where pixel (y + dy, x + dx) lies inside the H x W image."""
+    return mask & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
+
+
+@triton.jit
+def _store_out(
+    h_ptr, out_ptr, b1, b2, b3, b, p, mask, s_hb, s_hc, s_hp, s_ob, s_oc, s_op,
+    W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
+):  # fmt: skip
+    """out = [b1, b2, b3] + h at (image b, pixel p)."""
+    b1 += _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, 0, W1)
+    b2 += _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, W1, W2)
+    b3 += _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, W1 + W2, W3)
+    _store_map(out_ptr, b1, b, p, mask, s_ob, s_oc, s_op, 0, W1)
+    _store_map(out_ptr, b2, b, p, mask, s_ob, s_oc, s_op, W1, W2)
+    _store_map(out_ptr, b3, b, p, mask, s_ob, s_oc, s_op, W1 + W2, W3)
+
+
+@triton.jit
+def _store_z(z_ptr, part_ptr, pid, z, n, mask, C: tl.constexpr, CP: tl.constexpr):
+    """Store a pre-BN output z (P, CP) into rows n of (N, C) and its moments into program pid's (2, CP) partial."""
+    _store_rows(z_ptr, z, n, mask, C, C, CP)
+    _store_moments(part_ptr + pid * 2 * CP, z, mask, CP)
+
+
+@triton.jit
+def _store_g(g_ptr, part_ptr, pid, g, z, n, mask, st_ptr, C: tl.constexpr, CP: tl.constexpr):
+    """Store a BN-output gradient g (P, CP) into rows n of (N, C) and its sums into program pid's (2, CP) partial."""
+    _store_rows(g_ptr, g, n, mask, C, C, CP)
+    _store_grad_sums(part_ptr + pid * 2 * CP, g, z, mask, st_ptr, CP)
+
+
+@triton.jit
+def _load_dz(g_ptr, z_ptr, st_ptr, coef_ptr, n, mask, C: tl.constexpr, CP: tl.constexpr):
+    """BatchNorm input gradient from the stored g and pre-BN z, rows n of (N, C) each: (P, CP)."""
+    g = _load_rows(g_ptr, n, mask, C, C, CP)
+    return _bn_dz(g, _load_rows(z_ptr, n, mask, C, C, CP), mask, st_ptr, coef_ptr, CP)
+
+
+@triton.jit
+def _store_bias_grad(ptr, dz, C: tl.constexpr, CP: tl.constexpr):
+    """Store the bias gradient (C,) = column sums of dz (P, CP)."""
+    c = tl.arange(0, CP)
+    tl.store(ptr + c, tl.sum(dz, axis=0), mask=c < C)
+
+
+@triton.jit
+def _load_partial(part_ptr, r, n_prog, ROW: tl.constexpr, CP: tl.constexpr):
+    """Row ROW of the (2, CP) partials of programs r, zero past n_prog: (BLOCK_R, CP)."""
+    c = tl.arange(0, CP)
+    return tl.load(part_ptr + r[:, None] * 2 * CP + ROW * CP + c[None, :], mask=r[:, None] < n_prog, other=0.0)
+
+
+@triton.jit
+def _slab_conv(
+    slab_ptr, r, mask, y, x, H, W, w_ptr, SC: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, CO: tl.constexpr,
+    K: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """convKxK (zero padding, no bias) of the (SP-wide) scratch columns at slab_ptr, rows r: (SUB, CO)."""
+    acc = tl.zeros((SUB, CO), tl.float32)
+    for t in tl.static_range(K * K):
+        dy, dx = _tap(t, K)
+        v = _in_image(mask, y, x, dy, dx, H, W)
+        s = _load_rows(slab_ptr, r + dy * W + dx, v, SC, SP, SP)  # (SUB, SP)
+        acc += _mm(s, _load_wtap(w_ptr, t, S, SP, CO, K * K), DOT)
+    return acc
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,11 +435,7 @@ def _dense_branch_fwd_kernel(
             m = (r < region) & (n >= 0) & (n < N)
             hx = _load_map(h_ptr, n // HW, n % HW, m, s_hb, s_hc, s_hp, 0, C)  # (SUB, C)
             z1, b1 = _b1(hx, w1_ptr, c1_ptr, a1, d1, C, W1, DOT)
-            z2a = (
-                _mm(hx, _load_w1x1(w2a_ptr, 0, C, CIN2, S2, S2P), DOT)
-                + _mm(b1, _load_w1x1(w2a_ptr, C, W1, CIN2, S2, S2P), DOT)
-                + c2a[None, :]
-            )
+            z2a = _squeeze_hb1(hx, b1, w2a_ptr, C, W1, CIN2, S2, S2P, DOT) + c2a[None, :]
             _store_rows(slab, b1, r, m, SC, W1, W1)
             _store_rows(slab + OFF_S2, _bn_relu(z2a, a2a, d2a), r, m, SC, S2P, S2P)
         tl.debug_barrier()
@@ -349,19 +447,12 @@ def _dense_branch_fwd_kernel(
             p = n % HW
             y = p // W
             x = p % W
-            acc = tl.zeros((SUB, W2), tl.float32)
-            for t in tl.static_range(9):
-                dy = t // 3 - 1
-                dx = t % 3 - 1
-                v = m & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
-                s2 = _load_rows(slab + OFF_S2, r + dy * W + dx, v, SC, S2P, S2P)  # (SUB, S2P)
-                acc += _mm(s2, _load_wtap(w2b_ptr, t, S2, S2P, W2, 9), DOT)
+            acc = _slab_conv(slab + OFF_S2, r, m, y, x, H, W, w2b_ptr, SC, S2, S2P, W2, 3, SUB, DOT)
             b2 = _bn_relu(acc + c2b[None, :], a2b, d2b)
             hx = _load_map(h_ptr, n // HW, p, m, s_hb, s_hc, s_hp, 0, C)
             b1 = _load_rows(slab, r, m, SC, W1, W1)
             z3a = (
-                _mm(hx, _load_w1x1(w3a_ptr, 0, C, CIN3, S3, S3P), DOT)
-                + _mm(b1, _load_w1x1(w3a_ptr, C, W1, CIN3, S3, S3P), DOT)
+                _squeeze_hb1(hx, b1, w3a_ptr, C, W1, CIN3, S3, S3P, DOT)
                 + _mm(b2, _load_w1x1(w3a_ptr, C + W1, W2, CIN3, S3, S3P), DOT)
                 + c3a[None, :]
             )
@@ -377,22 +468,11 @@ def _dense_branch_fwd_kernel(
             p = n % HW
             y = p // W
             x = p % W
-            acc = tl.zeros((SUB, W3), tl.float32)
-            for t in tl.static_range(25):
-                dy = t // 5 - 2
-                dx = t % 5 - 2
-                v = m & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
-                s3 = _load_rows(slab + OFF_S3, r + dy * W + dx, v, SC, S3P, S3P)  # (SUB, S3P)
-                acc += _mm(s3, _load_wtap(w3b_ptr, t, S3, S3P, W3, 25), DOT)
+            acc = _slab_conv(slab + OFF_S3, r, m, y, x, H, W, w3b_ptr, SC, S3, S3P, W3, 5, SUB, DOT)
             b3 = _bn_relu(acc + c3b[None, :], a3b, d3b)
             b1 = _load_rows(slab, r, m, SC, W1, W1)
             b2 = _load_rows(slab + OFF_B2, r, m, SC, W2, W2)
-            b1 += _load_map(h_ptr, b, p, m, s_hb, s_hc, s_hp, 0, W1)
-            b2 += _load_map(h_ptr, b, p, m, s_hb, s_hc, s_hp, W1, W2)
-            b3 += _load_map(h_ptr, b, p, m, s_hb, s_hc, s_hp, W1 + W2, W3)
-            _store_map(out_ptr, b1, b, p, m, s_ob, s_oc, s_op, 0, W1)
-            _store_map(out_ptr, b2, b, p, m, s_ob, s_oc, s_op, W1, W2)
-            _store_map(out_ptr, b3, b, p, m, s_ob, s_oc, s_op, W1 + W2, W3)
+            _store_out(h_ptr, out_ptr, b1, b2, b3, b, p, m, s_hb, s_hc, s_hp, s_ob, s_oc, s_op, W1, W2, W3)
         tl.debug_barrier()
 
 
@@ -420,8 +500,7 @@ def _dense_branch_z1_fwd_kernel(
     pid = tl.program_id(0)
     n, mask, b, p, y, x = _pixel_block(pid, N, HW, W, BLOCK_P)
     hx = _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, 0, C)
-    z1 = _mm(hx, _load_w1x1(w1_ptr, 0, C, C, W1, W1), DOT) + _load_vec(c1_ptr, W1, W1)[None, :]
-    _store_moments(part_ptr + pid * 2 * W1, z1, mask, W1)
+    _store_moments(part_ptr + pid * 2 * W1, _z1(hx, w1_ptr, c1_ptr, C, W1, DOT), mask, W1)
 
 
 @triton.jit
@@ -455,20 +534,13 @@ def _dense_branch_squeeze_fwd_kernel(
     pid = tl.program_id(0)
     n, mask, b, p, y, x = _pixel_block(pid, N, HW, W, BLOCK_P)
     CIN: tl.constexpr = C + W1 + W2 * HAS_B2
-    hx = _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, 0, C)
-    a1, d1 = _train_affine(st1_ptr, W1)
-    z1, b1 = _b1(hx, w1_ptr, c1_ptr, a1, d1, C, W1, DOT)
-    z = (
-        _mm(hx, _load_w1x1(w_ptr, 0, C, CIN, S, SP), DOT)
-        + _mm(b1, _load_w1x1(w_ptr, C, W1, CIN, S, SP), DOT)
-        + _load_vec(c_ptr, S, SP)[None, :]
-    )
+    hx, z1, b1 = _train_b1(h_ptr, b, p, mask, s_hb, s_hc, s_hp, w1_ptr, c1_ptr, st1_ptr, C, W1, DOT)
+    z = _squeeze_hb1(hx, b1, w_ptr, C, W1, CIN, S, SP, DOT) + _load_vec(c_ptr, S, SP)[None, :]
     if HAS_B2:
         a2b, d2b = _train_affine(st2b_ptr, W2)
         b2 = _bn_relu(_load_rows(z2b_ptr, n, mask, W2, W2, W2), a2b, d2b)
         z += _mm(b2, _load_w1x1(w_ptr, C + W1, W2, CIN, S, SP), DOT)
-    _store_rows(z_ptr, z, n, mask, S, S, SP)
-    _store_moments(part_ptr + pid * 2 * SP, z, mask, SP)
+    _store_z(z_ptr, part_ptr, pid, z, n, mask, S, SP)
 
 
 @triton.jit
@@ -496,14 +568,11 @@ def _dense_branch_conv_fwd_kernel(
     a, d = _train_affine(stin_ptr, SP)
     acc = tl.zeros((BLOCK_P, CO), tl.float32)
     for t in tl.static_range(K * K):
-        dy = t // K - K // 2
-        dx = t % K - K // 2
-        v = mask & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
+        dy, dx = _tap(t, K)
+        v = _in_image(mask, y, x, dy, dx, H, W)
         s = tl.where(v[:, None], _bn_relu(_load_rows(zin_ptr, n + dy * W + dx, v, S, S, SP), a, d), 0.0)
         acc += _mm(s, _load_wtap(w_ptr, t, S, SP, CO, K * K), DOT)
-    z = acc + _load_vec(c_ptr, CO, CO)[None, :]
-    _store_rows(z_ptr, z, n, mask, CO, CO, CO)
-    _store_moments(part_ptr + pid * 2 * CO, z, mask, CO)
+    _store_z(z_ptr, part_ptr, pid, acc + _load_vec(c_ptr, CO, CO)[None, :], n, mask, CO, CO)
 
 
 @triton.jit
@@ -536,19 +605,12 @@ def _dense_branch_out_fwd_kernel(
     """F6: out = [b1, b2, b3] + h."""
     pid = tl.program_id(0)
     n, mask, b, p, y, x = _pixel_block(pid, N, HW, W, BLOCK_P)
-    hx = _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, 0, C)
-    a1, d1 = _train_affine(st1_ptr, W1)
-    z1, b1 = _b1(hx, w1_ptr, c1_ptr, a1, d1, C, W1, DOT)
+    hx, z1, b1 = _train_b1(h_ptr, b, p, mask, s_hb, s_hc, s_hp, w1_ptr, c1_ptr, st1_ptr, C, W1, DOT)
     a2b, d2b = _train_affine(st2b_ptr, W2)
     a3b, d3b = _train_affine(st3b_ptr, W3)
     b2 = _bn_relu(_load_rows(z2b_ptr, n, mask, W2, W2, W2), a2b, d2b)
     b3 = _bn_relu(_load_rows(z3b_ptr, n, mask, W3, W3, W3), a3b, d3b)
-    b1 += _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, 0, W1)
-    b2 += _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, W1, W2)
-    b3 += _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, W1 + W2, W3)
-    _store_map(out_ptr, b1, b, p, mask, s_ob, s_oc, s_op, 0, W1)
-    _store_map(out_ptr, b2, b, p, mask, s_ob, s_oc, s_op, W1, W2)
-    _store_map(out_ptr, b3, b, p, mask, s_ob, s_oc, s_op, W1 + W2, W3)
+    _store_out(h_ptr, out_ptr, b1, b2, b3, b, p, mask, s_hb, s_hc, s_hp, s_ob, s_oc, s_op, W1, W2, W3)
 
 
 @triton.jit
@@ -577,14 +639,14 @@ def _bn_stats_fwd_kernel(
     total = tl.zeros((CP,), tl.float32)
     for r0 in range(0, n_prog, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        total += tl.sum(tl.load(part_ptr + r[:, None] * 2 * CP + c[None, :], mask=r[:, None] < n_prog, other=0.0), 0)
+        total += tl.sum(_load_partial(part_ptr, r, n_prog, 0, CP), 0)
     mean = total / N
     m2 = tl.zeros((CP,), tl.float32)
     for r0 in range(0, n_prog, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         rm = r[:, None] < n_prog
-        s = tl.load(part_ptr + r[:, None] * 2 * CP + c[None, :], mask=rm, other=0.0)
-        q = tl.load(part_ptr + r[:, None] * 2 * CP + CP + c[None, :], mask=rm, other=0.0)
+        s = _load_partial(part_ptr, r, n_prog, 0, CP)
+        q = _load_partial(part_ptr, r, n_prog, 1, CP)
         cnt = tl.maximum(tl.minimum(N - r * BLOCK_P, BLOCK_P), 1).to(tl.float32)[:, None]
         dev = s / cnt - mean[None, :]
         m2 += tl.sum(tl.where(rm, q + cnt * dev * dev, 0.0), 0)
@@ -635,8 +697,7 @@ def _dense_branch_g3b_bwd_kernel(
     z = _load_rows(z_ptr, n, mask, W3, W3, W3)
     a, d = _train_affine(st_ptr, W3)
     g = tl.where(z * a[None, :] + d[None, :] > 0.0, _load_map(gout_ptr, b, p, mask, s_gb, s_gc, s_gp, C0, W3), 0.0)
-    _store_rows(g_ptr, g, n, mask, W3, W3, W3)
-    _store_grad_sums(part_ptr + pid * 2 * W3, g, z, mask, st_ptr, W3)
+    _store_g(g_ptr, part_ptr, pid, g, z, n, mask, st_ptr, W3, W3)
 
 
 @triton.jit
@@ -674,20 +735,17 @@ def _dense_branch_conv_bwd_kernel(
     sp = tl.arange(0, SP)
     ds = tl.zeros((BLOCK_P, SP), tl.float32)
     for t in tl.static_range(KK):
-        dy = t // K - K // 2
-        dx = t % K - K // 2
+        dy, dx = _tap(t, K)
         # z(q) reads s(q + delta_t): s(n) feeds z(n - delta_t)
-        v = mask & (y - dy >= 0) & (y - dy < H) & (x - dx >= 0) & (x - dx < W)
-        q = n - dy * W - dx
-        dz = _bn_dz(_load_rows(g_ptr, q, v, CO, CO, CO), _load_rows(z_ptr, q, v, CO, CO, CO), v, st_ptr, coef_ptr, CO)
+        v = _in_image(mask, y, x, -dy, -dx, H, W)
+        dz = _load_dz(g_ptr, z_ptr, st_ptr, coef_ptr, n - dy * W - dx, v, CO, CO)
         ds += _mm(dz, _load_wtap_t(w_ptr, t, S, SP, CO, KK), GDOT)
         dw = _mm(tl.trans(s), dz, GDOT)  # (SP, CO)
         tl.store(wpart + o[None, :] * (S * KK) + sp[:, None] * KK + t, dw, mask=sp[:, None] < S)
         if t == KK // 2:
-            tl.store(wpart + CO * S * KK + o, tl.sum(dz, axis=0))
+            _store_bias_grad(wpart + CO * S * KK, dz, CO, CO)
     gin = tl.where(mask[:, None] & (zin * a_in[None, :] + d_in[None, :] > 0.0), ds, 0.0)
-    _store_rows(gin_ptr, gin, n, mask, S, S, SP)
-    _store_grad_sums(part_ptr + pid * 2 * SP, gin, zin, mask, stin_ptr, SP)
+    _store_g(gin_ptr, part_ptr, pid, gin, zin, n, mask, stin_ptr, S, SP)
 
 
 @triton.jit
@@ -729,11 +787,8 @@ def _dense_branch_squeeze3_bwd_kernel(
     pid = tl.program_id(0)
     n, mask, b, p, y, x = _pixel_block(pid, N, HW, W, BLOCK_P)
     CIN: tl.constexpr = C + W1 + W2
-    z3a = _load_rows(z3a_ptr, n, mask, S3, S3, S3P)
-    dz3a = _bn_dz(_load_rows(g3a_ptr, n, mask, S3, S3, S3P), z3a, mask, st3a_ptr, coef3a_ptr, S3P)  # (P, S3P)
-    hx = _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, 0, C)
-    a1, d1 = _train_affine(st1_ptr, W1)
-    z1, b1 = _b1(hx, w1_ptr, c1_ptr, a1, d1, C, W1, DOT)
+    dz3a = _load_dz(g3a_ptr, z3a_ptr, st3a_ptr, coef3a_ptr, n, mask, S3, S3P)  # (P, S3P)
+    hx, z1, b1 = _train_b1(h_ptr, b, p, mask, s_hb, s_hc, s_hp, w1_ptr, c1_ptr, st1_ptr, C, W1, DOT)
     a2b, d2b = _train_affine(st2b_ptr, W2)
     z2b = _load_rows(z2b_ptr, n, mask, W2, W2, W2)
     b2 = _bn_relu(z2b, a2b, d2b)
@@ -741,14 +796,12 @@ def _dense_branch_squeeze3_bwd_kernel(
     _store_w1x1_grad(wpart, _mm(tl.trans(hx), dz3a, GDOT), 0, C, CIN, S3, S3P)
     _store_w1x1_grad(wpart, _mm(tl.trans(b1), dz3a, GDOT), C, W1, CIN, S3, S3P)
     _store_w1x1_grad(wpart, _mm(tl.trans(b2), dz3a, GDOT), C + W1, W2, CIN, S3, S3P)
-    sp = tl.arange(0, S3P)
-    tl.store(wpart + S3 * CIN + sp, tl.sum(dz3a, axis=0), mask=sp < S3)
+    _store_bias_grad(wpart + S3 * CIN, dz3a, S3, S3P)
     up = _load_map(gout_ptr, b, p, mask, s_gb, s_gc, s_gp, W1, W2) + _mm(
         dz3a, _load_w1x1_t(w3a_ptr, C + W1, W2, CIN, S3, S3P), GDOT
     )
     g2b = tl.where(mask[:, None] & (b2 > 0.0), up, 0.0)
-    _store_rows(g2b_ptr, g2b, n, mask, W2, W2, W2)
-    _store_grad_sums(part_ptr + pid * 2 * W2, g2b, z2b, mask, st2b_ptr, W2)
+    _store_g(g2b_ptr, part_ptr, pid, g2b, z2b, n, mask, st2b_ptr, W2, W2)
 
 
 @triton.jit
@@ -796,38 +849,20 @@ def _dense_branch_squeeze2_bwd_kernel(
     n, mask, b, p, y, x = _pixel_block(pid, N, HW, W, BLOCK_P)
     CIN2: tl.constexpr = C + W1
     CIN3: tl.constexpr = C + W1 + W2
-    dz2a = _bn_dz(
-        _load_rows(g2a_ptr, n, mask, S2, S2, S2P),
-        _load_rows(z2a_ptr, n, mask, S2, S2, S2P),
-        mask,
-        st2a_ptr,
-        coef2a_ptr,
-        S2P,
-    )  # (P, S2P)
-    dz3a = _bn_dz(
-        _load_rows(g3a_ptr, n, mask, S3, S3, S3P),
-        _load_rows(z3a_ptr, n, mask, S3, S3, S3P),
-        mask,
-        st3a_ptr,
-        coef3a_ptr,
-        S3P,
-    )  # (P, S3P)
-    hx = _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, 0, C)
-    a1, d1 = _train_affine(st1_ptr, W1)
-    z1, b1 = _b1(hx, w1_ptr, c1_ptr, a1, d1, C, W1, DOT)
+    dz2a = _load_dz(g2a_ptr, z2a_ptr, st2a_ptr, coef2a_ptr, n, mask, S2, S2P)  # (P, S2P)
+    dz3a = _load_dz(g3a_ptr, z3a_ptr, st3a_ptr, coef3a_ptr, n, mask, S3, S3P)  # (P, S3P)
+    hx, z1, b1 = _train_b1(h_ptr, b, p, mask, s_hb, s_hc, s_hp, w1_ptr, c1_ptr, st1_ptr, C, W1, DOT)
     wpart = wpart_ptr + pid * (S2 * CIN2 + S2)
     _store_w1x1_grad(wpart, _mm(tl.trans(hx), dz2a, GDOT), 0, C, CIN2, S2, S2P)
     _store_w1x1_grad(wpart, _mm(tl.trans(b1), dz2a, GDOT), C, W1, CIN2, S2, S2P)
-    sp = tl.arange(0, S2P)
-    tl.store(wpart + S2 * CIN2 + sp, tl.sum(dz2a, axis=0), mask=sp < S2)
+    _store_bias_grad(wpart + S2 * CIN2, dz2a, S2, S2P)
     up = (
         _load_map(gout_ptr, b, p, mask, s_gb, s_gc, s_gp, 0, W1)
         + _mm(dz2a, _load_w1x1_t(w2a_ptr, C, W1, CIN2, S2, S2P), GDOT)
         + _mm(dz3a, _load_w1x1_t(w3a_ptr, C, W1, CIN3, S3, S3P), GDOT)
     )
     g1 = tl.where(mask[:, None] & (b1 > 0.0), up, 0.0)
-    _store_rows(g1_ptr, g1, n, mask, W1, W1, W1)
-    _store_grad_sums(part_ptr + pid * 2 * W1, g1, z1, mask, st1_ptr, W1)
+    _store_g(g1_ptr, part_ptr, pid, g1, z1, n, mask, st1_ptr, W1, W1)
 
 
 @triton.jit
@@ -878,27 +913,13 @@ def _dense_branch_input_bwd_kernel(
     pid = tl.program_id(0)
     n, mask, b, p, y, x = _pixel_block(pid, N, HW, W, BLOCK_P)
     hx = _load_map(h_ptr, b, p, mask, s_hb, s_hc, s_hp, 0, C)
-    z1 = _mm(hx, _load_w1x1(w1_ptr, 0, C, C, W1, W1), DOT) + _load_vec(c1_ptr, W1, W1)[None, :]
+    z1 = _z1(hx, w1_ptr, c1_ptr, C, W1, DOT)
     dz1 = _bn_dz(_load_rows(g1_ptr, n, mask, W1, W1, W1), z1, mask, st1_ptr, coef1_ptr, W1)  # (P, W1)
-    dz2a = _bn_dz(
-        _load_rows(g2a_ptr, n, mask, S2, S2, S2P),
-        _load_rows(z2a_ptr, n, mask, S2, S2, S2P),
-        mask,
-        st2a_ptr,
-        coef2a_ptr,
-        S2P,
-    )  # (P, S2P)
-    dz3a = _bn_dz(
-        _load_rows(g3a_ptr, n, mask, S3, S3, S3P),
-        _load_rows(z3a_ptr, n, mask, S3, S3, S3P),
-        mask,
-        st3a_ptr,
-        coef3a_ptr,
-        S3P,
-    )  # (P, S3P)
+    dz2a = _load_dz(g2a_ptr, z2a_ptr, st2a_ptr, coef2a_ptr, n, mask, S2, S2P)  # (P, S2P)
+    dz3a = _load_dz(g3a_ptr, z3a_ptr, st3a_ptr, coef3a_ptr, n, mask, S3, S3P)  # (P, S3P)
     wpart = wpart_ptr + pid * (W1 * C + W1)
     _store_w1x1_grad(wpart, _mm(tl.trans(hx), dz1, GDOT), 0, C, C, W1, W1)
-    tl.store(wpart + W1 * C + tl.arange(0, W1), tl.sum(dz1, axis=0))
+    _store_bias_grad(wpart + W1 * C, dz1, W1, W1)
     dh = (
         _load_map(gout_ptr, b, p, mask, s_gb, s_gc, s_gp, 0, C)
         + _mm(dz1, _load_w1x1_t(w1_ptr, 0, C, C, W1, W1), GDOT)
@@ -928,9 +949,8 @@ def _bn_stats_bwd_kernel(
     sgx = tl.zeros((CP,), tl.float32)
     for r0 in range(0, n_prog, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        rm = r[:, None] < n_prog
-        sg += tl.sum(tl.load(part_ptr + r[:, None] * 2 * CP + c[None, :], mask=rm, other=0.0), 0)
-        sgx += tl.sum(tl.load(part_ptr + r[:, None] * 2 * CP + CP + c[None, :], mask=rm, other=0.0), 0)
+        sg += tl.sum(_load_partial(part_ptr, r, n_prog, 0, CP), 0)
+        sgx += tl.sum(_load_partial(part_ptr, r, n_prog, 1, CP), 0)
     tl.store(dgamma_ptr + c, sgx, mask=c < C)
     tl.store(dbeta_ptr + c, sg, mask=c < C)
     tl.store(coef_ptr + c, _load_vec(gamma_ptr, C, CP) * tl.load(st_ptr + CP + c))
@@ -1003,9 +1023,31 @@ def _check_inputs(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
     for name, mod in branch.named_modules():
         if isinstance(mod, nn.BatchNorm2d) and not mod.affine:
             raise ValueError(f"{name} must be affine")
-    if h.stride(2) != h.shape[3] * h.stride(3):
-        h = h.contiguous()
-    return h
+    return _flat_pixels(h)
+
+
+def _flat_pixels(t: torch.Tensor) -> torch.Tensor:
+    """t (B, C, H, W) with H and W flattenable into one pixel index of stride t.stride(3) (a copy if needed)."""
+    if t.stride(2) != t.shape[3] * t.stride(3):
+        t = t.contiguous()
+    return t
+
+
+def _pixel_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(image, channel, pixel) strides of a (B, C, H, W) tensor from :func:`_flat_pixels`."""
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def _f32(*shape: int, device: torch.device) -> torch.Tensor:
+    """Uninitialized fp32 buffer."""
+    return torch.empty(*shape, device=device, dtype=torch.float32)
+
+
+def _train_grid(h: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(N = B*H*W, H*W, H, W, number of programs) of the training passes over h (B, C, H, W)."""
+    bsz, _, hh, ww = h.shape
+    n = bsz * hh * ww
+    return n, hh * ww, hh, ww, triton.cdiv(n, _BLOCK_P_TRAIN)
 
 
 def _cbrs(branch: DenseBranch) -> list[nn.Module]:
@@ -1030,14 +1072,14 @@ def _dense_branch_infer(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
         nprog = min(n_blocks, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count)
     region = _BLOCK_P_INFER + 6 * ww + 6
     sc = meta["W1"] + meta["S2P"] + meta["W2"] + meta["S3P"]
-    scratch = torch.empty(nprog, region, sc, device=h.device, dtype=torch.float32)  # per-program slabs
+    scratch = _f32(nprog, region, sc, device=h.device)  # per-program slabs
     args = []
     for cbr in _cbrs(branch):
         args += [cbr.conv.weight, cbr.conv.bias, cbr.bn.weight, cbr.bn.bias, cbr.bn.running_mean, cbr.bn.running_var]
     _dense_branch_fwd_kernel[(nprog,)](
         h, out, *args, scratch, *[cbr.bn.eps for cbr in _cbrs(branch)],
         n, hw, hh, ww, n_blocks, region,
-        h.stride(0), h.stride(1), h.stride(3), out.stride(0), out.stride(1), out.stride(3),
+        *_pixel_strides(h), *_pixel_strides(out),
         **meta, BLOCK_P=_BLOCK_P_INFER, SUB=_SUB_INFER, DOT=_dot_mode(h.dtype), num_warps=4,
     )  # fmt: skip
     return out
@@ -1045,7 +1087,7 @@ def _dense_branch_infer(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
 
 def _bn_forward_stats(part: torch.Tensor, bn: nn.BatchNorm2d, n: int, cp: int, n_prog: int) -> torch.Tensor:
     """Finalize one BatchNorm's batch statistics (and update its running statistics); returns (4, cp)."""
-    st = torch.empty(4, cp, device=part.device, dtype=torch.float32)
+    st = _f32(4, cp, device=part.device)
     update = bn.track_running_stats and bn.running_mean is not None
     momentum = 0.0 if bn.momentum is None else bn.momentum
     dummy = st  # never dereferenced when UPDATE is False
@@ -1064,8 +1106,8 @@ def _bn_backward_stats(
     part: torch.Tensor, st: torch.Tensor, bn: nn.BatchNorm2d, n: int, cp: int, n_prog: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Finalize one BatchNorm's backward sums; returns (coef (3, cp), dgamma (C,), dbeta (C,))."""
-    coef = torch.empty(3, cp, device=part.device, dtype=torch.float32)
-    dgamma = torch.empty(bn.num_features, device=part.device, dtype=torch.float32)
+    coef = _f32(3, cp, device=part.device)
+    dgamma = _f32(bn.num_features, device=part.device)
     dbeta = torch.empty_like(dgamma)
     _bn_stats_bwd_kernel[(1,)](
         part, st, bn.weight, dgamma, dbeta, coef, n_prog, n, C=bn.num_features, CP=cp, BLOCK_R=_BLOCK_R
@@ -1082,59 +1124,50 @@ class DenseBranchFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, branch: DenseBranch, *params: torch.Tensor) -> torch.Tensor:
-        bsz, c, hh, ww = h.shape
         m = _meta(branch)
-        n, hw = bsz * hh * ww, hh * ww
-        dot = _dot_mode(h.dtype)
+        c = h.shape[1]
+        n, hw, hh, ww, n_prog = _train_grid(h)
         dev = h.device
         bns = [cbr.bn for cbr in _cbrs(branch)]
         w1, c1, w2a, c2a, w2b, c2b, w3a, c3a, w3b, c3b = [params[i] for i in (0, 1, 4, 5, 8, 9, 12, 13, 16, 17)]
-        n_prog = triton.cdiv(n, _BLOCK_P_TRAIN)
         grid = (n_prog,)
-        hs = (h.stride(0), h.stride(1), h.stride(3))
-        common = dict(BLOCK_P=_BLOCK_P_TRAIN, DOT=dot)
+        hs = _pixel_strides(h)
+        common = dict(BLOCK_P=_BLOCK_P_TRAIN, DOT=_dot_mode(h.dtype))
 
         def part(cp: int) -> torch.Tensor:
-            return torch.empty(n_prog, 2, cp, device=dev, dtype=torch.float32)  # per-program moments
+            return _f32(n_prog, 2, cp, device=dev)  # per-program moments
 
-        z2a = torch.empty(n, m["S2"], device=dev, dtype=torch.float32)  # (B*H*W, S2)
-        z2b = torch.empty(n, m["W2"], device=dev, dtype=torch.float32)  # (B*H*W, W2)
-        z3a = torch.empty(n, m["S3"], device=dev, dtype=torch.float32)  # (B*H*W, S3)
-        z3b = torch.empty(n, m["W3"], device=dev, dtype=torch.float32)  # (B*H*W, W3)
+        def squeeze(w, bias, z, s, z2b, st2b, has_b2, i):  # F2 / F4; returns the finalized stats of z
+            p = part(m[s + "P"])
+            _dense_branch_squeeze_fwd_kernel[grid](
+                h, w1, c1, st1, z2b, st2b, w, bias, z, p, n, hw, ww, *hs,
+                C=c, W1=m["W1"], W2=m["W2"], S=m[s], SP=m[s + "P"], HAS_B2=has_b2, **common,
+            )  # fmt: skip
+            return _bn_forward_stats(p, bns[i], n, m[s + "P"], n_prog)
+
+        def conv(zin, stin, w, bias, z, s, co, k, i):  # F3 / F5; returns the finalized stats of z
+            p = part(m[co])
+            _dense_branch_conv_fwd_kernel[grid](
+                zin, stin, w, bias, z, p, n, hw, hh, ww, S=m[s], SP=m[s + "P"], CO=m[co], K=k, **common
+            )
+            return _bn_forward_stats(p, bns[i], n, m[co], n_prog)
+
+        z2a = _f32(n, m["S2"], device=dev)  # (B*H*W, S2)
+        z2b = _f32(n, m["W2"], device=dev)  # (B*H*W, W2)
+        z3a = _f32(n, m["S3"], device=dev)  # (B*H*W, S3)
+        z3b = _f32(n, m["W3"], device=dev)  # (B*H*W, W3)
 
         p1 = part(m["W1"])
         _dense_branch_z1_fwd_kernel[grid](h, w1, c1, p1, n, hw, ww, *hs, C=c, W1=m["W1"], **common)
         st1 = _bn_forward_stats(p1, bns[0], n, m["W1"], n_prog)
-
-        p2a = part(m["S2P"])
-        _dense_branch_squeeze_fwd_kernel[grid](
-            h, w1, c1, st1, z2b, st1, w2a, c2a, z2a, p2a, n, hw, ww, *hs,
-            C=c, W1=m["W1"], W2=m["W2"], S=m["S2"], SP=m["S2P"], HAS_B2=False, **common,
-        )  # fmt: skip
-        st2a = _bn_forward_stats(p2a, bns[1], n, m["S2P"], n_prog)
-
-        p2b = part(m["W2"])
-        _dense_branch_conv_fwd_kernel[grid](
-            z2a, st2a, w2b, c2b, z2b, p2b, n, hw, hh, ww, S=m["S2"], SP=m["S2P"], CO=m["W2"], K=3, **common
-        )
-        st2b = _bn_forward_stats(p2b, bns[2], n, m["W2"], n_prog)
-
-        p3a = part(m["S3P"])
-        _dense_branch_squeeze_fwd_kernel[grid](
-            h, w1, c1, st1, z2b, st2b, w3a, c3a, z3a, p3a, n, hw, ww, *hs,
-            C=c, W1=m["W1"], W2=m["W2"], S=m["S3"], SP=m["S3P"], HAS_B2=True, **common,
-        )  # fmt: skip
-        st3a = _bn_forward_stats(p3a, bns[3], n, m["S3P"], n_prog)
-
-        p3b = part(m["W3"])
-        _dense_branch_conv_fwd_kernel[grid](
-            z3a, st3a, w3b, c3b, z3b, p3b, n, hw, hh, ww, S=m["S3"], SP=m["S3P"], CO=m["W3"], K=5, **common
-        )
-        st3b = _bn_forward_stats(p3b, bns[4], n, m["W3"], n_prog)
+        st2a = squeeze(w2a, c2a, z2a, "S2", z2b, st1, False, 1)  # z2b, st1: placeholders, not read
+        st2b = conv(z2a, st2a, w2b, c2b, z2b, "S2", "W2", 3, 2)
+        st3a = squeeze(w3a, c3a, z3a, "S3", z2b, st2b, True, 3)
+        st3b = conv(z3a, st3a, w3b, c3b, z3b, "S3", "W3", 5, 4)
 
         out = torch.empty_like(h)
         _dense_branch_out_fwd_kernel[grid](
-            h, out, w1, c1, st1, z2b, st2b, z3b, st3b, n, hw, ww, *hs, out.stride(0), out.stride(1), out.stride(3),
+            h, out, w1, c1, st1, z2b, st2b, z3b, st3b, n, hw, ww, *hs, *_pixel_strides(out),
             C=c, W1=m["W1"], W2=m["W2"], W3=m["W3"], **common,
         )  # fmt: skip
         ctx.branch = branch
@@ -1146,73 +1179,66 @@ class DenseBranchFunction(torch.autograd.Function):
         h, z2a, z2b, z3a, z3b, st1, st2a, st2b, st3a, st3b, *params = ctx.saved_tensors
         branch = ctx.branch
         bns = [cbr.bn for cbr in _cbrs(branch)]
-        bsz, c, hh, ww = h.shape
         m = _meta(branch)
-        n, hw = bsz * hh * ww, hh * ww
+        c = h.shape[1]
+        n, hw, hh, ww, n_prog = _train_grid(h)
         dev = h.device
         w1, c1, w2a, w2b, w3a, w3b = [params[i] for i in (0, 1, 4, 8, 12, 16)]
-        if gout.stride(2) != gout.shape[3] * gout.stride(3):
-            gout = gout.contiguous()
-        n_prog = triton.cdiv(n, _BLOCK_P_TRAIN)
+        gout = _flat_pixels(gout)
         grid = (n_prog,)
-        hs = (h.stride(0), h.stride(1), h.stride(3))
-        gs = (gout.stride(0), gout.stride(1), gout.stride(3))
+        hs = _pixel_strides(h)
+        gs = _pixel_strides(gout)
         common = dict(BLOCK_P=_BLOCK_P_TRAIN, DOT=_dot_mode(h.dtype), GDOT=_grad_dot_mode(h.dtype))
+        squeezes = {k: m[k] for k in ("C", "W1", "W2", "S2", "S2P", "S3", "S3P")}
         bn_grads: list[tuple[torch.Tensor, torch.Tensor]] = [None] * 5  # type: ignore[list-item]
 
         def part(cp: int) -> torch.Tensor:
-            return torch.empty(n_prog, 2, cp, device=dev, dtype=torch.float32)  # per-program sums
+            return _f32(n_prog, 2, cp, device=dev)  # per-program sums
 
         def wpart(conv: nn.Conv2d) -> torch.Tensor:
             # (n_prog, weight numel + bias numel)
-            return torch.empty(n_prog, conv.weight.numel() + conv.bias.numel(), device=dev, dtype=torch.float32)
+            return _f32(n_prog, conv.weight.numel() + conv.bias.numel(), device=dev)
+
+        def outputs(s: str, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # g (B*H*W, m[s]) at a BN output, its per-program sums, the weight partials of the conv it feeds
+            cp = m.get(s + "P", m[s])  # squeeze widths are padded
+            return _f32(n, m[s], device=dev), part(cp), wpart(conv)
 
         def finish(i: int, p: torch.Tensor, st: torch.Tensor, cp: int) -> torch.Tensor:
             coef, dgamma, dbeta = _bn_backward_stats(p, st, bns[i], n, cp, n_prog)
             bn_grads[i] = (dgamma, dbeta)
             return coef
 
-        g3b = torch.empty(n, m["W3"], device=dev, dtype=torch.float32)  # (B*H*W, W3)
+        def conv_bwd(g, z, st, coef, zin, stin, w, conv, s, co, k, i):  # B2 / B4; returns (gin, wpart, coef_in)
+            gin, p, wp = outputs(s, conv)
+            _dense_branch_conv_bwd_kernel[grid](
+                g, z, st, coef, zin, stin, w, gin, p, wp, n, hw, hh, ww,
+                S=m[s], SP=m[s + "P"], CO=m[co], K=k, BLOCK_P=_BLOCK_P_TRAIN, GDOT=common["GDOT"],
+            )  # fmt: skip
+            return gin, wp, finish(i, p, stin, m[s + "P"])
+
+        g3b = _f32(n, m["W3"], device=dev)  # (B*H*W, W3)
         p = part(m["W3"])
         _dense_branch_g3b_bwd_kernel[grid](
             gout, z3b, st3b, g3b, p, n, hw, ww, *gs, C0=m["W1"] + m["W2"], W3=m["W3"], BLOCK_P=_BLOCK_P_TRAIN
         )
         coef3b = finish(4, p, st3b, m["W3"])
 
-        g3a = torch.empty(n, m["S3"], device=dev, dtype=torch.float32)  # (B*H*W, S3)
-        p = part(m["S3P"])
-        wp3b = wpart(branch.branch3[1].conv)
-        _dense_branch_conv_bwd_kernel[grid](
-            g3b, z3b, st3b, coef3b, z3a, st3a, w3b, g3a, p, wp3b, n, hw, hh, ww,
-            S=m["S3"], SP=m["S3P"], CO=m["W3"], K=5, BLOCK_P=_BLOCK_P_TRAIN, GDOT=common["GDOT"],
-        )  # fmt: skip
-        coef3a = finish(3, p, st3a, m["S3P"])
+        g3a, wp3b, coef3a = conv_bwd(g3b, z3b, st3b, coef3b, z3a, st3a, w3b, branch.branch3[1].conv, "S3", "W3", 5, 3)
 
-        g2b = torch.empty(n, m["W2"], device=dev, dtype=torch.float32)  # (B*H*W, W2)
-        p = part(m["W2"])
-        wp3a = wpart(branch.branch3[0].conv)
+        g2b, p, wp3a = outputs("W2", branch.branch3[0].conv)
         _dense_branch_squeeze3_bwd_kernel[grid](
             h, gout, w1, c1, st1, z2b, st2b, g3a, z3a, st3a, coef3a, w3a, g2b, p, wp3a, n, hw, ww, *hs, *gs,
             C=c, W1=m["W1"], W2=m["W2"], S3=m["S3"], S3P=m["S3P"], **common,
         )  # fmt: skip
         coef2b = finish(2, p, st2b, m["W2"])
 
-        g2a = torch.empty(n, m["S2"], device=dev, dtype=torch.float32)  # (B*H*W, S2)
-        p = part(m["S2P"])
-        wp2b = wpart(branch.branch2[1].conv)
-        _dense_branch_conv_bwd_kernel[grid](
-            g2b, z2b, st2b, coef2b, z2a, st2a, w2b, g2a, p, wp2b, n, hw, hh, ww,
-            S=m["S2"], SP=m["S2P"], CO=m["W2"], K=3, BLOCK_P=_BLOCK_P_TRAIN, GDOT=common["GDOT"],
-        )  # fmt: skip
-        coef2a = finish(1, p, st2a, m["S2P"])
+        g2a, wp2b, coef2a = conv_bwd(g2b, z2b, st2b, coef2b, z2a, st2a, w2b, branch.branch2[1].conv, "S2", "W2", 3, 1)
 
-        g1 = torch.empty(n, m["W1"], device=dev, dtype=torch.float32)  # (B*H*W, W1)
-        p = part(m["W1"])
-        wp2a = wpart(branch.branch2[0].conv)
+        g1, p, wp2a = outputs("W1", branch.branch2[0].conv)
         _dense_branch_squeeze2_bwd_kernel[grid](
             h, gout, w1, c1, st1, g2a, z2a, st2a, coef2a, g3a, z3a, st3a, coef3a, w2a, w3a, g1, p, wp2a,
-            n, hw, ww, *hs, *gs,
-            C=c, W1=m["W1"], W2=m["W2"], S2=m["S2"], S2P=m["S2P"], S3=m["S3"], S3P=m["S3P"], **common,
+            n, hw, ww, *hs, *gs, **squeezes, **common,
         )  # fmt: skip
         coef1 = finish(0, p, st1, m["W1"])
 
@@ -1220,8 +1246,7 @@ class DenseBranchFunction(torch.autograd.Function):
         wp1 = wpart(branch.branch1.conv)
         _dense_branch_input_bwd_kernel[grid](
             h, gout, dh, w1, c1, st1, coef1, g1, g2a, z2a, st2a, coef2a, g3a, z3a, st3a, coef3a, w2a, w3a, wp1,
-            n, hw, ww, *hs, *gs, dh.stride(0), dh.stride(1), dh.stride(3),
-            C=c, W1=m["W1"], W2=m["W2"], S2=m["S2"], S2P=m["S2P"], S3=m["S3"], S3P=m["S3P"], **common,
+            n, hw, ww, *hs, *gs, *_pixel_strides(dh), **squeezes, **common,
         )  # fmt: skip
 
         grads: list[torch.Tensor] = []
