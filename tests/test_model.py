@@ -249,3 +249,16 @@ def test_cuda_forward_never_syncs_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert logits.shape == (2, 1, 128, 128)
+
+
+def test_python_dash_m_dcris_params():
+    """The module entry point and the installed command are the same program."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "dcris", "params", "--preset", "detris-b", "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    counts = json.loads(done.stdout)
+    assert (counts["adapter_params"], counts["head_params"]) == (2_715_696, 22_802_433)
