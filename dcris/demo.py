@@ -20,8 +20,12 @@ import pickle
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from dcris.model import DCRIS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "synthetic.yaml"
@@ -72,12 +76,10 @@ def score_baselines(shards: Path, release: Path, splits: list[str]) -> dict[str,
     return results
 
 
-def draw_predictions(weights: Path, release: Path, out: Path, count: int) -> list[Path]:
+def draw_predictions(model: DCRIS, release: Path, out: Path, count: int) -> list[Path]:
     """Overlays of the model's masks for the first ``count`` val (object, sentence) pairs."""
-    from dcris.export import load_exported
     from dcris.predict import predict_mask, read_image, write_prediction
 
-    model = load_exported(weights)
     coco = json.loads((release / "synthetic" / "instances.json").read_text())
     files = {im["id"]: im["file_name"] for im in coco["images"]}
     refs = pickle.loads((release / "synthetic" / "refs(unc).p").read_bytes())
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_exported(summary["export"])
     results = evaluate(model, str(shards), SPLITS, image_size=cfg.model.image_size, batch_size=32, loader="torch")
     baselines = score_baselines(shards, release, SPLITS)
-    pictures = draw_predictions(Path(summary["export"]), release, out / "predictions", NUM_PICTURES)
+    pictures = draw_predictions(model, release, out / "predictions", NUM_PICTURES)
     times["eval_s"] = time.time() - t0
     times["total_s"] = time.time() - start
 

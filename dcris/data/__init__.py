@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from dcris.data.common import ShardLoader, num_samples
 from dcris.data.letterbox import CLIP_MEAN, CLIP_STD
@@ -25,39 +24,16 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
-def build_loader(
-    shards_dir: str | Path,
-    split: str,
-    *,
-    train: bool,
-    batch_size: int,
-    image_size: int = 448,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    workers: int = 2,
-    loader: str = "auto",
-    device: str | torch.device = "cpu",
-    epoch: int = 0,
-    shuffle_buffer: int = 1000,
-) -> ShardLoader:
+def build_loader(shards_dir: str | Path, split: str, *, loader: str = "auto", **options: Any) -> ShardLoader:
     """The loader of one split of packed shards; iterating it yields one epoch of batches.
 
     Args:
         shards_dir: Directory written by ``shards/pack.py`` (holds manifest.json).
         split: Split name, e.g. "train" or "val".
-        train: Training batches (shuffled, one random sentence per object) or evaluation batches (all
-            sentences, in order, with the original-resolution fields).
-        batch_size: Items per batch on this rank.
-        image_size: Side of the letterboxed square.
-        rank: This process's rank.
-        world_size: Number of ranks.
-        seed: Data order and sentence choice seed.
-        workers: Decoding threads (DALI) or DataLoader workers (torch).
         loader: "dali", "torch" or "auto" (DALI when it is installed).
-        device: Device of image, mask and tokens; DALI decodes on it when it is a GPU.
-        epoch: Epoch to iterate first (``set_epoch`` changes it).
-        shuffle_buffer: Samples in the training shuffle buffer.
+        **options: The keyword arguments of :class:`~dcris.data.common.ShardLoader` (``train``, ``batch_size``,
+            ``image_size``, ``rank``, ``world_size``, ``seed``, ``workers``, ``device``, ``epoch``,
+            ``shuffle_buffer``); with DALI, a GPU ``device`` is also where the JPEGs are decoded.
 
     Returns:
         A :class:`~dcris.data.common.ShardLoader`; ``len()`` is its number of batches per epoch.
@@ -68,17 +44,4 @@ def build_loader(
         from dcris.data.dali_loader import DaliShardLoader as impl
     else:
         from dcris.data.torch_loader import TorchShardLoader as impl
-    return impl(
-        shards_dir,
-        split,
-        train=train,
-        batch_size=batch_size,
-        image_size=image_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        workers=workers,
-        device=device,
-        epoch=epoch,
-        shuffle_buffer=shuffle_buffer,
-    )
+    return impl(shards_dir, split, **options)

@@ -46,9 +46,9 @@ def read_manifest(shards_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def split_info(shards_dir: str | Path, split: str) -> dict:
+def split_info(manifest: dict, split: str, shards_dir: str | Path) -> dict:
     """The manifest entry of one split; an unknown split is a user error naming the splits there are."""
-    splits = read_manifest(shards_dir)["splits"]
+    splits = manifest["splits"]
     if split not in splits:
         raise UserError(f"split {split!r} not in {shards_dir} (have {', '.join(splits)})")
     return splits[split]
@@ -56,7 +56,7 @@ def split_info(shards_dir: str | Path, split: str) -> dict:
 
 def num_samples(shards_dir: str | Path, split: str, train: bool) -> int:
     """Samples of a split over all ranks: objects for training, (object, sentence) pairs for evaluation."""
-    info = split_info(shards_dir, split)
+    info = split_info(read_manifest(shards_dir), split, shards_dir)
     return info["objects"] if train else info["sentences"]
 
 
@@ -126,7 +126,8 @@ class ShardLoader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.shards_dir = Path(shards_dir)
         self.split = split
-        self.info = split_info(shards_dir, split)
+        manifest = read_manifest(shards_dir)  # read once: the split's entry and the context length
+        self.info = split_info(manifest, split, shards_dir)
         self.train = train
         self.batch_size = batch_size
         self.image_size = image_size
@@ -137,7 +138,7 @@ class ShardLoader:
         self.device = torch.device(device)
         self.epoch = epoch
         self.shuffle_buffer = shuffle_buffer
-        self.context_length = read_manifest(shards_dir)["context_length"]
+        self.context_length = manifest["context_length"]
 
     @property
     def shard_paths(self) -> list[tuple[str, str]]:
@@ -163,9 +164,9 @@ class ShardLoader:
 
     def __len__(self) -> int:
         """Batches this rank yields in one epoch."""
-        start, end = rank_range(self.info["objects"], self.range_index, self.world_size)
         if self.train:
             return (self.info["objects"] // self.world_size) // self.batch_size
+        start, end = rank_range(self.info["objects"], self.range_index, self.world_size)
         counts = [c for s in self.info["shards"] for c in s["sentence_counts"]][start:end]
         return -(-sum(counts) // self.batch_size)
 
