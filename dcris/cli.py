@@ -14,8 +14,8 @@ from dcris.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("dcris.params", "parameter counts of a preset (the paper's Table 5)"),
     "convert-detris": ("dcris.convert", "convert a released DETRIS checkpoint to this layout"),
-    "train": ("launch.train", "train (also: deepspeed launch/train.py ...)"),
-    "eval": ("launch.eval", "evaluate mIoU / oIoU / Pr@ on packed splits"),
+    "train": ("dcris.trainer", "train (also: deepspeed launch/train.py ...)"),
+    "eval": ("dcris.evaluate", "evaluate mIoU / oIoU / Pr@ on packed splits"),
     "predict": ("dcris.predict", "segment images from text with exported weights"),
     "demo": ("dcris.demo", "synthetic data -> pack -> train -> evaluate -> pictures, on a CPU in minutes"),
 }

@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from dcris.config import load_config
+    from dcris.data import pack, synth
     from dcris.evaluate import evaluate
     from dcris.export import load_exported
     from dcris.metrics import format_table
     from dcris.train_setup import read_deepspeed_json
     from dcris.trainer import train
-    from shards import pack, synth
 
     out = Path(args.out).resolve()
     release, shards, run = out / "release", out / "shards" / "synthetic", out / "run"

@@ -17,6 +17,8 @@ import torch
 from dcris.config import Config, ConfigError, TrainConfig
 
 AUTO = "auto"  # placeholder in ds_configs/*.json for a value filled from the Config
+# the one-process DeepSpeed config of the checkout (the default of a plain ``python`` run)
+DEFAULT_DEEPSPEED = Path(__file__).resolve().parents[1] / "ds_configs" / "single.json"
 
 
 def init_distributed() -> tuple[int, int, int]:

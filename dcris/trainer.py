@@ -13,6 +13,7 @@ milestone epoch and is set per optimizer step from the epoch it belongs to. A ru
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -25,13 +26,21 @@ import torch
 import torch.distributed as dist
 
 from dcris.checkpoint import export_engine, load_checkpoint, save_checkpoint, set_rng_state
-from dcris.config import Config, to_dict
+from dcris.config import Config, load_config, to_dict
 from dcris.data import build_loader
 from dcris.errors import UserError
 from dcris.evaluate import evaluate, split_size
 from dcris.metrics import format_table
 from dcris.model import build_model
-from dcris.train_setup import batch_layout, deepspeed_config, init_distributed, lr_factor, precision_dtype
+from dcris.train_setup import (
+    DEFAULT_DEEPSPEED,
+    batch_layout,
+    deepspeed_config,
+    init_distributed,
+    lr_factor,
+    precision_dtype,
+    read_deepspeed_json,
+)
 
 EXPORT_NAME = "dcris.safetensors"
 
@@ -234,3 +243,24 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
         metrics=metrics,
         export=str(out / EXPORT_NAME),
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dcris train", description="Train DCRIS with DeepSpeed.")
+    parser.add_argument("--config", help="run file (YAML/JSON) listing what differs from its preset")
+    parser.add_argument("--preset", help="preset name (default: the run file's 'preset' key, else dcris-b)")
+    parser.add_argument(
+        "--deepspeed", default=str(DEFAULT_DEEPSPEED), metavar="JSON",
+        help="DeepSpeed config; batch, accumulation, clipping and precision fields are filled from the config",
+    )  # fmt: skip
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=10")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dcris train`` and ``launch/train.py``."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.preset, args.overrides)
+    train(cfg, read_deepspeed_json(args.deepspeed), args.deepspeed)
+    return 0

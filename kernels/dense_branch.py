@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels.dense_branch_ref import DenseBranch
+from .dense_branch_ref import DenseBranch
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DOT_MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -117,7 +117,7 @@ class DenseBranch(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(B, C, *spatial) -> (B, C, *spatial); see the module docstring."""
         if self.use_fused(h):
-            from kernels.dense_branch import fused_dense_branch
+            from .dense_branch import fused_dense_branch
 
             return fused_dense_branch(h, self)
         return self.reference_forward(h)

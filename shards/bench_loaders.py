@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from dcris.data import build_loader, dali_available
+from dcris.data import build_loader, dali_available, pack
+from dcris.data.synth import make_synthetic_release
 from dcris.provenance import git_commit
-from shards import pack
-from shards.synth import make_synthetic_release
 
 
 def _images_per_second(shards: Path, split: str, loader: str, device: str, args: argparse.Namespace) -> float:

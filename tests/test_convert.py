@@ -1,4 +1,4 @@
-"""Import of released DETRIS checkpoints (key list: shared/reference/detris_b_state_dict.tsv)."""
+"""Import of released DETRIS checkpoints (key list: tests/data/detris_b_state_dict.tsv, the released DETRIS-B keys)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from dcris.convert import convert_detris_state_dict, detect_preset, read_release
 from dcris.errors import UserError
 from dcris.model import build_model
 
-TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "detris_b_state_dict.tsv"
-pytestmark = pytest.mark.skipif(not TSV.is_file(), reason="shared/reference is not beside the checkout")
+TSV = Path(__file__).resolve().parent / "data" / "detris_b_state_dict.tsv"
 
 
 def released_shapes() -> dict[str, tuple[int, ...]]:

@@ -17,11 +17,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from dcris.data import build_loader, dali_available, num_samples
+from dcris.data import build_loader, dali_available, num_samples, pack
 from dcris.data.letterbox import forward_affine, inverse_affine, letterbox_geometry, unletterbox
+from dcris.data.synth import make_synthetic_release
 from dcris.tokenizer import TextTooLongError, tokenize
-from shards import pack
-from shards.synth import make_synthetic_release
 
 LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI"))]
 SIZE = 112  # a small canvas keeps the tests fast; the geometry does not depend on it

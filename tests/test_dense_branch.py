@@ -22,10 +22,10 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.dense_branch_ref import DenseBranch
+from dcris.kernels.dense_branch_ref import DenseBranch
 
 triton = pytest.importorskip("triton")
-dense_branch = importlib.import_module("kernels.dense_branch")
+dense_branch = importlib.import_module("dcris.kernels.dense_branch")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

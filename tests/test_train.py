@@ -17,7 +17,7 @@ from dcris.config import ConfigError, load_config, preset
 from dcris.export import load_exported, save_export
 from dcris.model import build_model
 from dcris.train_setup import batch_layout, deepspeed_config
-from launch.train import main as train_main
+from dcris.trainer import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
@@ -26,7 +26,7 @@ ZERO2 = str(REPO / "ds_configs" / "zero2.json")
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic release packed into shards (about 40 train objects)."""
-    from shards import pack, synth
+    from dcris.data import pack, synth
 
     root = tmp_path_factory.mktemp("synthetic")
     synth.make_synthetic_release(root / "release", images=24, seed=0)

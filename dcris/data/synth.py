@@ -1,0 +1,175 @@
+"""A small synthetic REFER release: coloured shapes and referring expressions that resolve them.
+
+Writes REFER's own layout, so the real packer reads it unchanged::
+
+    DIR/synthetic/instances.json   COCO-style images, annotations (polygons), categories
+    DIR/synthetic/refs(unc).p      pickled list of refs with train/val/testA/testB splits
+    DIR/images/*.jpg               images of varied, non-square sizes
+
+Each image holds 2-4 circles, squares and triangles. Colours and sizes repeat on purpose, so an expression
+needs colour, shape, size and position ("the small red circle on the left") to name one object. Everything
+is drawn from one seeded generator: the same seed gives the same files.
+
+Usage: ``python shards/synth.py --out DIR [--images N] [--seed S]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 40)}
+SHAPES = ("circle", "square", "triangle")  # category ids 1, 2, 3
+SIZES = {"small": (0.10, 0.14), "big": (0.20, 0.26)}  # half-extent as a fraction of the shorter side
+SPLITS = (("train", 0.7), ("val", 0.1), ("testA", 0.1), ("testB", 0.1))
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[float]:
+    """Flat COCO polygon [x0, y0, x1, y1, ...] of a shape centred at (cx, cy) with half-extent r."""
+    if shape == "circle":
+        angles = [2 * math.pi * k / 24 for k in range(24)]
+        points = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
+    elif shape == "square":
+        points = [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    else:
+        points = [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    return [round(v, 2) for point in points for v in point]
+
+
+def _place_objects(rng: random.Random, height: int, width: int) -> list[dict]:
+    """2-4 non-overlapping objects with random colour, shape and size (repeats allowed)."""
+    objects: list[dict] = []
+    wanted = rng.randint(2, 4)
+    for _ in range(200):  # rejection sampling; small canvases may fit fewer objects
+        if len(objects) == wanted:
+            break
+        size = rng.choice(list(SIZES))
+        r = rng.uniform(*SIZES[size]) * min(height, width)
+        cx, cy = rng.uniform(r + 2, width - r - 2), rng.uniform(r + 2, height - r - 2)
+        if all(math.hypot(cx - o["cx"], cy - o["cy"]) > r + o["r"] + 4 for o in objects):
+            objects.append(
+                dict(colour=rng.choice(list(COLOURS)), shape=rng.choice(SHAPES), size=size, cx=cx, cy=cy, r=r)
+            )
+    return objects
+
+
+def _expressions(target: dict, objects: list[dict]) -> list[str]:
+    """Every expression of the target, from short to long, that matches it and no other object."""
+    found = []
+    for attrs in (("shape",), ("colour", "shape"), ("size", "shape"), ("size", "colour", "shape")):
+        same = [o for o in objects if all(o[a] == target[a] for a in attrs)]
+        words = " ".join(target[a] for a in attrs)
+        if len(same) == 1:
+            found.append(f"the {words}")
+        elif len(same) == 2:
+            # Position resolves a pair: the one further left / right of the two.
+            other = same[0] if same[1] is target else same[1]
+            side = "left" if target["cx"] < other["cx"] else "right"
+            found.append(f"the {words} on the {side}")
+    return found
+
+
+def _render(objects: list[dict], height: int, width: int, rng: random.Random) -> Image.Image:
+    """Draw the objects on a soft random-gradient background."""
+    base = np.array([rng.randint(150, 250) for _ in range(3)], dtype=np.float32)
+    ramp = np.linspace(-25, 25, width, dtype=np.float32)[None, :, None]  # (1, W, 1)
+    pixels = np.clip(base + ramp + np.zeros((height, 1, 1), dtype=np.float32), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        flat = _polygon(o["shape"], o["cx"], o["cy"], o["r"])
+        draw.polygon(list(zip(flat[::2], flat[1::2], strict=True)), fill=COLOURS[o["colour"]])
+    return image
+
+
+def make_synthetic_release(out_dir: str | Path, images: int = 200, seed: int = 0) -> Path:
+    """Write the synthetic release (layout in the module docstring).
+
+    Args:
+        out_dir: Root directory; ``synthetic/`` and ``images/`` are created in it.
+        images: Number of images.
+        seed: Seed of every random choice.
+
+    Returns:
+        The release root ``out_dir``.
+    """
+    from pycocotools import mask as mask_utils  # imported here: only the generator needs it
+
+    root = Path(out_dir)
+    (root / "synthetic").mkdir(parents=True, exist_ok=True)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    coco_images, annotations, refs = [], [], []
+    sent_id = 0
+    for image_id in range(1, images + 1):
+        height, width = rng.randint(160, 320), rng.randint(160, 320)
+        objects = _place_objects(rng, height, width)
+        file_name = f"synthetic_{image_id:06d}.jpg"
+        _render(objects, height, width, rng).save(root / "images" / file_name, quality=92)
+        coco_images.append(dict(id=image_id, file_name=file_name, height=height, width=width))
+        # Whole images go to one split, as in REFER's unc split.
+        split = rng.choices([s for s, _ in SPLITS], weights=[w for _, w in SPLITS])[0]
+        for o in objects:
+            ann_id = len(annotations) + 1
+            polygon = _polygon(o["shape"], o["cx"], o["cy"], o["r"])
+            rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
+            annotations.append(
+                dict(
+                    id=ann_id,
+                    image_id=image_id,
+                    category_id=SHAPES.index(o["shape"]) + 1,
+                    segmentation=[polygon],
+                    bbox=[round(float(v), 2) for v in mask_utils.toBbox(rle)],
+                    area=float(mask_utils.area(rle)),
+                    iscrowd=0,
+                )
+            )
+            candidates = _expressions(o, objects)
+            if not candidates:
+                continue  # no expression names it alone: an annotation without a ref, as in REFER
+            chosen = rng.sample(candidates, k=min(len(candidates), rng.randint(1, 3)))
+            sentences = []
+            for text in chosen:
+                sentences.append(dict(sent=text, raw=text.capitalize() + ".", tokens=text.split(), sent_id=sent_id))
+                sent_id += 1
+            refs.append(
+                dict(
+                    ref_id=len(refs),
+                    ann_id=ann_id,
+                    image_id=image_id,
+                    split=split,
+                    category_id=SHAPES.index(o["shape"]) + 1,
+                    file_name=f"synthetic_{image_id:06d}_{ann_id}.jpg",
+                    sentences=sentences,
+                    sent_ids=[s["sent_id"] for s in sentences],
+                )
+            )
+    categories = [dict(id=k + 1, name=name, supercategory="shape") for k, name in enumerate(SHAPES)]
+    instances = dict(images=coco_images, annotations=annotations, categories=categories)
+    (root / "synthetic" / "instances.json").write_text(json.dumps(instances))
+    with open(root / "synthetic" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="release root to write")
+    parser.add_argument("--images", type=int, default=200, help="number of images")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error("--images must be at least 1")
+    root = make_synthetic_release(args.out, args.images, args.seed)
+    refs = pickle.loads((root / "synthetic" / "refs(unc).p").read_bytes())
+    print(f"wrote {args.images} images and {len(refs)} refs to {root}")
+    return 0
+
