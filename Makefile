@@ -1,9 +1,13 @@
-# `make test` and `make demo` each set up their own environment on a fresh machine, then run.
+# `make test`, `make test-browser` and `make demo` each set up their own environment on a fresh machine, then run.
+# VENV=PATH uses an environment that already has the project's packages as it is (nothing is installed into it
+# but what test-browser lacks); run from a checkout, with PYTHONPATH=$PWD when that environment holds another one.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+SETUP := $(if $(filter .venv,$(VENV)),$(VENV)/.installed)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo lint
+.PHONY: test test-browser demo app lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,11 +16,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-test: $(VENV)/.installed
+test: $(SETUP)
 	$(PY) -m pytest -q
 
-demo: $(VENV)/.installed
+# The web page in headless Chromium: Debian's chromium and chromedriver (no browser download), Gradio and selenium.
+test-browser: $(SETUP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+	$(PY) -c "import gradio, selenium" 2>/dev/null || $(PY) -m pip install -q -e ".[test,app,browser]"
+	$(PY) -m pytest -q -m browser
+
+demo: $(SETUP)
 	$(VENV)/bin/dcris demo --out runs/demo
 
-lint: $(VENV)/.installed
+# The web page over the demo's model: run `make demo` first, then open http://127.0.0.1:7860
+app: $(SETUP)
+	$(PY) -c "import gradio" 2>/dev/null || $(PY) -m pip install -q -e ".[app]"
+	$(VENV)/bin/dcris app --weights runs/demo/run/export
+
+lint: $(SETUP)
 	$(VENV)/bin/ruff check .

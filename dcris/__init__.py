@@ -1,7 +1,26 @@
 """DCRIS: parameter-efficient referring image segmentation with DenseCrossAdapters on frozen DINOv2 and CLIP.
 
-Build a model from a config (``dcris.config.preset``, ``dcris.model.build_model``); the ``dcris`` command line
-(``dcris.cli``) counts parameters, converts released checkpoints, trains, evaluates, predicts and runs the demo.
+``dcris.Segmenter`` segments what a phrase names in an image (``Segmenter.from_pretrained(path_or_hub_id)``);
+build a model from a config with ``dcris.config.preset`` and ``dcris.model.build_model``; the ``dcris`` command
+line (``dcris.cli``) counts parameters, converts released checkpoints, trains, evaluates, predicts, serves a web
+page and runs the demo. Importing ``dcris`` loads nothing else: ``Segmenter`` is imported when first used.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dcris.segmenter import Segmentation, Segmenter
+
 __version__ = "0.1.0"
+__all__ = ["Segmentation", "Segmenter", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: torch and the model code load on first use of the API, not on ``import dcris``
+    if name in ("Segmenter", "Segmentation"):
+        from dcris import segmenter
+
+        return getattr(segmenter, name)
+    raise AttributeError(f"module 'dcris' has no attribute {name!r}")

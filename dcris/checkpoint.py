@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from dcris.config import Config, from_dict, to_dict
 from dcris.errors import UserError
-from dcris.export import load_exported, save_export
+from dcris.export import WEIGHTS_FILE, load_exported, save_export
 from dcris.model import DCRIS, build_model
 
 LATEST = "latest"
@@ -94,8 +94,9 @@ def load_checkpoint(engine: Any, ckpt_dir: str | Path, rank: int) -> tuple[dict,
     return client_state, torch.load(rng, weights_only=False) if rng.is_file() else None
 
 
-def export_engine(engine: Any, cfg: Config, path: str | Path, rank: int) -> Path | None:
-    """Exports the engine's model (a collective: every rank calls it; rank 0 writes).
+def export_engine(engine: Any, cfg: Config, path: str | Path, rank: int, metrics: dict | None = None) -> Path | None:
+    """Exports the engine's model to the folder ``path`` (a collective: every rank calls it; rank 0 writes), with
+    the last evaluation's ``metrics`` for the model card.
 
     Trainable parameters are taken from DeepSpeed's fp32 master copy, not the bf16/fp16 working copy.
     Works for every ZeRO stage; reading a checkpoint folder back (:func:`load_weights`) needs stage 0-2, whose
@@ -111,7 +112,7 @@ def export_engine(engine: Any, cfg: Config, path: str | Path, rank: int) -> Path
         if param.requires_grad:
             full = safe_get_full_fp32_param(param)  # gathers the ZeRO partitions (a collective)
             state[name] = full if full is not None else param.detach().float()
-    return save_export(state, cfg, path) if rank == 0 else None
+    return save_export(state, cfg, path, metrics) if rank == 0 else None
 
 
 def _load_checkpoint_model(ckpt_dir: Path, device: str | torch.device) -> DCRIS:
@@ -129,10 +130,8 @@ def _load_checkpoint_model(ckpt_dir: Path, device: str | torch.device) -> DCRIS:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DCRIS:
-    """A model from an export (``.safetensors``) or a training checkpoint folder (``RUN/checkpoints``)."""
-    path = Path(path)
-    if path.is_dir():
-        return _load_checkpoint_model(path, device)
-    if not path.is_file():
-        raise UserError(f"weights {str(path)!r} do not exist")
+    """A model from a training checkpoint folder (``RUN/checkpoints``) or an export (a folder, a Hugging Face Hub
+    model id in the local cache, or an earlier single ``.safetensors`` file; see ``dcris.export``)."""
+    if Path(path).is_dir() and not (Path(path) / WEIGHTS_FILE).is_file():
+        return _load_checkpoint_model(Path(path), device)
     return load_exported(path, device)

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dcris.trainer", "train (also: deepspeed launch/train.py ...)"),
     "eval": ("dcris.evaluate", "evaluate mIoU / oIoU / Pr@ on packed splits"),
     "predict": ("dcris.predict", "segment images from text with exported weights"),
+    "app": ("dcris.app", "a web page to try a model: image + phrases -> masks (needs the app extra)"),
     "demo": ("dcris.demo", "synthetic data -> pack -> train -> evaluate -> pictures, on a CPU in minutes"),
 }
 

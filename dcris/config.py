@@ -121,6 +121,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
     precision: str = "bf16"  # "bf16", "fp16" or "fp32"
     eval_every_steps: int = 0  # evaluate every N optimizer steps as well; 0 = only at epoch ends
+    eval_pictures: int = 8  # pairs of the first eval split drawn to TensorBoard at each evaluation; 0 = none
     log_every_steps: int = 10  # console / TensorBoard interval
     save_every_steps: int = 0  # checkpoint every N steps as well; 0 = only at epoch ends
     keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (older ones deleted); 0 = all

@@ -2,8 +2,8 @@
 
 Synthetic REFER release (shards/synth.py) -> webdataset shards (shards/pack.py) -> training of the tiny preset
 with random-init backbones through the real trainer (DeepSpeed, one process; recipe configs/synthetic.yaml)
--> evaluation of the export on val/testA/testB -> predicted masks as pictures. Text-blind baselines are scored
-on the same samples, so the numbers show whether the model reads the phrase:
+-> evaluation of the export on val/testA/testB -> a contact sheet of val pairs from the best to the worst.
+Text-blind baselines are scored on the same samples, so the numbers show whether the model reads the phrase:
 
 - ``whole_image``: every pixel is the object.
 - ``centre_disc``: a disc at the centre, radius a quarter of the shorter side.
@@ -17,22 +17,17 @@ import contextlib
 import io
 import json
 import pickle
-import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from dcris.model import DCRIS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "synthetic.yaml"
 DEEPSPEED = REPO / "ds_configs" / "single.json"
 SPLITS = ["val", "testA", "testB"]
 NUM_IMAGES = 1000  # synthetic images (about 70% train)
-NUM_PICTURES = 16  # val predictions drawn
+NUM_PICTURES = 12  # val pairs drawn, from the best IoU to the worst
 
 
 def _baseline_masks(release: Path) -> dict[int, dict[str, np.ndarray]]:
@@ -76,23 +71,6 @@ def score_baselines(shards: Path, release: Path, splits: list[str]) -> dict[str,
     return results
 
 
-def draw_predictions(model: DCRIS, release: Path, out: Path, count: int) -> list[Path]:
-    """Overlays of the model's masks for the first ``count`` val (object, sentence) pairs."""
-    from dcris.predict import predict_mask, read_image, write_prediction
-
-    coco = json.loads((release / "synthetic" / "instances.json").read_text())
-    files = {im["id"]: im["file_name"] for im in coco["images"]}
-    refs = pickle.loads((release / "synthetic" / "refs(unc).p").read_bytes())
-    written = []
-    pairs = [(r, s["sent"]) for r in refs if r["split"] == "val" for s in r["sentences"]][:count]
-    for k, (ref, text) in enumerate(pairs):
-        image = read_image(release / "images" / files[ref["image_id"]])
-        path = out / f"{k:02d}_{re.sub(r'[^a-z]+', '_', text.lower()).strip('_')}.png"
-        write_prediction(image, predict_mask(model, image, text), path)
-        written.append(path)
-    return written
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dcris demo``."""
     parser = argparse.ArgumentParser(prog="dcris demo", description=__doc__.split("\n")[0])
@@ -106,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from dcris.evaluate import evaluate
     from dcris.export import load_exported
     from dcris.metrics import format_table
+    from dcris.pictures import IoURecorder, contact_sheets
     from dcris.train_setup import read_deepspeed_json
     from dcris.trainer import train
 
@@ -125,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     model = load_exported(summary["export"])
-    results = evaluate(model, str(shards), SPLITS, image_size=cfg.model.image_size, batch_size=32, loader="torch")
+    recorder = IoURecorder()
+    results = evaluate(
+        model, str(shards), SPLITS, image_size=cfg.model.image_size, batch_size=32, loader="torch", on_batch=recorder
+    )
     baselines = score_baselines(shards, release, SPLITS)
-    pictures = draw_predictions(model, release, out / "predictions", NUM_PICTURES)
+    sheet = out / "contact_sheet_val.png"
+    contact_sheets(model, recorder, shards, ["val"], NUM_PICTURES)["val"].save(sheet)
     times["eval_s"] = time.time() - t0
     times["total_s"] = time.time() - start
 
@@ -138,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntext-blind baseline {name}:\n{format_table({s: baselines[s][name] for s in SPLITS})}")
     print(
         f"\ndata {out / 'shards'}\nrun {run} (checkpoints, tensorboard, logs)\nexport {summary['export']}\n"
-        f"pictures {out / 'predictions'} ({len(pictures)} overlays + masks)\nmetrics {out / 'metrics.json'}\n"
+        f"pictures {sheet} ({NUM_PICTURES} val pairs, best to worst)\nmetrics {out / 'metrics.json'}\n"
         f"took {times['total_s']:.0f} s (data {times['data_s']:.0f}, training {times['train_s']:.0f}, "
         f"evaluation and pictures {times['eval_s']:.0f})"
     )

@@ -1,7 +1,8 @@
 """Evaluation over packed splits (SPEC 5), sharded over ranks and reduced exactly; ``dcris eval``.
 
-python launch/eval.py --weights RUN/dcris.safetensors --shards data/shards/refcoco --splits val,testA,testB
+python launch/eval.py --weights RUN/export --shards data/shards/refcoco --splits val,testA,testB
 python launch/eval.py --weights RUN/checkpoints --shards data/shards/refcoco --splits val --out metrics.json
+python launch/eval.py --weights RUN/export --shards data/shards/refcoco --pictures 16   (contact_sheet_val.png)
 torchrun --nproc_per_node 8 launch/eval.py ...      (samples sharded over ranks, sums reduced exactly)
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,10 +47,12 @@ def evaluate(
     loader: str = "auto",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[str, dict[str, Any], list[float]], None] | None = None,
 ) -> dict[str, dict[str, float | int]]:
     """mIoU, oIoU and Pr@ per split (every (object, sentence) once over all ranks).
 
-    Every rank must call this (the sums are all-reduced); a tqdm bar shows progress on rank 0.
+    Every rank must call this (the sums are all-reduced); a tqdm bar shows progress on rank 0. ``on_batch``, when
+    given, sees every batch with its per-sample IoUs (``dcris.pictures.IoURecorder`` keeps them for pictures).
 
     Returns:
         ``{split: IoUAccumulator.result()}``.
@@ -65,7 +70,9 @@ def evaluate(
         for batch in tqdm(data, desc=f"eval {split}", disable=rank != 0, leave=False, dynamic_ncols=True):
             logits = model(batch["image"].to(device, dtype), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
             sizes = [tuple(s) for s in batch["orig_size"].tolist()]
-            acc.add_logits(logits, batch["orig_mask"], sizes, image_size)
+            ious = acc.add_logits(logits, batch["orig_mask"], sizes, image_size)
+            if on_batch is not None:
+                on_batch(split, batch, ious)
         acc.all_reduce()
         if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
             raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")
@@ -76,10 +83,15 @@ def evaluate(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dcris eval", description="Evaluate DCRIS on packed splits.")
-    parser.add_argument("--weights", required=True, help="export (.safetensors) or checkpoint folder (RUN/checkpoints)")
+    parser.add_argument("--weights", required=True, help="export folder, Hub id, or RUN/checkpoints")
     parser.add_argument("--shards", required=True, help="folder written by shards/pack.py (holds manifest.json)")
     parser.add_argument("--splits", default="val", help="comma-separated splits (default: val)")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument(
+        "--pictures", type=int, default=0, metavar="N",
+        help="also draw N pairs of each split, from the best to the worst IoU, as one contact sheet PNG per split",
+    )  # fmt: skip
+    parser.add_argument("--pictures-dir", help="where the contact sheets go (default: beside --out, else .)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass on each rank")
     parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
     parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"), help="data loader")
@@ -100,16 +112,25 @@ def main(argv: list[str] | None = None) -> int:
 
         rank, _, world = init_distributed()
     model = load_weights(args.weights, device)
+    from dcris.pictures import IoURecorder, contact_sheets
+
+    recorder = IoURecorder() if args.pictures > 0 else None
     results = evaluate(
         model, args.shards, splits, image_size=model.cfg.image_size, batch_size=args.batch_size, rank=rank,
-        world_size=world, workers=args.workers, loader=args.loader, device=device,
+        world_size=world, workers=args.workers, loader=args.loader, device=device, on_batch=recorder,
     )  # fmt: skip
+    sheets = contact_sheets(model, recorder, args.shards, splits, args.pictures, rank) if recorder else {}
     if rank == 0:
         print(format_table(results))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2))
             print(f"wrote {args.out}")
+        folder = Path(args.pictures_dir or (Path(args.out).parent if args.out else "."))
+        for split, sheet in sheets.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            sheet.save(folder / f"contact_sheet_{split}.png")
+            print(f"wrote {folder / f'contact_sheet_{split}.png'}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

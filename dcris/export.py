@@ -1,25 +1,94 @@
-"""Deployable weights: the adapters and the head as safetensors, with the config that rebuilds the model.
+"""Deployable weights in the Hugging Face Hub layout: one folder (or Hub model repository) holding
+
+    config.json        {"format": "dcris-export/2", "config": the resolved Config, "metrics": per-split results}
+    model.safetensors  the adapters and the head in float32, plus every backbone that has no weights name
+    README.md          the model card: preset, backbones, training data, metrics, parameter counts, how to load
 
 Rule for the frozen backbones: a backbone whose weights are named in the config (``model.vision.weights``,
 ``model.text.weights``) is reloaded from that name and is not in the file; a backbone without a name was
 randomly initialised (tiny presets, tests, the demo), so its frozen weights are stored in the file too and the
 export reloads to identical predictions either way.
+
+:class:`ExportedWeights` is huggingface_hub's ``ModelHubMixin`` over (config, tensors, metrics): its
+``save_pretrained`` writes the folder and the card, ``from_pretrained`` reads a local folder or a Hub id (from
+the local Hugging Face cache; fetching only when downloads are allowed, and never under ``HF_HUB_OFFLINE=1``),
+``push_to_hub`` uploads. A single ``.safetensors`` file written by earlier versions (``dcris-export/1``, the
+config in its metadata) still loads.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from dcris.config import Config, from_dict, to_dict
+from dcris.config import Config, apply_override, from_dict, to_dict, validate
 from dcris.errors import UserError
+from dcris.metrics import PREC_THRESHOLDS
 from dcris.model import DCRIS, build_model, is_trainable_key
 
-FORMAT = "dcris-export/1"
+FORMAT = "dcris-export/2"
+FILE_FORMAT = "dcris-export/1"  # a single .safetensors file with the config in its metadata (earlier versions)
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
+
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+Parameter-efficient referring image segmentation (DCRIS, WANT@ICML 2024): small adapters and a decoder head
+on a frozen DINOv2 vision transformer and a frozen CLIP text encoder. Give an image and a phrase ("the man on
+the left"), get the mask of the one object the phrase names.
+
+| | |
+|---|---|
+| preset | `{{ preset }}` |
+| vision backbone | {{ vision }} |
+| text backbone | {{ text }} |
+| adapters | {{ adapters }} |
+| input | {{ image_size }} x {{ image_size }} letterbox, phrases of at most {{ context_length }} CLIP tokens |
+| trainable parameters | {{ trainable }} (adapters {{ adapter_params }}, head {{ head_params }}) |
+| frozen backbone parameters | {{ frozen }} (adapters = {{ adapter_percent }}% of it) |
+| training data | {{ training_data }} |
+
+This repository holds the adapters and the head{% if stored_backbones %} and the randomly initialised
+{{ stored_backbones }} backbone weights{% endif %} (`model.safetensors`) and the resolved configuration
+(`config.json`); named backbones are loaded from their own weights.
+
+## Metrics
+{% if metrics %}
+Evaluated at the original image resolution (sigmoid, bicubic upsampling, inverse letterbox, threshold 0.35), in
+percent:
+
+{% for row in metrics %}| {{ row | join(" | ") }} |
+{% endfor %}{% else %}
+Not recorded with these weights.
+{% endif %}
+## Use
+
+With the `dcris` package installed (`pip install -e ".[app]"` in its repository):
+
+```bash
+dcris predict --weights {{ repo_id }} --image photo.jpg --text "the man on the left" --out mask.png
+dcris app --weights {{ repo_id }}                 # a web page: upload an image, type phrases, see the masks
+```
+
+```python
+from dcris import Segmenter
+
+seg = Segmenter.from_pretrained("{{ repo_id }}", allow_download=True)  # fetched once, then from the cache
+result = seg("photo.jpg", "the man on the left")
+result.mask, result.probability, result.score, result.seconds
+```
+"""
 
 
 def exported_keys(cfg: Config, state_keys: list[str]) -> list[str]:
@@ -34,64 +103,277 @@ def exported_keys(cfg: Config, state_keys: list[str]) -> list[str]:
     ]
 
 
-def save_export(state: dict[str, torch.Tensor], cfg: Config, path: str | Path) -> Path:
-    """Writes the exported tensors of a full model state dict (float tensors as float32) and the metadata.
+def _metric_rows(results: dict[str, dict]) -> list[list[str]]:
+    """A Markdown table of per-split results (percentages): header, rule, one row per split."""
+    precisions = [f"prec@{t}" for t in PREC_THRESHOLDS]
+    rows = [["split", "mIoU", "oIoU", *(f"Pr@{t}" for t in PREC_THRESHOLDS), "pairs"], ["---"] * (4 + len(precisions))]
+    for split, r in results.items():
+        rows.append([split, *(f"{100 * r[k]:.2f}" for k in ("miou", "oiou", *precisions)), str(r["count"])])
+    return rows
+
+
+class ExportedWeights(
+    ModelHubMixin,
+    library_name="dcris",
+    pipeline_tag="image-segmentation",
+    tags=["referring-image-segmentation", "dcris"],
+    model_card_template=MODEL_CARD,
+):
+    """The deployable part of a model: its config, the exported tensors and, when known, its metrics.
+
+    Args:
+        cfg: The resolved config the model is rebuilt from.
+        tensors: The exported state-dict entries (:func:`exported_keys`).
+        results: Per-split evaluation results (``IoUAccumulator.result()``), or None.
+    """
+
+    def __init__(self, cfg: Config, tensors: dict[str, torch.Tensor], results: dict[str, dict] | None = None) -> None:
+        self.cfg, self.tensors, self.results = cfg, tensors, results
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], cfg: Config, results: dict[str, dict] | None = None
+    ) -> ExportedWeights:
+        """The exported tensors of a full model state dict, float tensors as float32, on the CPU."""
+        tensors = {
+            k: (state[k].float() if state[k].is_floating_point() else state[k]).detach().cpu().contiguous()
+            for k in exported_keys(cfg, list(state))
+        }
+        return cls(cfg, tensors, results)
+
+    # ------------------------------------------------------------------------------------- writing
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_file(self.tensors, str(save_directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        payload = {"format": FORMAT, "config": to_dict(self.cfg), "metrics": self.results}
+        (save_directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The model card (README.md): the mixin's card data and template, filled from the config."""
+        from dcris.params import parameter_report  # builds the architecture on the meta device
+
+        m = self.cfg.model
+        counts = parameter_report(self.cfg)
+        data = ModelCardData(**self._hub_mixin_info.model_card_data.to_dict())
+        if m.vision.weights and not Path(m.vision.weights).exists():  # a Hub id, not a local folder
+            data.base_model = m.vision.weights
+        vision = f"`{m.vision.weights}`"
+        text = f"open_clip `{m.text.model_name}` text tower, weights `{m.text.weights}`"
+        if not m.vision.weights:
+            vision = f"DINOv2 shape, {m.vision.depth} blocks of width {m.vision.width} (random init, stored here)"
+        if not m.text.weights:
+            text = f"CLIP text shape, {m.text.layers} blocks of width {m.text.width} (random init, stored here)"
+        stored = [name for name, weights in (("vision", m.vision.weights), ("text", m.text.weights)) if not weights]
+        fields = dict(
+            title=f"DCRIS ({self.cfg.preset})",
+            preset=self.cfg.preset,
+            vision=vision,
+            text=text,
+            stored_backbones=" and ".join(stored),
+            adapters=f"DenseCrossAdapters in vision blocks {m.adapters.vision_layers}, Text Adapters "
+            f"({m.adapters.text_form} form) in text blocks {m.adapters.text_layers}",
+            image_size=m.image_size,
+            context_length=m.text.context_length,
+            trainable=f"{counts['trainable_params']:,}",
+            adapter_params=f"{counts['adapter_params']:,}",
+            head_params=f"{counts['head_params']:,}",
+            frozen=f"{counts['frozen_params']:,}",
+            adapter_percent=f"{counts['adapter_percent']:.2f}",
+            training_data=self._training_data(),
+            metrics=_metric_rows(self.results) if self.results else [],
+            repo_id="PATH_OR_HUB_ID",
+        )
+        fields.update(kwargs)
+        return ModelCard.from_template(data, template_str=self._hub_mixin_info.model_card_template, **fields)
+
+    def _training_data(self) -> str:
+        d = self.cfg.data
+        if not d.shards:
+            return "not recorded in the config"
+        manifest = Path(d.shards) / "manifest.json"
+        if not manifest.is_file():
+            return f"split `{d.train_split}` of `{d.shards}`"
+        info = json.loads(manifest.read_text())
+        split = info.get("splits", {}).get(d.train_split, {})
+        return (
+            f"{info.get('dataset', Path(d.shards).name)}, split `{d.train_split}` "
+            f"({split.get('objects', '?')} objects, {split.get('sentences', '?')} expressions)"
+        )
+
+    # ------------------------------------------------------------------------------------- reading
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        config: dict[str, Any] | None = None,
+    ) -> ExportedWeights:
+        if not config or config.get("format") != FORMAT:
+            raise UserError(f"{model_id!r} is not a dcris export (its {CONFIG_FILE} lacks format {FORMAT!r})")
+        if Path(model_id).is_dir():
+            weights = str(Path(model_id) / WEIGHTS_FILE)
+        else:
+            weights = hf_hub_download(
+                model_id, WEIGHTS_FILE, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                local_files_only=local_files_only, token=token,
+            )  # fmt: skip
+        return cls(from_dict(config["config"]), _read_tensors(weights), config.get("metrics"))
+
+    @classmethod
+    def load(cls, path_or_id: str | Path, allow_download: bool = False) -> ExportedWeights:
+        """Reads an export: a local folder, an earlier single ``.safetensors`` file, or a Hub model id.
+
+        Args:
+            path_or_id: Where the export is.
+            allow_download: Fetch a Hub id that is not in the local cache (``HF_HUB_OFFLINE=1`` still forbids it).
+
+        Raises:
+            UserError: nothing readable is there; the message says what was looked for.
+        """
+        where = str(path_or_id)
+        if Path(where).is_file():
+            return cls._from_file(where)
+        try:
+            return cls.from_pretrained(where, local_files_only=not allow_download)
+        except HFValidationError:
+            raise UserError(f"weights {where!r} do not exist (neither a local path nor a Hub id)") from None
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+            how = "pass model.allow_download=true to fetch it" if not allow_download else "HF_HUB_OFFLINE is set"
+            raise UserError(
+                f"weights {where!r} are neither a local folder nor in the local Hugging Face cache ({how})"
+            ) from None
+        except OSError as exc:  # the Hub's HTTP errors, unreadable files
+            raise UserError(f"cannot read weights {where!r}: {exc}") from None
+
+    @classmethod
+    def _from_file(cls, path: str) -> ExportedWeights:
+        return cls(read_export_config(path), _read_tensors(path))
+
+    def configure(self, overrides: list[str] | None) -> None:
+        """Applies a loader's ``section.key=value`` overrides to the recorded config.
+
+        Downloads are the loader's choice alone: the recorded ``model.allow_download`` is reset, so only an
+        override ``model.allow_download=true`` lets named backbones be fetched.
+        """
+        self.cfg.model.allow_download = False
+        for override in overrides or []:
+            apply_override(self.cfg, override)
+        validate(self.cfg)
+
+    def to_model(self, device: str | torch.device = "cpu") -> DCRIS:
+        """Rebuilds the model: config, named backbones from their weights, the rest from the tensors (strictly:
+        every expected tensor present, nothing else).
+
+        Returns:
+            The model in eval mode on ``device``.
+        """
+        model = build_model(self.cfg.model, pretrained=True)
+        expected = set(exported_keys(self.cfg, list(model.state_dict())))
+        missing, unexpected = sorted(expected - set(self.tensors)), sorted(set(self.tensors) - expected)
+        if missing or unexpected:
+            raise UserError(
+                f"exported weights of {self.cfg.preset} do not match their config: "
+                f"{len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+            )
+        model.load_state_dict(self.tensors, strict=False)  # strict over ``expected``, checked above
+        return model.to(device).eval()
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"cannot read exported weights {path!r}: {exc}") from None
+
+
+def _replace_folder(tmp: Path, path: Path) -> None:
+    """Moves the finished folder ``tmp`` to ``path``, replacing an earlier export there (and nothing else)."""
+    if path.exists():
+        ours = {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}
+        if not path.is_dir() or not {p.name for p in path.iterdir()} <= ours:
+            raise UserError(f"{str(path)!r} exists and is not a dcris export folder: not overwriting it")
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+
+
+def save_export(
+    state: dict[str, torch.Tensor], cfg: Config, path: str | Path, metrics: dict[str, dict] | None = None
+) -> Path:
+    """Writes the export folder (module docstring) of a full model state dict.
 
     Args:
         state: The model's full state dict (the trainable tensors at full precision).
         cfg: The run's resolved config.
-        path: Output ``.safetensors`` file.
+        path: Output folder (created; an earlier export there is replaced).
+        metrics: Per-split evaluation results for the config and the model card, when known.
 
     Returns:
-        The written path.
+        The written folder.
     """
     path = Path(path)
+    if path.suffix == ".safetensors":
+        raise UserError(
+            f"exports are folders ({CONFIG_FILE}, {WEIGHTS_FILE}, {CARD_FILE}): name one without .safetensors, "
+            f"e.g. {str(path.with_suffix(''))!r}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        k: (state[k].float() if state[k].is_floating_point() else state[k]).detach().cpu().contiguous()
-        for k in exported_keys(cfg, list(state))
-    }
-    metadata = {
-        "format": FORMAT,
-        "preset": cfg.preset,
-        "config": json.dumps(to_dict(cfg)),
-        "vision_weights": cfg.model.vision.weights,
-        "text_weights": cfg.model.text.weights,
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)  # a reader never sees a half-written export
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ExportedWeights.from_state(state, cfg, metrics).save_pretrained(tmp)
+    _replace_folder(tmp, path)  # a reader never sees a half-written export
     return path
 
 
 def read_export_config(path: str | Path) -> Config:
-    """The resolved Config recorded in an export."""
+    """The resolved Config recorded in an export folder or in an earlier single-file export."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / CONFIG_FILE
+        payload = json.loads(config.read_text()) if config.is_file() else {}
+        if payload.get("format") != FORMAT:
+            raise UserError(f"{str(path)!r} is not a dcris export folder (no {CONFIG_FILE} of format {FORMAT!r})")
+        return from_dict(payload["config"])
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (OSError, SafetensorError) as exc:
         raise UserError(f"cannot read exported weights {str(path)!r}: {exc}") from None
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"{str(path)!r} is not a dcris export (no {FORMAT!r} metadata)")
+    if metadata.get("format") != FILE_FORMAT:
+        raise UserError(f"{str(path)!r} is not a dcris export (no {FILE_FORMAT!r} metadata)")
     return from_dict(json.loads(metadata["config"]))
 
 
-def load_exported(path: str | Path, device: str | torch.device = "cpu") -> DCRIS:
-    """Rebuilds the model of an export: config from the metadata, named backbones from their weights, the
-    rest from the file (strictly: every expected tensor present, nothing else).
+def download_allowed(overrides: list[str] | None) -> bool:
+    """Whether the overrides hold ``model.allow_download=true``, the one switch that permits downloads."""
+    scratch = Config()
+    for override in overrides or []:
+        apply_override(scratch, override)
+    return scratch.model.allow_download
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> DCRIS:
+    """Rebuilds the model of an export (see :meth:`ExportedWeights.load` for what ``path`` may be).
+
+    Args:
+        path: Export folder, earlier single-file export, or Hub model id.
+        device: Where the model goes.
+        overrides: ``section.key=value`` changes to the recorded config before the model is built;
+            ``model.allow_download=true`` also lets a Hub id missing from the local cache be fetched.
 
     Returns:
         The model in eval mode on ``device``.
     """
-    cfg = read_export_config(path)
-    model = build_model(cfg.model, pretrained=True)
-    state = load_file(str(path))
-    expected = set(exported_keys(cfg, list(model.state_dict())))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise UserError(
-            f"exported weights {str(path)!r} do not match their config: "
-            f"{len(missing)} missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})"
-        )
-    model.load_state_dict(state, strict=False)  # strict over ``expected``, checked above
-    return model.to(device).eval()
+    weights = ExportedWeights.load(path, download_allowed(overrides))
+    weights.configure(overrides)
+    return weights.to_model(device)

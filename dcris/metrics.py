@@ -26,6 +26,25 @@ PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # Pr@t counts IoU > t
 IOU_SCALE = 2**40  # fixed-point unit of the IoU sum: int64 holds 8 million samples exactly
 
 
+def probabilities_from_logits(
+    logits: torch.Tensor, sizes: list[tuple[int, int]], image_size: int
+) -> list[torch.Tensor]:
+    """Probability maps at the original resolution from model logits (SPEC 5 up to the threshold).
+
+    Args:
+        logits: (B, 1, 4 * S/14, 4 * S/14) mask logits of letterboxed S x S inputs (128 x 128 for 448).
+        sizes: Original ``(height, width)`` of each image.
+        image_size: The letterbox canvas S the logits were predicted from.
+
+    Returns:
+        B float32 tensors (h, w) on the logits' device (bicubic may overshoot [0, 1] slightly).
+    """
+    # bicubic with align_corners=True, as the released code upsamples before its inverse warp
+    size = (image_size, image_size)
+    prob = F.interpolate(torch.sigmoid(logits.float()), size=size, mode="bicubic", align_corners=True)
+    return [unletterbox(prob[i, 0], h, w) for i, (h, w) in enumerate(sizes)]
+
+
 def masks_from_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], image_size: int) -> list[torch.Tensor]:
     """Binary masks at the original resolution from model logits (the inference path of SPEC 5).
 
@@ -35,12 +54,9 @@ def masks_from_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], image_
         image_size: The letterbox canvas S the logits were predicted from.
 
     Returns:
-        B bool tensors (h, w) on the logits' device.
+        B bool tensors (h, w) on the logits' device: :func:`probabilities_from_logits` above ``MASK_THRESHOLD``.
     """
-    # bicubic with align_corners=True, as the released code upsamples before its inverse warp
-    size = (image_size, image_size)
-    prob = F.interpolate(torch.sigmoid(logits.float()), size=size, mode="bicubic", align_corners=True)
-    return [unletterbox(prob[i, 0], h, w) > MASK_THRESHOLD for i, (h, w) in enumerate(sizes)]
+    return [prob > MASK_THRESHOLD for prob in probabilities_from_logits(logits, sizes, image_size)]
 
 
 @dataclass
@@ -72,10 +88,13 @@ class IoUAccumulator:
 
     def add_logits(
         self, logits: torch.Tensor, masks: list[np.ndarray], sizes: list[tuple[int, int]], image_size: int
-    ) -> None:
-        """Adds a batch: logits of S x S inputs (see :func:`masks_from_logits`), original masks and sizes."""
-        for pred, mask in zip(masks_from_logits(logits, sizes, image_size), masks, strict=True):
-            self.add(pred, mask)
+    ) -> list[float]:
+        """Adds a batch: logits of S x S inputs (see :func:`masks_from_logits`), original masks and sizes.
+
+        Returns:
+            The IoU of each sample, in batch order.
+        """
+        return [self.add(p, m) for p, m in zip(masks_from_logits(logits, sizes, image_size), masks, strict=True)]
 
     def all_reduce(self) -> None:
         """Sums the statistics over all ranks in place (a no-op without an initialised process group)."""

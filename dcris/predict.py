@@ -1,10 +1,11 @@
-"""``dcris predict``: segment the object a phrase names, with exported weights (the inference path of SPEC 5).
+"""``dcris predict``: segment the object a phrase names, with exported weights (through ``dcris.Segmenter``).
 
-    dcris predict --weights RUN/dcris.safetensors --image cat.jpg --text "the cat on the left" --out cat.png
+    dcris predict --weights RUN/export --image cat.jpg --text "the cat on the left" --out cat.png
     dcris predict --weights W --image a.jpg --text "..." --out a.png --image b.jpg --text "..." --out b.png
     dcris predict --weights W --pairs pairs.tsv          (lines: IMAGE <TAB> TEXT <TAB> OUT)
 
 Each OUT gets the overlay (mask over the image) and, beside it, ``OUT_mask.png``: the raw mask, 0 or 255.
+``--weights`` is an export folder, a Hugging Face Hub model id (from the local cache) or a checkpoint folder.
 """
 
 from __future__ import annotations
@@ -14,52 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from dcris.data.letterbox import letterbox_image, normalize_image
+from dcris.draw import overlay
 from dcris.errors import UserError
-from dcris.metrics import masks_from_logits
-from dcris.model import DCRIS
-from dcris.tokenizer import TextTooLongError, tokenize
-
-OVERLAY_COLOUR = (255, 0, 255)  # mask tint: magenta, unlike any synthetic shape
-OVERLAY_ALPHA = 0.5
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """An RGB image; an unreadable file is a user error naming it."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"cannot read image {str(path)!r}: {exc}") from None
-
-
-@torch.no_grad()
-def predict_mask(model: DCRIS, image: Image.Image, text: str) -> np.ndarray:
-    """The bool mask (h, w) at the image's own resolution for one phrase.
-
-    Raises:
-        UserError: the phrase needs more tokens than the model's context.
-    """
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    try:
-        tokens = tokenize([text], cfg.text.context_length, truncate=False)  # (1, 17)
-    except TextTooLongError as exc:
-        raise UserError(str(exc)) from None
-    canvas = torch.from_numpy(letterbox_image(image, cfg.image_size)).to(device)  # (S, S, 3) uint8
-    pixels = normalize_image(canvas.permute(2, 0, 1))[None]  # (1, 3, S, S)
-    logits = model(pixels, tokens.to(device))  # (1, 1, 4S/14, 4S/14)
-    return masks_from_logits(logits, [(image.height, image.width)], cfg.image_size)[0].cpu().numpy()
-
-
-def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
-    """The image with the mask tinted over it."""
-    pixels = np.asarray(image, dtype=np.float32)  # (h, w, 3)
-    tint = np.array(OVERLAY_COLOUR, dtype=np.float32)
-    pixels[mask] = (1 - OVERLAY_ALPHA) * pixels[mask] + OVERLAY_ALPHA * tint
-    return Image.fromarray(pixels.round().astype(np.uint8))
 
 
 def mask_path(out: str | Path) -> Path:
@@ -72,7 +31,7 @@ def write_prediction(image: Image.Image, mask: np.ndarray, out: str | Path) -> N
     """Writes the overlay to ``out`` and the 0/255 mask to :func:`mask_path`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    overlay(image, mask).save(out)
+    overlay(image, [mask]).save(out)
     Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path(out))
 
 
@@ -99,7 +58,7 @@ def _pairs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dcris predict``."""
     parser = argparse.ArgumentParser(prog="dcris predict", description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", required=True, help="export (.safetensors) or checkpoint folder")
+    parser.add_argument("--weights", required=True, help="export folder, Hub model id, or checkpoint folder")
     parser.add_argument("--image", action="append", help="input image (repeatable)")
     parser.add_argument("--text", action="append", help="referring phrase for the image at the same position")
     parser.add_argument("--out", action="append", help="overlay picture to write (also writes OUT_mask.png)")
@@ -108,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pairs = _pairs(args)
     from dcris.checkpoint import load_weights  # after the arguments are checked: loading takes a while
+    from dcris.segmenter import Segmenter, read_image
 
-    model = load_weights(args.weights, args.device)
+    segmenter = Segmenter(load_weights(args.weights, args.device))
     for image_path, text, out in pairs:
         image = read_image(image_path)
-        mask = predict_mask(model, image, text)
-        write_prediction(image, mask, out)
-        print(f"{out} ({mask.mean():.1%} of the image), mask {mask_path(out)}")
+        result = segmenter(image, text, truncate=False)
+        write_prediction(image, result.mask, out)
+        print(f"{out} ({result.area:.1%} of the image, score {result.score:.2f}), mask {mask_path(out)}")
     return 0

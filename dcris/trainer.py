@@ -5,10 +5,10 @@ milestone epoch and is set per optimizer step from the epoch it belongs to. A ru
 
     config.json           the resolved config
     checkpoints/          resumable DeepSpeed checkpoints (dcris.checkpoint); a rerun resumes from ``latest``
-    tensorboard/          loss, LR, images/s and evaluation metrics
+    tensorboard/          loss, LR, images/s, evaluation metrics and contact sheets (``train.eval_pictures``)
     train_log.jsonl       the logged steps, one JSON object a line
     metrics.jsonl         every evaluation: step, epoch and per-split results
-    dcris.safetensors     the export at the end (dcris.export)
+    export/               the export at the end (dcris.export): config.json, model.safetensors, README.md
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -32,6 +33,7 @@ from dcris.errors import UserError
 from dcris.evaluate import evaluate, split_size
 from dcris.metrics import format_table
 from dcris.model import build_model
+from dcris.pictures import IoURecorder, contact_sheets
 from dcris.train_setup import (
     DEFAULT_DEEPSPEED,
     batch_layout,
@@ -42,7 +44,7 @@ from dcris.train_setup import (
     read_deepspeed_json,
 )
 
-EXPORT_NAME = "dcris.safetensors"
+EXPORT_NAME = "export"
 
 
 class _Logger:
@@ -61,6 +63,11 @@ class _Logger:
         self.monitor.write_events([(key, value, step) for key, value in scalars.items()])
         with open(self.out / file, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def image(self, tag: str, picture: Any, step: int) -> None:
+        writer = getattr(self.monitor.tb_monitor, "summary_writer", None)  # None without TensorBoard
+        if self.active and writer is not None:
+            writer.add_image(tag, np.asarray(picture), step, dataformats="HWC")
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -173,10 +180,15 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
         log.print(f"saved checkpoint {ckpt_dir / tag}")
 
     def run_eval() -> dict:
+        recorder = IoURecorder() if t.eval_pictures > 0 else None
         results = evaluate(
             engine.module, d.shards, d.eval_splits, image_size=cfg.model.image_size, batch_size=micro, rank=rank,
-            world_size=world, workers=d.workers, loader=d.loader, device=device, dtype=dtype,
+            world_size=world, workers=d.workers, loader=d.loader, device=device, dtype=dtype, on_batch=recorder,
         )  # fmt: skip
+        if recorder:  # the first eval split's best to worst pairs, drawn to TensorBoard
+            sheets = contact_sheets(engine.module, recorder, d.shards, d.eval_splits[:1], t.eval_pictures, rank)
+            for split, sheet in sheets.items():
+                log.image(f"eval/{split}/pictures", sheet, step)
         scalars = {f"eval/{split}/{k}": v for split, res in results.items() for k, v in res.items() if k != "count"}
         log.record("metrics.jsonl", step, scalars, dict(step=step, epoch=step / steps_per_epoch, results=results))
         log.print(f"evaluation at step {step}:\n{format_table(results)}")
@@ -232,7 +244,7 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
         epoch_batches.close()  # a max_steps stop mid-epoch: stop the workers now, not at garbage collection
     if evaluated_at != step:
         metrics = run_eval()  # a max_steps run that stopped mid-epoch (or a rerun of a finished one)
-    export = export_engine(engine, cfg, out / EXPORT_NAME, rank)
+    export = export_engine(engine, cfg, out / EXPORT_NAME, rank, metrics)
     if export is not None:
         log.print(f"exported {export}")
     return dict(

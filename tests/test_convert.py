@@ -79,12 +79,12 @@ def test_convert_command_writes_a_dcris_export(released, tmp_path, capsys):
     from dcris.cli import main
     from dcris.export import read_export_config
 
-    path, out = tmp_path / "detris_b.pth", tmp_path / "detris_b.safetensors"
+    path, out = tmp_path / "detris_b.pth", tmp_path / "detris_b"
     torch.save(released, path)
     assert main(["convert-detris", str(path), str(out)]) == 0
     assert "detris-b" in capsys.readouterr().out
     assert read_export_config(out).preset == "detris-b"
-    with safe_open(str(out), framework="pt") as f:
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
         # named backbones are reloaded from their weights: only adapters and head travel (about 25M numbers)
         assert keys and all(k.startswith(("head.", "vision.adapters.", "text.adapters.")) for k in keys)

@@ -66,7 +66,8 @@ def test_training_loss_falls(shards: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert [r["step"] for r in log] == [4, 8, 12, 16]
     assert log[-1]["loss"] < 0.7 * log[0]["loss"]
-    assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "dcris.safetensors").is_file()
+    assert (tmp_path / "run" / "config.json").is_file()
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step00000016"
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))  # DeepSpeed's monitor
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step*")] == ["step00000016"]  # older pruned
@@ -86,8 +87,8 @@ def test_resume_matches_uninterrupted_run(shards: Path, tmp_path: Path) -> None:
         assert r["lr"] == by_step[r["step"]]["lr"]
         assert r["loss"] == pytest.approx(by_step[r["step"]]["loss"], rel=1e-5)
     a, b = (
-        load_file(str(tmp_path / "full" / "dcris.safetensors")),
-        load_file(str(tmp_path / "cut" / "dcris.safetensors")),
+        load_file(str(tmp_path / "full" / "export" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "export" / "model.safetensors")),
     )
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
@@ -124,14 +125,14 @@ def test_export_reloads_to_identical_predictions(name: str, tmp_path: Path) -> N
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
-    path = save_export(model.state_dict(), cfg, tmp_path / "m.safetensors")
+    path = save_export(model.state_dict(), cfg, tmp_path / "m")
     images, tokens = torch.randn(2, 3, 112, 112), torch.randint(1, 400, (2, 17))
     with torch.no_grad():
         expected = model.eval()(images, tokens)
         got = load_exported(path).eval()(images, tokens)
     assert torch.equal(expected, got)
     # trainable + randomly initialised backbone tensors only; a named backbone would not be stored
-    assert set(load_file(str(path))) <= set(model.state_dict())
+    assert set(load_file(str(path / "model.safetensors"))) <= set(model.state_dict())
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -162,7 +163,7 @@ def test_bad_config_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, s
 
 def test_bad_predict_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     cfg = preset("tiny-dcris")
-    weights = save_export(build_model(cfg.model, pretrained=False).state_dict(), cfg, tmp_path / "m.safetensors")
+    weights = save_export(build_model(cfg.model, pretrained=False).state_dict(), cfg, tmp_path / "m")
     (tmp_path / "not_an_image.jpg").write_text("hello")
     image = tmp_path / "image.png"
     from PIL import Image

@@ -1,0 +1,104 @@
+"""Contact sheets of an evaluated split: the best pair, the worst, and evenly spaced ranks between.
+
+Evaluation hands every batch's per-sample IoUs to an :class:`IoURecorder`; afterwards the chosen pairs are read
+back from the shards and predicted again through :class:`~dcris.segmenter.Segmenter`, and each tile shows the
+sentence, the ground truth as an outline, the prediction filled, and the IoU of that drawn prediction. Used by
+``dcris demo``, ``launch/eval.py --pictures N`` and, through TensorBoard, by evaluations during training.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+import webdataset as wds
+from PIL import Image
+
+from dcris.data.common import read_manifest, split_info
+from dcris.draw import Tile, contact_sheet
+from dcris.metrics import IoUAccumulator
+from dcris.model import DCRIS
+from dcris.segmenter import Segmenter
+
+
+class IoURecorder:
+    """Per split, ``(iou, ref_id, sent_idx)`` of every evaluated pair; pass it as ``evaluate(on_batch=...)``."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[tuple[float, int, int]]] = {}
+
+    def __call__(self, split: str, batch: dict[str, Any], ious: list[float]) -> None:
+        pairs = zip(ious, batch["ref_id"].tolist(), batch["sent_idx"].tolist(), strict=True)
+        self.rows.setdefault(split, []).extend(pairs)
+
+    def ranked(self, split: str) -> list[tuple[float, int, int]]:
+        """Every rank's pairs of ``split``, best IoU first (ties by ref_id, sentence); a collective when
+        distributed."""
+        rows = self.rows.get(split, [])
+        if dist.is_available() and dist.is_initialized():
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, rows)
+            rows = [row for part in parts for row in part]
+        return sorted(rows, key=lambda r: (-r[0], r[1], r[2]))
+
+
+def spread(total: int, count: int) -> list[int]:
+    """``count`` positions of a ranking of ``total``, evenly spaced from the first (best) to the last (worst)."""
+    if total <= 0 or count <= 0:
+        return []
+    if count == 1:
+        return [0]
+    return sorted({round(k * (total - 1) / (count - 1)) for k in range(count)})
+
+
+def read_samples(shards: str | Path, split: str, ref_ids: set[int]) -> dict[int, dict[str, Any]]:
+    """The original image, the bool mask and the sentences of the objects ``ref_ids`` of a packed split."""
+    info = split_info(read_manifest(shards), split, shards)
+    found: dict[int, dict[str, Any]] = {}
+    for shard in info["shards"]:
+        for sample in wds.tarfile_samples([{"url": str(Path(shards) / shard["tar"])}]):
+            meta = np.frombuffer(sample["meta"], dtype="<i8")  # sample_index, ref_id, ...
+            if int(meta[1]) not in ref_ids:
+                continue
+            record = json.loads(sample["json"])
+            with Image.open(io.BytesIO(sample["jpg"])) as im:
+                image = im.convert("RGB")
+            with Image.open(io.BytesIO(sample["mask.png"])) as im:
+                mask = np.asarray(im.convert("L")) > 127
+            found[int(meta[1])] = dict(image=image, mask=mask, sentences=record["sentences"])
+            if len(found) == len(ref_ids):
+                return found
+    return found
+
+
+def split_sheet(segmenter: Segmenter, shards: str | Path, split: str, ranked: list, count: int) -> Image.Image:
+    """The contact sheet of ``count`` pairs of a ranked split (see :meth:`IoURecorder.ranked`)."""
+    positions = spread(len(ranked), count)
+    samples = read_samples(shards, split, {ranked[p][1] for p in positions})
+    tiles = []
+    for position in positions:
+        _, ref_id, sent_idx = ranked[position]
+        sample = samples[ref_id]
+        result = segmenter(sample["image"], sample["sentences"][sent_idx])
+        iou = IoUAccumulator().add(result.mask, sample["mask"])
+        rank = "best" if position == 0 else "worst" if position == len(ranked) - 1 else f"rank {position + 1}"
+        tiles.append(Tile(sample["image"], sample["mask"], result.mask, result.text, iou, f"{rank} of {len(ranked)}"))
+    title = f"{split}: {len(tiles)} of {len(ranked)} pairs, from the best to the worst evaluated IoU"
+    return contact_sheet(tiles, title)
+
+
+def contact_sheets(
+    model: DCRIS, recorder: IoURecorder, shards: str | Path, splits: list[str], count: int, rank: int = 0
+) -> dict[str, Image.Image]:
+    """One contact sheet per split on rank 0 (empty elsewhere); every rank must call it when distributed."""
+    rankings = {split: recorder.ranked(split) for split in splits}  # a collective: before the rank test
+    if rank != 0 or count <= 0:
+        return {}
+    segmenter = Segmenter(model)
+    return {
+        split: split_sheet(segmenter, shards, split, ranking, count) for split, ranking in rankings.items() if ranking
+    }

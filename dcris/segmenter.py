@@ -1,0 +1,240 @@
+"""The one inference path: an image and phrases in, masks at the image's own size out (SPEC 4-5).
+
+    from dcris import Segmenter
+
+    seg = Segmenter.from_pretrained("runs/demo/run/export")        # an export folder or a Hub model id
+    result = seg("photo.jpg", "the man on the left")               # a path, a PIL image or an RGB array
+    result.mask, result.probability, result.score, result.seconds
+    results = seg(image, ["the man on the left", "the dog"])        # one batch, one result per phrase
+    seg.save_pretrained("my-export")                               # config.json, model.safetensors, README.md
+    seg.push_to_hub("user/dcris-b-refcoco")                        # the same folder as a Hub repository
+
+Pre-processing is :func:`~dcris.data.letterbox.letterbox_image` and :func:`~dcris.data.letterbox.normalize_image`,
+post-processing :func:`~dcris.metrics.probabilities_from_logits` and its threshold (``masks_from_logits``):
+``dcris predict``, ``dcris app`` and the contact sheets of ``dcris demo`` / ``launch/eval.py --pictures`` all
+come through here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from dcris.config import Config
+from dcris.data.letterbox import letterbox_image, normalize_image
+from dcris.errors import UserError
+from dcris.export import ExportedWeights, download_allowed, save_export
+from dcris.metrics import MASK_THRESHOLD, probabilities_from_logits
+from dcris.model import DCRIS
+from dcris.tokenizer import TextTooLongError, tokenize
+
+ImageInput = Image.Image | np.ndarray | str | Path
+
+
+@dataclass
+class Segmentation:
+    """What the model found for one phrase.
+
+    Attributes:
+        text: The phrase as given.
+        mask: bool (h, w) at the image's own size: ``probability > 0.35`` (SPEC 5).
+        probability: float32 (h, w) in [0, 1]: the model's probability that each pixel belongs to the object.
+        score: Confidence in [0, 1]: the soft IoU of ``probability`` with ``mask``,
+            ``sum(p inside) / (|mask| + sum(p outside))`` -- the IoU the mask would have if the truth were drawn
+            pixel by pixel from ``probability``. 1 when the model is certain of every pixel; lower when pixels
+            inside are doubtful or probability lies outside the mask; 0 for an empty mask.
+        seconds: Wall time of the call that produced it, from the raw image to the masks (the phrases of one
+            call are one batch and share it).
+        truncated: The phrase needed more tokens than the model reads and was cut (only its start was read).
+    """
+
+    text: str
+    mask: np.ndarray
+    probability: np.ndarray
+    score: float
+    seconds: float
+    truncated: bool = False
+    area: float = field(init=False)  # fraction of the image the mask covers
+
+    def __post_init__(self) -> None:
+        self.area = float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An RGB image from a file; an unreadable file is a user error naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def as_rgb_image(image: ImageInput) -> Image.Image:
+    """A PIL RGB image from a path, a PIL image of any mode, or a uint8 (h, w) / (h, w, 3|4) array."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise UserError(f"an image array must be uint8 (h, w) or (h, w, 3|4), got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise UserError(f"cannot use a {type(image).__name__} as an image: give a path, a PIL image or an array")
+    if image.width < 1 or image.height < 1:
+        raise UserError(f"the image is empty ({image.width} x {image.height})")
+    return image.convert("RGB")
+
+
+def confidence(probability: torch.Tensor, mask: torch.Tensor) -> float:
+    """The score of :class:`Segmentation`: soft IoU of a probability map with its mask (0 for an empty mask)."""
+    inside = probability[mask].sum()
+    outside = probability[~mask].sum()
+    count = mask.sum()
+    return float(inside / (count + outside)) if count else 0.0
+
+
+class Segmenter:
+    """Segments the objects phrases name in one image (module docstring).
+
+    Args:
+        model: A DCRIS model; it is used in eval mode (and put back in the mode it was in after each call).
+        config: The full run config (recorded when saving); default: ``model.cfg`` with preset ``custom``.
+        device: Where the model runs; default: where its parameters already are.
+        metrics: Per-split evaluation results of these weights, kept for :meth:`save_pretrained`.
+    """
+
+    def __init__(
+        self,
+        model: DCRIS,
+        config: Config | None = None,
+        device: str | torch.device | None = None,
+        metrics: dict[str, dict] | None = None,
+    ) -> None:
+        self.model = model if device is None else model.to(device)
+        self.config = config if config is not None else Config(preset="custom", model=model.cfg)
+        self.metrics = metrics
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        allow_download: bool = False,
+        overrides: list[str] | None = None,
+    ) -> Segmenter:
+        """Loads an export: a folder written by :meth:`save_pretrained` / training / ``dcris convert-detris``,
+        a single ``.safetensors`` export of earlier versions, or a Hugging Face Hub model id.
+
+        Args:
+            path_or_id: Where the export is.
+            device: Where to run (default: CUDA when available, else the CPU).
+            allow_download: Fetch a Hub id (and named backbone weights) missing from the local caches, the same
+                as the override ``model.allow_download=true``. ``HF_HUB_OFFLINE=1`` forbids it regardless.
+            overrides: ``section.key=value`` changes to the recorded config, e.g. ``model.adapters.fused_dense=false``.
+
+        Raises:
+            UserError: nothing loadable is at ``path_or_id``; the message says what was looked for.
+        """
+        overrides = [*(overrides or []), *(["model.allow_download=true"] if allow_download else [])]
+        weights = ExportedWeights.load(path_or_id, download_allowed(overrides))
+        weights.configure(overrides)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(weights.to_model(device), weights.cfg, metrics=weights.results)
+
+    def save_pretrained(self, directory: str | Path, metrics: dict[str, dict] | None = None) -> Path:
+        """Writes the export folder (``config.json``, ``model.safetensors``, ``README.md``; see ``dcris.export``).
+
+        Args:
+            directory: Output folder; an earlier export there is replaced.
+            metrics: Per-split results for the model card (default: those loaded with the weights).
+        """
+        metrics = self.metrics if metrics is None else metrics
+        return save_export(self.model.state_dict(), self.config, directory, metrics)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Uploads the export folder as the Hub model repository ``repo_id`` (created when missing).
+
+        Needs a Hub token (``hf auth login``); ``kwargs`` go to ``huggingface_hub.ModelHubMixin.push_to_hub``
+        (``private``, ``commit_message``, ``branch``, ``create_pr``, ...).
+
+        Returns:
+            The URL of the commit.
+        """
+        weights = ExportedWeights.from_state(self.model.state_dict(), self.config, self.metrics)
+        kwargs.setdefault("model_card_kwargs", {"repo_id": repo_id})
+        return weights.push_to_hub(repo_id, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokens(self, texts: list[str], truncate: bool) -> tuple[torch.Tensor, list[bool]]:
+        """Token ids (N, L) of the phrases and which of them were cut to fit.
+
+        Raises:
+            UserError: a phrase is empty, or too long while ``truncate`` is False.
+        """
+        length = self.model.cfg.text.context_length
+        cut = []
+        for text in texts:
+            if not text.strip():
+                raise UserError("a phrase is empty: describe the object to segment")
+            try:
+                tokenize([text], length, truncate=False)
+                cut.append(False)
+            except TextTooLongError as exc:
+                if not truncate:
+                    raise UserError(str(exc)) from None
+                cut.append(True)
+        return tokenize(texts, length, truncate=True), cut
+
+    @torch.no_grad()
+    def __call__(
+        self, image: ImageInput, texts: str | list[str], *, truncate: bool = True
+    ) -> Segmentation | list[Segmentation]:
+        """Segments what each phrase names; the phrases of one call run as one batch.
+
+        Args:
+            image: A path, a PIL image, or a uint8 (h, w) / (h, w, 3|4) array.
+            texts: One phrase, or a list of phrases for this image.
+            truncate: Cut phrases longer than the model reads (``Segmentation.truncated`` says which); when
+                False such a phrase is a user error.
+
+        Returns:
+            One :class:`Segmentation` for a phrase, a list of them (in order) for a list.
+        """
+        start = time.perf_counter()
+        single = isinstance(texts, str)
+        phrases = [texts] if single else list(texts)
+        if not phrases:
+            raise UserError("no phrase given: describe the object to segment")
+        rgb = as_rgb_image(image)
+        tokens, cut = self.tokens(phrases, truncate)
+        size = self.model.cfg.image_size
+        device, dtype = self.device, next(self.model.parameters()).dtype
+        canvas = torch.from_numpy(letterbox_image(rgb, size)).to(device)  # (S, S, 3) uint8
+        pixels = normalize_image(canvas.permute(2, 0, 1)).to(dtype)  # (3, S, S)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(pixels.expand(len(phrases), -1, -1, -1), tokens.to(device))  # (N, 1, 4S/14, 4S/14)
+        finally:
+            self.model.train(was_training)
+        probs = probabilities_from_logits(logits, [(rgb.height, rgb.width)] * len(phrases), size)  # N x (h, w)
+        found = []
+        for prob in probs:
+            prob = prob.clamp(0, 1)  # bicubic overshoot; the threshold lies inside [0, 1] and is unaffected
+            mask = prob > MASK_THRESHOLD
+            found.append((mask.cpu().numpy(), prob.cpu().numpy(), confidence(prob, mask)))
+        seconds = time.perf_counter() - start
+        results = [
+            Segmentation(text, mask, prob, score, seconds, truncated)
+            for text, (mask, prob, score), truncated in zip(phrases, found, cut, strict=True)
+        ]
+        return results[0] if single else results
