@@ -24,7 +24,8 @@ test-browser: $(SETUP)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 	$(PY) -c "import gradio, selenium" 2>/dev/null || $(PY) -m pip install -q -e ".[test,app,browser]"
-	$(PY) -m pytest -q -m browser
+	DCRIS_TEST_ARTIFACTS=$(CURDIR)/runs/test-browser $(PY) -m pytest -q -m browser
+	@echo "screenshot of the page: $(CURDIR)/runs/test-browser/app.png"
 
 demo: $(SETUP)
 	$(VENV)/bin/dcris demo --out runs/demo

@@ -68,7 +68,7 @@ def run_phrases(segmenter: Segmenter, image_path: str | None, text: str | None) 
         image = read_upload(image_path)
         results = segmenter(image, phrases_of(text))
     except UserError as exc:
-        return None, "", f"**error:** {html.escape(str(exc))}"
+        return None, "", f"**error:** {html.escape(str(exc), quote=False)}"
     picture = overlay(image, [r.mask for r in results])
     table = results_table(results, segmenter.model.cfg.text.context_length)
     cut = sum(r.truncated for r in results)
@@ -85,7 +85,7 @@ def show_image(image_path: str | None) -> tuple[Image.Image | None, str, str]:
     try:
         return read_upload(image_path), "", "image loaded: type phrases and press Run"
     except UserError as exc:
-        return None, "", f"**error:** {html.escape(str(exc))}"
+        return None, "", f"**error:** {html.escape(str(exc), quote=False)}"
 
 
 def example_images(folder: Path, count: int = NUM_EXAMPLES) -> list[list[str]]:
