@@ -59,9 +59,9 @@ the left"), get the mask of the one object the phrase names.
 | frozen backbone parameters | {{ frozen }} (adapters = {{ adapter_percent }}% of it) |
 | training data | {{ training_data }} |
 
-This repository holds the adapters and the head{% if stored_backbones %} and the randomly initialised
-{{ stored_backbones }} backbone weights{% endif %} (`model.safetensors`) and the resolved configuration
-(`config.json`); named backbones are loaded from their own weights.
+`model.safetensors` holds the adapters and the head{% if stored_backbones %}, and the randomly initialised
+{{ stored_backbones }} backbone weights{% endif %}; `config.json` the resolved configuration and the metrics.
+Backbones named above are loaded from their own weights.
 
 ## Metrics
 {% if metrics %}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,17 @@ def test_training_evaluation_logs_a_contact_sheet_to_tensorboard(synthetic_shard
     assert "eval/val/pictures" in events.Tags()["images"]
     (image,) = events.Images("eval/val/pictures")
     assert image.step == 1 and image.width == 2 * (256 + 8) + 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_contact_sheet_of_a_training_bf16_cuda_model(tiny_segmenter, synthetic_shards):
+    """As during training: a bf16 module on the GPU in train mode, evaluated, drawn, and left in train mode."""
+    shards, _ = synthetic_shards
+    model = copy.deepcopy(tiny_segmenter.model).cuda().to(torch.bfloat16).train()
+    recorder = IoURecorder()
+    evaluate(model, str(shards), ["val"], image_size=112, batch_size=8, loader="torch", device="cuda",
+             dtype=torch.bfloat16, on_batch=recorder)  # fmt: skip
+    assert model.training
+    sheet = contact_sheets(model, recorder, shards, ["val"], 3)["val"]
+    assert model.training and sheet.width == 3 * (256 + 8) + 8

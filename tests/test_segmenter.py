@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -251,3 +252,17 @@ def test_missing_weights_are_one_clear_error(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(UserError, match="cannot read exported weights"):
         ExportedWeights.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_and_bf16_give_the_cpu_masks(tiny_segmenter, probe, tmp_path):
+    image, phrases = probe
+    gpu = Segmenter.from_pretrained(tiny_segmenter.save_pretrained(tmp_path / "export"), device="cuda")
+    assert gpu.device.type == "cuda"
+    half = Segmenter(copy.deepcopy(gpu.model).to(torch.bfloat16))  # as the trainer's bf16 module
+    for cpu, cuda, bf16 in zip(tiny_segmenter(image, phrases), gpu(image, phrases), half(image, phrases), strict=True):
+        np.testing.assert_allclose(cuda.probability, cpu.probability, atol=2e-3)
+        assert (cuda.mask != cpu.mask).mean() < 2e-3
+        assert bf16.mask.shape == cpu.mask.shape and (bf16.mask != cpu.mask).mean() < 0.05
+        assert abs(bf16.score - cpu.score) < 0.05
