@@ -1,6 +1,6 @@
 """Evaluate exported weights or a checkpoint on packed splits (the code is dcris.evaluate).
 
-python launch/eval.py --weights RUN/dcris.safetensors --shards data/shards/refcoco --splits val,testA,testB
+python launch/eval.py --weights RUN/export --shards data/shards/refcoco --splits val,testA,testB [--pictures 16]
 torchrun --nproc_per_node 8 launch/eval.py ...      (samples sharded over ranks, sums reduced exactly)
 """
 
