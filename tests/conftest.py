@@ -47,12 +47,13 @@ def tiny_segmenter(probe):
 
 
 @pytest.fixture(scope="session")
-def synthetic_shards(tmp_path_factory: pytest.TempPathFactory):
-    """A small synthetic release packed into shards: ``(shards folder, release folder)``."""
+def shards(tmp_path_factory: pytest.TempPathFactory):
+    """A small synthetic REFER release packed into shards (about 40 train objects; val and testA)."""
     from dcris.data import pack, synth
 
-    root = tmp_path_factory.mktemp("synthetic_shared")
-    release = synth.make_synthetic_release(root / "release", images=24, seed=0)
+    root = tmp_path_factory.mktemp("synthetic")
+    synth.make_synthetic_release(root / "release", images=24, seed=0)
+    release = root / "release"
     pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc",
                "--images", str(release / "images"), "--out", str(root / "shards"), "--workers", "1"])  # fmt: skip
-    return root / "shards" / "synthetic", release
+    return root / "shards" / "synthetic"

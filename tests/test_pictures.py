@@ -70,8 +70,7 @@ def test_tile_shows_truth_outline_prediction_and_caption():
         contact_sheet([], "empty")
 
 
-def test_recorder_ranks_every_pair_and_the_sheet_draws_best_to_worst(tiny_segmenter, synthetic_shards, tmp_path):
-    shards, _ = synthetic_shards
+def test_recorder_ranks_every_pair_and_the_sheet_draws_best_to_worst(tiny_segmenter, shards, tmp_path):
     model = tiny_segmenter.model
     recorder = IoURecorder()
     results = evaluate(model, str(shards), ["val"], image_size=112, batch_size=8, loader="torch", on_batch=recorder)
@@ -96,8 +95,7 @@ def test_recorder_ranks_every_pair_and_the_sheet_draws_best_to_worst(tiny_segmen
     assert (sheet == TRUTH_COLOUR).all(axis=-1).sum() > 50  # ground-truth outlines
 
 
-def test_eval_command_writes_a_contact_sheet(tiny_segmenter, synthetic_shards, tmp_path, capsys):
-    shards, _ = synthetic_shards
+def test_eval_command_writes_a_contact_sheet(tiny_segmenter, shards, tmp_path, capsys):
     weights = tiny_segmenter.save_pretrained(tmp_path / "export")
     argv = ["eval", "--weights", str(weights), "--shards", str(shards), "--splits", "val,testA", "--loader", "torch",
             "--workers", "1", "--pictures", "4", "--out", str(tmp_path / "out" / "metrics.json")]  # fmt: skip
@@ -110,12 +108,11 @@ def test_eval_command_writes_a_contact_sheet(tiny_segmenter, synthetic_shards, t
             assert sheet.width == 4 * (256 + 8) + 8
 
 
-def test_training_evaluation_logs_a_contact_sheet_to_tensorboard(synthetic_shards, tmp_path):
+def test_training_evaluation_logs_a_contact_sheet_to_tensorboard(shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dcris.trainer import main as train_main
 
-    shards, _ = synthetic_shards
     argv = ["--preset", "tiny-dcris", f"data.shards={shards}", f"train.output_dir={tmp_path / 'run'}",
             "data.loader=torch", "data.workers=1", "train.micro_batch=4", "train.global_batch=4", "train.max_steps=1",
             "train.eval_pictures=2"]  # fmt: skip
@@ -130,9 +127,8 @@ def test_training_evaluation_logs_a_contact_sheet_to_tensorboard(synthetic_shard
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_contact_sheet_of_a_training_bf16_cuda_model(tiny_segmenter, synthetic_shards):
+def test_contact_sheet_of_a_training_bf16_cuda_model(tiny_segmenter, shards):
     """As during training: a bf16 module on the GPU in train mode, evaluated, drawn, and left in train mode."""
-    shards, _ = synthetic_shards
     model = copy.deepcopy(tiny_segmenter.model).cuda().to(torch.bfloat16).train()
     recorder = IoURecorder()
     evaluate(model, str(shards), ["val"], image_size=112, batch_size=8, loader="torch", device="cuda",

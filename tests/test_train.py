@@ -23,19 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic release packed into shards (about 40 train objects)."""
-    from dcris.data import pack, synth
-
-    root = tmp_path_factory.mktemp("synthetic")
-    synth.make_synthetic_release(root / "release", images=24, seed=0)
-    release = root / "release"
-    pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc",
-               "--images", str(release / "images"), "--out", str(root / "shards"), "--workers", "1"])  # fmt: skip
-    return root / "shards" / "synthetic"
-
-
 def _train(shards: Path, out: Path, *overrides: str) -> list[dict]:
     argv = ["--deepspeed", ZERO2, "--preset", "tiny-dcris", f"data.shards={shards}", f"train.output_dir={out}",
             "data.loader=torch", "data.workers=1", "train.micro_batch=4", "train.global_batch=4",
