@@ -208,6 +208,9 @@ class Segmenter:
 
         Returns:
             One :class:`Segmentation` for a phrase, a list of them (in order) for a list.
+
+        Raises:
+            UserError: an unreadable image, no phrase, an empty phrase, or (``truncate=False``) one too long.
         """
         start = time.perf_counter()
         single = isinstance(texts, str)
