@@ -64,6 +64,7 @@ class AdapterConfig:
     text_hidden: int = 64  # TA bottleneck width
     text_form: str = "paper"  # "paper": Linear-ReLU-Linear; "released": with the 1-D dense branch of DETRIS
     scale: float = 0.2  # adapter output scale
+    cross_width: int = 128  # width of the DA's cross-attention to the words (128 at every DA width, as released)
     cross_heads: int = 8  # heads of the DA's cross-attention to the words
     cross_dropout: float = 0.1  # dropout of that attention
     fused_dense: bool = True  # use the fused Triton dense branch on CUDA (False forces the PyTorch path)
@@ -188,13 +189,23 @@ def detris_l(cfg: Config) -> None:
     cfg.model.adapters.text_form = "released"
 
 
+@register_preset
+def detris_l_mixed(cfg: Config) -> None:
+    """The released DETRIS-L* (mixed-data training): adapters in every block from 1 on, 384 wide (SPEC 2)."""
+    detris_l(cfg)
+    a = cfg.model.adapters
+    a.vision_layers, a.vision_hidden = list(range(1, cfg.model.vision.depth)), 384
+    a.text_layers, a.text_hidden = list(range(1, cfg.model.text.layers)), 384
+
+
 def _tiny(cfg: Config) -> None:
-    """Two-block, width-64 backbones and a narrow head: random init, seconds on a CPU."""
+    """Four-block, width-64 backbones and a narrow head: random init, seconds on a CPU."""
     v, t, a, h = cfg.model.vision, cfg.model.text, cfg.model.adapters, cfg.model.head
     cfg.model.image_size = 112
     v.width, v.depth, v.heads, v.taps, v.pretrained_size = 64, 4, 4, [1, 2], 126  # 9x9 -> 8x8: interpolated
     t.width, t.heads, t.layers, t.embed_dim, t.positions = 64, 4, 4, 64, 17
-    a.vision_layers, a.text_layers, a.vision_hidden, a.text_hidden, a.cross_heads = [1, 3], [1, 3], 32, 16, 4
+    a.vision_layers, a.text_layers, a.vision_hidden, a.text_hidden = [1, 3], [1, 3], 32, 16
+    a.cross_width, a.cross_heads = 32, 4
     h.width, h.decoder_layers, h.decoder_heads, h.ffn_dim, h.projector_dim = 64, 1, 4, 64, 32
     cfg.train.micro_batch, cfg.train.global_batch, cfg.train.lr = 8, 8, 1e-3
 

@@ -1,13 +1,15 @@
 """Frozen DINOv2-with-registers vision encoder with DenseCrossAdapters (SPEC 2).
 
 The weights and modules are transformers' ``Dinov2WithRegistersModel`` (loaded with ``from_pretrained`` from a
-hub id or a local directory); the block loop is ours, so that the adapters sit parallel to each MLP and every
-attention goes through :func:`dcris.attention.attention`.
+hub id or a local directory); the token embedding and the block loop are ours: the adapters sit parallel to each
+MLP, every attention goes through :func:`dcris.attention.attention`, and the position embedding is resized the
+way DINOv2's own code does it (:func:`dinov2_position_embeddings`), as the released model was trained.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
@@ -53,6 +55,40 @@ def load_vision_backbone(cfg: VisionConfig, pretrained: bool, allow_download: bo
     return model
 
 
+# DINOv2's interpolate_offset: the grid is resized by the factor (n + 0.1) / M, not to n exactly
+INTERPOLATE_OFFSET = 0.1
+
+
+def dinov2_position_embeddings(position_embeddings: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The position embedding of a ``grid`` of patches, resized as DINOv2's ``interpolate_pos_encoding`` does.
+
+    The stored M x M grid (37 x 37 for 518 px) is resized bicubic, antialiasing off, with the scale factors
+    ``(n + 0.1) / M`` per axis; the output has n rows (the floor of M times the factor), but the sampling positions
+    follow the factor, not n / M. transformers' DINOv2-with-registers resizes to exactly n x n with antialiasing
+    on instead, which differs by 1-9% on smooth embeddings (SPEC 2). The cls embedding is kept; the stored grid
+    is returned as it is when it already has the asked size. Computed in fp32, returned in the stored dtype.
+
+    Args:
+        position_embeddings: (1, 1 + M*M, C): the cls embedding, then the M x M grid row by row.
+        grid: (rows, columns) of patches of the input.
+
+    Returns:
+        (1, 1 + rows*columns, C).
+    """
+    cls_embedding, patches = position_embeddings[:, :1], position_embeddings[:, 1:]
+    side = round(patches.shape[1] ** 0.5)
+    if tuple(grid) == (side, side):
+        return position_embeddings
+    dim = patches.shape[-1]
+    square = patches.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, C, M, M)
+    factors = tuple((n + INTERPOLATE_OFFSET) / side for n in grid)
+    resized = F.interpolate(square, scale_factor=factors, mode="bicubic", antialias=False)  # (1, C, rows, cols)
+    if tuple(resized.shape[-2:]) != tuple(grid):
+        raise ValueError(f"position embedding of {side}x{side} resized to {tuple(resized.shape[-2:])}, not {grid}")
+    resized = resized.permute(0, 2, 3, 1).reshape(1, -1, dim).to(position_embeddings.dtype)  # (1, rows*cols, C)
+    return torch.cat([cls_embedding, resized], dim=1)
+
+
 class VisionEncoder(nn.Module):
     """DINOv2 blocks with DenseCrossAdapters; returns the two tapped maps and the final normed map.
 
@@ -77,6 +113,7 @@ class VisionEncoder(nn.Module):
                     cfg.width,
                     adapters.vision_hidden,
                     text_dim,
+                    adapters.cross_width,
                     adapters.cross_heads,
                     adapters.cross_dropout,
                     self.num_prefix,
@@ -101,11 +138,20 @@ class VisionEncoder(nn.Module):
             branch = branch + self.scale * adapter(y, words, grid)
         return x + layer.layer_scale2(branch)
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens of images (B, 3, S, S): (B, 1 + R + H*W, C) = cls, registers, patches (DINOv2's order)."""
+        emb = self.backbone.embeddings
+        grid = (images.shape[-2] // self.cfg.patch_size, images.shape[-1] // self.cfg.patch_size)
+        patches = emb.patch_embeddings(images)  # (B, H*W, C)
+        x = torch.cat([emb.cls_token.expand(len(images), -1, -1), patches], dim=1)  # (B, 1 + H*W, C)
+        x = x + dinov2_position_embeddings(emb.position_embeddings, grid).to(x.dtype)
+        return torch.cat([x[:, :1], emb.register_tokens.expand(len(images), -1, -1), x[:, 1:]], dim=1)
+
     def forward(self, images: torch.Tensor, words: torch.Tensor) -> list[torch.Tensor]:
         """Maps images (B, 3, S, S) and words (B, L, text_dim) to three (B, C, S/14, S/14) maps."""
         b, _, height, width = images.shape
         grid = (height // self.cfg.patch_size, width // self.cfg.patch_size)
-        x = self.backbone.embeddings(images)  # (B, 1 + R + H*W, C): cls, registers, patches
+        x = self.embed(images)  # (B, 1 + R + H*W, C): cls, registers, patches
         taps = []
         for i in range(self.cfg.depth):
             x = self._block(i, x, words, grid)
