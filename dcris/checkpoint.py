@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dcris.config import Config, from_dict, to_dict
+from dcris.config import Config, apply_overrides, from_dict, to_dict
 from dcris.errors import UserError
 from dcris.export import load_exported, save_export
 from dcris.model import DCRIS, build_model
@@ -114,25 +114,28 @@ def export_engine(engine: Any, cfg: Config, path: str | Path, rank: int) -> Path
     return save_export(state, cfg, path) if rank == 0 else None
 
 
-def _load_checkpoint_model(ckpt_dir: Path, device: str | torch.device) -> DCRIS:
+def _load_checkpoint_model(ckpt_dir: Path, device: str | torch.device, overrides: list[str] | None) -> DCRIS:
     """The model as trained at the ``latest`` tag of a checkpoint folder (or a tag folder itself)."""
     tag = latest_tag(ckpt_dir)
     folder = ckpt_dir / tag if tag else ckpt_dir
     config, states = folder / "config.json", folder / "mp_rank_00_model_states.pt"
     if not (config.is_file() and states.is_file()):
         raise UserError(f"{str(ckpt_dir)!r} is neither a dcris checkpoint folder nor a checkpoint tag")
-    cfg = from_dict(json.loads(config.read_text()))
+    cfg = apply_overrides(from_dict(json.loads(config.read_text())), overrides)
     model = build_model(cfg.model, pretrained=True)
     module_state = torch.load(states, map_location="cpu", weights_only=False)["module"]
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module_state.items()})
     return model.to(device).eval()
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DCRIS:
-    """A model from an export (``.safetensors``) or a training checkpoint folder (``RUN/checkpoints``)."""
+def load_weights(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> DCRIS:
+    """A model from an export (``.safetensors``) or a training checkpoint folder (``RUN/checkpoints``).
+
+    ``overrides`` (``section.key=value``) change the recorded config before the model is built.
+    """
     path = Path(path)
     if path.is_dir():
-        return _load_checkpoint_model(path, device)
+        return _load_checkpoint_model(path, device, overrides)
     if not path.is_file():
         raise UserError(f"weights {str(path)!r} do not exist")
-    return load_exported(path, device)
+    return load_exported(path, device, overrides)

@@ -297,6 +297,14 @@ def apply_override(cfg: Config, override: str) -> None:
     apply_dict(cfg, nested)
 
 
+def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """Applies ``section.key=value`` overrides to a built config (e.g. one read from an export) and validates it."""
+    for ov in overrides or []:
+        apply_override(cfg, ov)
+    validate(cfg)
+    return cfg
+
+
 def load_config(path: str | None = None, preset_name: str | None = None, overrides: list[str] | None = None) -> Config:
     """Builds a Config: preset (from the file's ``preset`` key, the argument, or dcris-b), file, then overrides."""
     values: dict[str, Any] = {}
@@ -306,10 +314,7 @@ def load_config(path: str | None = None, preset_name: str | None = None, overrid
     values.pop("preset", None)
     cfg = preset(name)
     apply_dict(cfg, values)
-    for ov in overrides or []:
-        apply_override(cfg, ov)
-    validate(cfg)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -383,6 +388,7 @@ __all__ = [
     "TrainConfig",
     "VisionConfig",
     "apply_override",
+    "apply_overrides",
     "from_dict",
     "load_config",
     "preset",

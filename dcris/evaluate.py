@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"), help="data loader")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU, else the CPU)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="changes to the weights' recorded config, e.g. model.vision.weights=DIR or model.allow_download=true",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         from dcris.train_setup import init_distributed
 
         rank, _, world = init_distributed()
-    model = load_weights(args.weights, device)
+    model = load_weights(args.weights, device, args.overrides)
     results = evaluate(
         model, args.shards, splits, image_size=model.cfg.image_size, batch_size=args.batch_size, rank=rank,
         world_size=world, workers=args.workers, loader=args.loader, device=device,

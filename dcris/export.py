@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from dcris.config import Config, from_dict, to_dict
+from dcris.config import Config, apply_overrides, from_dict, to_dict
 from dcris.errors import UserError
 from dcris.model import DCRIS, build_model, is_trainable_key
 
@@ -76,14 +76,20 @@ def read_export_config(path: str | Path) -> Config:
     return from_dict(json.loads(metadata["config"]))
 
 
-def load_exported(path: str | Path, device: str | torch.device = "cpu") -> DCRIS:
+def load_exported(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> DCRIS:
     """Rebuilds the model of an export: config from the metadata, named backbones from their weights, the
     rest from the file (strictly: every expected tensor present, nothing else).
+
+    Args:
+        path: The export.
+        device: Where the model goes.
+        overrides: ``section.key=value`` changes to the recorded config before the model is built (backbone
+            weight paths, ``model.allow_download=true``, ...).
 
     Returns:
         The model in eval mode on ``device``.
     """
-    cfg = read_export_config(path)
+    cfg = apply_overrides(read_export_config(path), overrides)
     model = build_model(cfg.model, pretrained=True)
     state = load_file(str(path))
     expected = set(exported_keys(cfg, list(model.state_dict())))

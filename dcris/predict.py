@@ -105,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", action="append", help="overlay picture to write (also writes OUT_mask.png)")
     parser.add_argument("--pairs", help="file of IMAGE<TAB>TEXT<TAB>OUT lines")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="changes to the weights' recorded config, e.g. model.vision.weights=DIR or model.allow_download=true",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     pairs = _pairs(args)
     from dcris.checkpoint import load_weights  # after the arguments are checked: loading takes a while
 
-    model = load_weights(args.weights, args.device)
+    model = load_weights(args.weights, args.device, args.overrides)
     for image_path, text, out in pairs:
         image = read_image(image_path)
         mask = predict_mask(model, image, text)

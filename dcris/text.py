@@ -8,6 +8,7 @@ parameter layout but runs through the model's one attention entry point.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import open_clip
@@ -85,8 +86,34 @@ class TextEncoder(nn.Module):
         return words, sentence @ self.text_projection
 
 
+def cached_clip_file(pretrained: dict) -> str | None:
+    """The local copy of an open_clip pretrained entry, if one is cached; never touches the network.
+
+    open_clip fetches a tag from the Hugging Face hub when the entry names a hub repository (the hub cache, which
+    ``HF_HUB_CACHE`` / ``HF_HOME`` move) and otherwise from its URL into ``~/.cache/clip``.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    if pretrained.get("hf_hub"):
+        repo_id, filename = os.path.split(pretrained["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        for name in (*_get_safe_alternatives(filename), filename):  # open_clip prefers the safetensors file too
+            found = try_to_load_from_cache(repo_id, name)
+            if isinstance(found, str):
+                return found
+    if pretrained.get("url"):
+        path = Path("~/.cache/clip").expanduser() / os.path.basename(pretrained["url"])
+        if path.is_file():
+            return str(path)
+    return None
+
+
 def read_clip_state_dict(cfg: TextConfig, allow_download: bool) -> tuple[dict[str, torch.Tensor], str]:
-    """Reads CLIP weights: ``cfg.weights`` is a local checkpoint file or an open_clip pretrained tag."""
+    """Reads CLIP weights: ``cfg.weights`` is a local checkpoint file or an open_clip pretrained tag.
+
+    A tag is read from the local caches when it is there; it is downloaded only with ``allow_download``.
+    """
     source = cfg.weights
     if Path(source).is_file():
         path = source
@@ -96,12 +123,14 @@ def read_clip_state_dict(cfg: TextConfig, allow_download: bool) -> tuple[dict[st
             raise ConfigError(
                 f"text weights {source!r} are neither a file nor an open_clip pretrained tag of {cfg.model_name!r}"
             )
-        if not allow_download:
-            raise ConfigError(
-                f"text weights {cfg.model_name}/{source} would be downloaded: pass model.allow_download=true, "
-                "or give a local checkpoint file in model.text.weights"
-            )
-        path = open_clip.download_pretrained(pcfg)
+        path = cached_clip_file(pcfg)
+        if path is None:
+            if not allow_download:
+                raise ConfigError(
+                    f"text weights {cfg.model_name}/{source} are not in the local cache: pass "
+                    "model.allow_download=true to fetch them, or give a local checkpoint file in model.text.weights"
+                )
+            path = open_clip.download_pretrained(pcfg)
     try:
         state = load_state_dict(path)
     except RuntimeError:
