@@ -65,7 +65,7 @@ class DenseCrossAdapter(nn.Module):
         heads: heads of the cross-attention.
         dropout: attention dropout of the cross-attention.
         num_prefix: leading non-patch tokens (cls + registers = 5) that skip the conv branch.
-        fused: let the dense branch use the fused Triton kernel on CUDA.
+        fused: let the dense branch try the fused Triton kernels (it falls back to eager by itself).
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class DenseCrossAdapter(nn.Module):
         heads: int,
         dropout: float,
         num_prefix: int,
-        fused: bool = True,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         self.num_prefix = num_prefix

@@ -67,7 +67,7 @@ class AdapterConfig:
     cross_width: int = 128  # width of the DA's cross-attention to the words (128 at every DA width, as released)
     cross_heads: int = 8  # heads of the DA's cross-attention to the words
     cross_dropout: float = 0.1  # dropout of that attention
-    fused_dense: bool = True  # use the fused Triton dense branch on CUDA (False forces the PyTorch path)
+    fused_dense: bool = False  # fused Triton dense branch (off until a GPU benchmark shows it winning)
 
 
 @dataclass

@@ -341,7 +341,6 @@ def test_params_table_da_only_and_ta_only(capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_forward_never_syncs_with_the_host():
     """bf16 training step at the real input size with CUDA's sync debug mode set to raise on any sync."""
     cfg = preset("tiny-dcris")
