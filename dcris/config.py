@@ -36,6 +36,7 @@ class VisionConfig:
     pretrained_size: int = 518  # image size the position embedding was trained for (37x37 patches)
     layerscale_init: float = 1.0  # LayerScale init value (weights overwrite it)
     taps: list[int] = field(default_factory=lambda: [4, 8])  # 0-based blocks whose outputs feed the neck
+    fused_qkv: bool = False  # q, k and v of the frozen attention as one GEMM (weights stacked once at load)
 
 
 @dataclass
@@ -80,6 +81,8 @@ class HeadConfig:
     ffn_dim: int = 512  # decoder feed-forward hidden width
     dropout: float = 0.1  # decoder dropout
     projector_dim: int = 256  # channels of the projector's last map (per-sample 3x3 kernel over them)
+    channels_last: bool = False  # run the head's convolutions on channels-last maps
+    single_key_gate: bool = False  # sentence gate as out_proj(v_proj(f_s)): its softmax over one key is always 1
 
 
 @dataclass
@@ -88,6 +91,7 @@ class ModelConfig:
 
     image_size: int = 448  # square letterbox input; a multiple of the patch size
     allow_download: bool = False  # fetch named weights from the hub when not cached locally
+    compile: bool = False  # torch.compile the frozen vision blocks and the head
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)

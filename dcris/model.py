@@ -63,4 +63,8 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> DCRIS:
     text = build_text_encoder(cfg.text, cfg.adapters, pretrained, cfg.allow_download)
     backbone = load_vision_backbone(cfg.vision, pretrained, cfg.allow_download)
     vision = VisionEncoder(cfg.vision, cfg.adapters, cfg.text.width, backbone)
-    return DCRIS(cfg, text, vision, SegmentationHead(cfg.head, cfg.vision.width, cfg.text.embed_dim))
+    head = SegmentationHead(cfg.head, cfg.vision.width, cfg.text.embed_dim)
+    if cfg.compile:
+        vision.compile_blocks()
+        head.compile(dynamic=False)
+    return DCRIS(cfg, text, vision, head)

@@ -89,6 +89,74 @@ def dinov2_position_embeddings(position_embeddings: torch.Tensor, grid: tuple[in
     return torch.cat([cls_embedding, resized], dim=1)
 
 
+def vision_block(
+    layer: nn.Module,
+    adapter: DenseCrossAdapter | None,
+    x: torch.Tensor,
+    words: torch.Tensor,
+    grid: tuple[int, int],
+    heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """One DINOv2 block with its DenseCrossAdapter parallel to the MLP (SPEC 2); x (B, N, C) -> (B, N, C).
+
+    ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)) + scale * DA(norm2(x), f_t))``.
+    """
+    att = layer.attention
+    b, n, c = x.shape
+    y = layer.norm1(x)
+    if hasattr(att, "qkv"):  # fused: one (3C x C) GEMM
+        q, k, v = att.qkv(y).view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, C/H)
+    else:
+        q, k, v = (p(y).view(b, n, heads, -1).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
+    y = att.o_proj(attention(q, k, v).transpose(1, 2).reshape(b, n, c))  # (B, N, C)
+    x = x + layer.layer_scale1(y)
+    y = layer.norm2(x)
+    branch = layer.mlp(y)
+    if adapter is not None:
+        branch = branch + scale * adapter(y, words, grid)
+    return x + layer.layer_scale2(branch)
+
+
+_QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+
+
+def _split_qkv(module: nn.Module, state: dict, prefix: str, _metadata: dict) -> None:
+    """State-dict post-hook of a fused attention: its ``qkv`` tensors saved as transformers' q/k/v keys."""
+    for kind in ("weight", "bias"):
+        fused = state.pop(f"{prefix}qkv.{kind}")
+        for name, part in zip(_QKV_NAMES, fused.chunk(3), strict=True):
+            state[f"{prefix}{name}.{kind}"] = part
+
+
+def _join_qkv(module: nn.Module, state: dict, prefix: str, *_args: object) -> None:
+    """Load pre-hook of a fused attention: transformers' q/k/v keys read into its ``qkv``."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{name}.{kind}" for name in _QKV_NAMES]
+        if all(k in state for k in keys):
+            state[f"{prefix}qkv.{kind}"] = torch.cat([state.pop(k) for k in keys])
+
+
+def fuse_qkv(attention_module: nn.Module) -> None:
+    """Replaces a DINOv2 attention's q, k and v projections by one Linear holding the three, stacked.
+
+    One GEMM instead of three. The state dict keeps transformers' ``q_proj``/``k_proj``/``v_proj`` keys (split
+    on save, joined on load), so checkpoints, exports and the converter see the same layout either way.
+    """
+    parts = [getattr(attention_module, name) for name in _QKV_NAMES]
+    first = parts[0].weight
+    qkv = nn.Linear(first.shape[1], 3 * first.shape[0], device=first.device, dtype=first.dtype)
+    with torch.no_grad():
+        qkv.weight.copy_(torch.cat([p.weight for p in parts]))  # (3C, C)
+        qkv.bias.copy_(torch.cat([p.bias for p in parts]))  # (3C,)
+    qkv.requires_grad_(first.requires_grad)
+    for name in _QKV_NAMES:
+        delattr(attention_module, name)
+    attention_module.qkv = qkv
+    attention_module.register_state_dict_post_hook(_split_qkv)
+    attention_module.register_load_state_dict_pre_hook(_join_qkv)
+
+
 class VisionEncoder(nn.Module):
     """DINOv2 blocks with DenseCrossAdapters; returns the two tapped maps and the final normed map.
 
@@ -122,21 +190,18 @@ class VisionEncoder(nn.Module):
                 for i in adapters.vision_layers
             }
         )
+        if cfg.fused_qkv:
+            for layer in self.backbone.encoder.layer:
+                fuse_qkv(layer.attention)
+        self._block_fn = vision_block
+
+    def compile_blocks(self) -> None:
+        """Runs every block through one ``torch.compile`` d function (blocks of one structure share a graph)."""
+        self._block_fn = torch.compile(vision_block, dynamic=False)
 
     def _block(self, i: int, x: torch.Tensor, words: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        layer = self.backbone.encoder.layer[i]
-        att = layer.attention
-        b, n, c = x.shape
-        y = layer.norm1(x)
-        q, k, v = (p(y).view(b, n, self.cfg.heads, -1).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
-        y = att.o_proj(attention(q, k, v).transpose(1, 2).reshape(b, n, c))  # (B, N, C)
-        x = x + layer.layer_scale1(y)
-        y = layer.norm2(x)
-        branch = layer.mlp(y)
         adapter = self.adapters[str(i)] if str(i) in self.adapters else None
-        if adapter is not None:
-            branch = branch + self.scale * adapter(y, words, grid)
-        return x + layer.layer_scale2(branch)
+        return self._block_fn(self.backbone.encoder.layer[i], adapter, x, words, grid, self.cfg.heads, self.scale)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens of images (B, 3, S, S): (B, 1 + R + H*W, C) = cls, registers, patches (DINOv2's order)."""
