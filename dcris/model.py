@@ -48,10 +48,6 @@ class DCRIS(nn.Module):
         self.vision.backbone.eval()
         return self
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapters and head with their BatchNorm statistics: the deployable weights."""
-        return {k: v for k, v in self.state_dict().items() if is_trainable_key(k)}
-
 
 def is_trainable_key(key: str) -> bool:
     """Whether a state-dict key of :class:`DCRIS` belongs to the adapters or the head."""
