@@ -1,9 +1,11 @@
-"""The NVIDIA DALI loader: webdataset reader, JPEG decode ("mixed" on a GPU, "cpu" without), cubic letterbox.
+"""The NVIDIA DALI loader: webdataset reader, JPEG decode ("mixed" on a GPU, "cpu" without), the letterbox warp.
 
-``fn.warp_affine`` interpolates only nearest or linear, so the bicubic letterbox of SPEC 4 is a cubic
-``fn.resize`` to the letterbox size followed by an out-of-bounds ``fn.slice`` that pads the canvas centred.
-The geometry is computed inside the graph with integers, mirroring :func:`dcris.data.letterbox.letterbox_geometry`
-exactly (the tests compare the two).
+The letterbox is the affine map of :mod:`dcris.data.letterbox`, computed per sample inside the graph from the
+JPEG header and applied with ``fn.experimental.warp_perspective`` (OpenCV's conventions: pixel centres at
+integer coordinates, Keys' cubic with a = -0.75, a constant border): bicubic for the image onto the CLIP-mean
+colour, bilinear for the mask onto 0. ``fn.warp_affine`` has no cubic mode, and ``fn.resize``'s cubic is
+Catmull-Rom (a = -0.5) with a clamped border, further from the released code. Unlike OpenCV 4, DALI samples at
+exact rather than 1/32-pixel positions; ``tests/test_data.py`` bounds the difference.
 
 The reader takes the ``jpg``, ``mask.png``, ``tokens.npy`` and ``meta`` fields of each sample. ``tokens.npy`` is
 in ``np.save`` format, so the pipeline passes its bytes through untouched (uint8, zero-padded to the batch's
@@ -44,17 +46,44 @@ def tokens_from_npy(padded: np.ndarray, max_sentences: int, context_length: int)
     return out
 
 
-def _letterbox_nodes(encoded_jpeg: Any, size: int) -> tuple[Any, Any, Any, Any]:
-    """Per-sample letterbox sizes from the JPEG header (no decode): new_h, new_w and the slice anchor/shape."""
-    shape = fn.peek_image_shape(encoded_jpeg, dtype=types.INT64)  # (h, w, c)
+def _letterbox_matrix(encoded_jpeg: Any, size: int) -> Any:
+    """Per-sample 3x3 letterbox map (original -> canvas, :func:`dcris.data.letterbox.forward_affine`).
+
+    Computed from the JPEG header, without decoding.
+    """
+    shape = fn.peek_image_shape(encoded_jpeg, dtype=types.FLOAT)  # (h, w, c)
     height, width = shape[0], shape[1]
-    longest = dmath.max(height, width)
-    new_h = (2 * height * size + longest) // (2 * longest)  # round half up, as letterbox_geometry
-    new_w = (2 * width * size + longest) // (2 * longest)
-    # A slice starting at minus the padding, size x size long, pads the resized image centred.
-    anchor = fn.stack(-((size - new_h) // 2), -((size - new_w) // 2))
-    canvas = fn.constant(idata=[size, size], dtype=types.INT64)
-    return fn.cast(new_h, dtype=types.FLOAT), fn.cast(new_w, dtype=types.FLOAT), anchor, canvas
+    scale = dmath.min(size / height, size / width)
+    left, top = (size - width * scale) / 2, (size - height * scale) / 2
+    zero = scale * 0.0
+    entries = (scale, zero, left, zero, scale, top, zero, zero, zero + 1.0)
+    return fn.reshape(fn.stack(*entries), shape=[3, 3])
+
+
+def letterbox_nodes(encoded_jpeg: Any, encoded_png: Any, size: int, gpu: bool) -> tuple[Any, Any, Any]:
+    """The letterbox part of the graph: encoded JPEG image and PNG mask in, per sample (sizes may differ).
+
+    Returns:
+        image float32 (3, S, S) CLIP-normalised, mask float32 (1, S, S) in [0, 1] (multiples of 1/255), and
+        the decoded original mask uint8 (h, w, 1), 0 or 255.
+    """
+    matrix = _letterbox_matrix(encoded_jpeg, size)
+    warp = dict(matrix=matrix, size=[size, size], inverse_map=False, pixel_origin="center", border_mode="constant")
+    image = fn.decoders.image(encoded_jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    image = fn.experimental.warp_perspective(image, interp_type=types.INTERP_CUBIC, fill_value=CLIP_MEAN_UINT8, **warp)
+    image = fn.crop_mirror_normalize(
+        image,
+        mean=[255 * m for m in CLIP_MEAN],
+        std=[255 * s for s in CLIP_STD],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )  # (3, S, S)
+    orig_mask = fn.decoders.image(encoded_png, device="cpu", output_type=types.GRAY)  # (h, w, 1), 0 or 255
+    mask = fn.experimental.warp_perspective(
+        orig_mask.gpu() if gpu else orig_mask, interp_type=types.INTERP_LINEAR, fill_value=[0], **warp
+    )  # (S, S, 1) uint8, rounded as the released code's uint8 warp
+    mask = fn.cast(fn.transpose(mask, perm=[2, 0, 1]), dtype=types.FLOAT) / 255.0  # (1, S, S)
+    return image, mask, orig_mask
 
 
 @pipeline_def
@@ -81,23 +110,7 @@ def _letterbox_pipeline(
         pad_last_batch=not train,
         name=_READER,
     )
-    new_h, new_w, anchor, canvas = _letterbox_nodes(jpeg, size)
-    image = fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    image = fn.resize(image, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_CUBIC)
-    image = fn.slice(image, anchor, canvas, axes=[0, 1], out_of_bounds_policy="pad", fill_values=CLIP_MEAN_UINT8)
-    image = fn.crop_mirror_normalize(
-        image,
-        mean=[255 * m for m in CLIP_MEAN],
-        std=[255 * s for s in CLIP_STD],
-        dtype=types.FLOAT,
-        output_layout="CHW",
-    )  # (3, S, S)
-    orig_mask = fn.decoders.image(png, device="cpu", output_type=types.GRAY)  # (h, w, 1), 0 or 255
-    mask = orig_mask.gpu() if gpu else orig_mask
-    # Linear and float output: the mask edge stays soft, as letterbox_mask.
-    mask = fn.resize(mask, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
-    mask = fn.slice(mask, anchor, canvas, axes=[0, 1], out_of_bounds_policy="pad", fill_values=0.0)
-    mask = dmath.clamp(fn.transpose(mask, perm=[2, 0, 1]) / 255.0, 0.0, 1.0)  # (1, S, S); resampling may overshoot
+    image, mask, orig_mask = letterbox_nodes(jpeg, png, size, gpu)
     tokens = fn.pad(tokens, axes=[0])  # (L_max,) uint8: the .npy bytes, zero past each sample's end
     if train:
         return image, mask, tokens, meta

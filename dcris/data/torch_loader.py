@@ -1,4 +1,4 @@
-"""The PyTorch loader: webdataset tar reading + PIL letterbox (the reference the DALI loader is tested against).
+"""The PyTorch loader: webdataset tar reading, PIL decoding and the letterbox of :mod:`dcris.data.letterbox`.
 
 It reads the ``jpg``, ``mask.png``, ``tokens.npy`` (``np.load``) and ``meta`` fields of each sample (the shard
 format is described in ``shards/pack.py``).
