@@ -58,7 +58,7 @@ def check_context_length(model_length: int, shards_length: int, shards_dir: str 
     if model_length != shards_length:
         raise UserError(
             f"the model reads {model_length}-token sentences but the shards in {shards_dir} hold {shards_length}-token "
-            f"rows: use model.text.context_length={shards_length} or repack with --context-length {model_length}"
+            f"rows: repack with --context-length {model_length}, or use a model of context length {shards_length}"
         )
 
 
