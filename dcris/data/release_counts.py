@@ -6,8 +6,8 @@ so only its objects are checked).
 
 RefCOCO+ train: the paper's table repeats RefCOCO's 120,624 expressions. REFER publishes 141,564 expressions
 for RefCOCO+ in all, over the same objects per split as listed here (42,278 + 3,805 + 1,975 + 1,798 = 49,856,
-REFER's object total); with val, testA and testB as published that leaves 120,191 for train, which is what a
-genuine refs(unc).p holds -- checking against the paper's figure would flag every genuine release.
+REFER's object total); with val, testA and testB as published that leaves 120,191 for train. The check uses
+120,191: against the paper's figure it would flag a release that agrees with REFER's own totals.
 """
 
 from __future__ import annotations
