@@ -288,7 +288,8 @@ def test_training_batches(shards: Path, release: Path, refs: dict, loader: str) 
         assert all(b["image"].shape == (4, 3, SIZE, SIZE) and b["tokens"].shape == (4, 17) for b in out)
         for b in out:  # each mask is its own object's (after the shuffles), letterboxed
             for ref_id, mask in zip(b["ref_id"].tolist(), b["mask"][:, 0].numpy(), strict=True):
-                assert np.abs(mask - letterbox_mask(_original_mask(release, refs[ref_id]), SIZE)).max() < 1e-3
+                # resamplers may differ by a few grey levels; another object's mask would differ by 1 somewhere
+                assert np.abs(mask - letterbox_mask(_original_mask(release, refs[ref_id]), SIZE)).max() < 0.05
         return {int(r): t for b in out for r, t in zip(b["ref_id"], b["tokens"], strict=True)}
 
     first, second = epoch(0, 0), epoch(1, 0)
