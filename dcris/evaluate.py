@@ -60,6 +60,7 @@ def evaluate(
         data = build_loader(
             shards, split, train=False, batch_size=batch_size, image_size=image_size, rank=rank,
             world_size=world_size, workers=workers, loader=loader, device=str(device),
+            context_length=model.cfg.text.context_length,
         )  # fmt: skip
         acc = IoUAccumulator()
         for batch in tqdm(data, desc=f"eval {split}", disable=rank != 0, leave=False, dynamic_ncols=True):

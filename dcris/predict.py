@@ -10,6 +10,7 @@ Each OUT gets the overlay (mask over the image) and, beside it, ``OUT_mask.png``
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from dcris.data.letterbox import letterbox_image, normalize_image
 from dcris.errors import UserError
 from dcris.metrics import masks_from_logits
 from dcris.model import DCRIS
-from dcris.tokenizer import TextTooLongError, tokenize
+from dcris.tokenizer import tokenize, truncations
 
 OVERLAY_COLOUR = (255, 0, 255)  # mask tint: magenta, unlike any synthetic shape
 OVERLAY_ALPHA = 0.5
@@ -37,17 +38,11 @@ def read_image(path: str | Path) -> Image.Image:
 
 @torch.no_grad()
 def predict_mask(model: DCRIS, image: Image.Image, text: str) -> np.ndarray:
-    """The bool mask (h, w) at the image's own resolution for one phrase.
-
-    Raises:
-        UserError: the phrase needs more tokens than the model's context.
-    """
+    """The bool mask (h, w) at the image's own resolution for one phrase (cut to the model's context length, as
+    training and evaluation cut theirs; :func:`dcris.tokenizer.truncations` says when that happens)."""
     cfg = model.cfg
     device = next(model.parameters()).device
-    try:
-        tokens = tokenize([text], cfg.text.context_length, truncate=False)  # (1, 17)
-    except TextTooLongError as exc:
-        raise UserError(str(exc)) from None
+    tokens = tokenize([text], cfg.text.context_length)  # (1, L)
     canvas = torch.from_numpy(letterbox_image(image, cfg.image_size)).to(device)  # (S, S, 3) uint8
     pixels = normalize_image(canvas.permute(2, 0, 1))[None]  # (1, 3, S, S)
     logits = model(pixels, tokens.to(device))  # (1, 1, 4S/14, 4S/14)
@@ -101,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcris predict", description=__doc__.split("\n")[0])
     parser.add_argument("--weights", required=True, help="export (.safetensors) or checkpoint folder")
     parser.add_argument("--image", action="append", help="input image (repeatable)")
-    parser.add_argument("--text", action="append", help="referring phrase for the image at the same position")
+    parser.add_argument(
+        "--text", action="append",
+        help="referring phrase for the image at the same position (a longer one than the model reads is cut, "
+        "with a warning)",
+    )  # fmt: skip
     parser.add_argument("--out", action="append", help="overlay picture to write (also writes OUT_mask.png)")
     parser.add_argument("--pairs", help="file of IMAGE<TAB>TEXT<TAB>OUT lines")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
@@ -114,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     from dcris.checkpoint import load_weights  # after the arguments are checked: loading takes a while
 
     model = load_weights(args.weights, args.device, args.overrides)
+    length = model.cfg.text.context_length
     for image_path, text, out in pairs:
+        for cut in truncations([text], length):
+            print(
+                f"warning: {text!r} needs {cut.tokens_needed} tokens, the model reads {length}: "
+                f"using {cut.kept!r}",
+                file=sys.stderr,
+            )
         image = read_image(image_path)
         mask = predict_mask(model, image, text)
         write_prediction(image, mask, out)

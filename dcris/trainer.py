@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from dcris.checkpoint import export_engine, load_checkpoint, save_checkpoint, set_rng_state
 from dcris.config import Config, load_config, to_dict
-from dcris.data import build_loader
+from dcris.data import build_loader, shards_context_length
 from dcris.errors import UserError
 from dcris.evaluate import evaluate, split_size
 from dcris.metrics import format_table
@@ -113,6 +113,10 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
     split_size(d.shards, d.train_split, train=True)  # fails early, on one line, without shards
     for split in d.eval_splits:
         split_size(d.shards, split, train=False)
+    shards_length = shards_context_length(d.shards)  # SPEC 2: 22 for G-Ref umd, else 17
+    if cfg.model.text.context_length != shards_length and rank == 0:
+        print(f"model.text.context_length={shards_length}: the sentence length of the shards in {d.shards}")
+    cfg.model.text.context_length = shards_length  # before the model is built: the config and export record it
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = precision_dtype(t)
 
@@ -120,7 +124,7 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
         return build_loader(
             d.shards, d.train_split, train=True, batch_size=micro, image_size=cfg.model.image_size, rank=rank,
             world_size=world, seed=d.seed, workers=d.workers, loader=d.loader, device=str(device), epoch=epoch,
-            shuffle_buffer=d.shuffle_buffer,
+            shuffle_buffer=d.shuffle_buffer, context_length=cfg.model.text.context_length,
         )  # fmt: skip
 
     steps_per_epoch = len(loader(0)) // accum  # the loader yields the same count on every rank

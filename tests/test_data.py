@@ -9,6 +9,7 @@ import random
 import shutil
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -24,13 +25,14 @@ from dcris.data.letterbox import (
     CLIP_STD,
     forward_affine,
     inverse_affine,
+    letterbox_mask,
     normalize_image,
     unletterbox,
     warp_affine,
 )
 from dcris.data.synth import make_synthetic_release
 from dcris.data.torch_loader import decode_sample
-from dcris.tokenizer import TextTooLongError, tokenize
+from dcris.tokenizer import TextTooLongError, tokenize, truncations
 
 LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI"))]
 SIZE = 112  # a small canvas keeps the tests fast; the geometry does not depend on it
@@ -43,11 +45,6 @@ def _pack(release: Path, out: Path, *extra: str) -> int:
     images = str(release / "images")
     argv = ["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images", images]
     return pack.main([*argv, "--out", str(out), "--shard-size", "7", "--workers", "2", *extra])
-
-
-@pytest.fixture(scope="session")
-def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_release(tmp_path_factory.mktemp("release"), images=24, seed=3)
 
 
 @pytest.fixture(scope="session")
@@ -159,6 +156,40 @@ def test_tokenize_matches_open_clip_and_truncates() -> None:
     with pytest.raises(TextTooLongError) as error:
         tokenize([texts[0], long_text], truncate=False)
     assert str(error.value).startswith("text too long: ") and long_text in str(error.value)
+
+
+def test_truncations_report_what_tokenize_cuts() -> None:
+    rng = random.Random(4)
+    words = ["the", "small", "red", "circle", "on", "left", "man", "in", "shirt", "zebra", "next", "to", "giraffe"]
+    texts = [" ".join(rng.choices(words, k=rng.randint(1, 25))) for _ in range(30)]
+    needed = (open_clip.get_tokenizer("ViT-B-16")(texts, context_length=77) != 0).sum(dim=1).tolist()
+    cuts = truncations(texts, 17)
+    assert [c.index for c in cuts] == [i for i, n in enumerate(needed) if n > 17] and cuts
+    for cut in cuts:
+        assert cut.text == texts[cut.index] and cut.tokens_needed == needed[cut.index]
+        assert torch.equal(tokenize([cut.kept])[0], tokenize([cut.text])[0])  # the kept words are what is read
+    assert truncations(texts, 77) == []
+
+
+def test_predict_cuts_a_long_phrase_with_one_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dcris.cli import main as cli_main
+    from dcris.config import preset
+    from dcris.export import save_export
+    from dcris.model import build_model
+
+    cfg = preset("tiny-dcris")
+    weights = save_export(build_model(cfg.model, pretrained=False).state_dict(), cfg, tmp_path / "m.safetensors")
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(image)
+    long_text = "the small red circle on the left next to the big blue square below the green triangle"
+    argv = ["predict", "--weights", str(weights), "--image", str(image), "--text", long_text]
+    argv += ["--out", str(tmp_path / "a.png"), "--image", str(image), "--text", "the red circle"]
+    capsys.readouterr()
+    assert cli_main([*argv, "--out", str(tmp_path / "b.png")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert repr(long_text) in warnings[0] and "needs 19 tokens, the model reads 17" in warnings[0]
+    assert all((tmp_path / name).is_file() for name in ("a.png", "a_mask.png", "b.png", "b_mask.png"))
 
 
 def test_letterbox_matrices_are_the_released_ones() -> None:
@@ -356,7 +387,7 @@ def test_ranks_split_evaluation_exactly(shards: Path, loader: str) -> None:
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_training_batches(shards: Path, refs: dict, loader: str) -> None:
+def test_training_batches(shards: Path, release: Path, refs: dict, loader: str) -> None:
     def epoch(rank: int, number: int) -> dict[int, torch.Tensor]:
         batches = build_loader(
             shards,
@@ -375,16 +406,100 @@ def test_training_batches(shards: Path, refs: dict, loader: str) -> None:
         out = list(batches)
         assert len(out) == len(batches) == (num_samples(shards, "train", train=True) // 2) // 4
         assert all(b["image"].shape == (4, 3, SIZE, SIZE) and b["tokens"].shape == (4, 17) for b in out)
+        for b in out:  # each mask is its own object's (after the shuffles), letterboxed
+            for ref_id, mask in zip(b["ref_id"].tolist(), b["mask"][:, 0].numpy(), strict=True):
+                # resamplers may differ by a few grey levels; another object's mask would differ by 1 somewhere
+                assert np.abs(mask - letterbox_mask(_original_mask(release, refs[ref_id]), SIZE)).max() < 0.05
         return {int(r): t for b in out for r, t in zip(b["ref_id"], b["tokens"], strict=True)}
 
     first, second = epoch(0, 0), epoch(1, 0)
     assert not first.keys() & second.keys()  # ranks read disjoint objects
     again = epoch(0, 0)
-    assert all(torch.equal(again[r], first[r]) for r in first.keys() & again.keys())  # seeded sentence choice
+    assert again.keys() == first.keys()  # the same epoch reads the same objects again (what resuming needs)
+    assert all(torch.equal(again[r], first[r]) for r in first.keys())  # seeded sentence choice
     for ref_id, tokens in first.items():
         assert any(torch.equal(tokens, t) for t in tokenize([s["sent"] for s in refs[ref_id]["sentences"]]))
-    rotated = epoch(0, 1)  # the next epoch, rank 0 reads the range rank 1 read
-    assert not rotated.keys() & first.keys()
+    later = epoch(0, 1), epoch(1, 1)  # the next epoch cuts the shuffled shards differently, still disjoint
+    assert not later[0].keys() & later[1].keys() and later[0].keys() != first.keys()
+
+
+def _shard_of_each_object(shards: Path, split: str) -> dict[int, int]:
+    """ref_id -> position of its shard in the manifest, read with tarfile."""
+    where = {}
+    for k, shard in enumerate(json.loads((shards / "manifest.json").read_text())["splits"][split]["shards"]):
+        with tarfile.open(shards / shard["tar"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    where[json.loads(tar.extractfile(member).read())["ref_id"]] = k
+    return where
+
+
+@pytest.mark.skipif(not dali_available(), reason="no DALI")
+def test_dali_shard_order_follows_seed_and_epoch(shards: Path) -> None:
+    shard_of = _shard_of_each_object(shards, "train")
+    num_shards = len(set(shard_of.values()))
+
+    def read(seed: int, epoch: int, buffer: int, rank: int = 0, world: int = 1, loader: str = "dali") -> list[int]:
+        batches = build_loader(
+            shards, "train", train=True, batch_size=1, image_size=16, rank=rank, world_size=world, seed=seed,
+            epoch=epoch, shuffle_buffer=buffer, loader=loader, workers=1 if loader == "dali" else 0,
+        )  # fmt: skip
+        return [int(b["ref_id"][0]) for b in batches]
+
+    orders = {}
+    for seed, epoch in ((0, 0), (0, 1), (1, 0)):
+        # a one-sample buffer keeps the file order: whole shards, in the permutation drawn from (seed, epoch)
+        order = read(seed, epoch, 1)
+        assert sorted(order) == sorted(shard_of)  # one rank, batches of one: every object once
+        shard_sequence = [shard_of[r] for k, r in enumerate(order) if k == 0 or shard_of[order[k - 1]] != shard_of[r]]
+        assert shard_sequence == np.random.default_rng((seed, epoch)).permutation(num_shards).tolist()
+        orders[seed, epoch] = shard_sequence
+    assert len({tuple(o) for o in orders.values()}) == 3  # another epoch or seed: another shard order
+    assert read(5, 3, 16) == read(5, 3, 16)  # the same epoch again (a resumed run): the same order, buffer and all
+    for rank in range(2):  # both loaders cut the shuffled shards into the same rank ranges
+        assert set(read(2, 1, 16, rank, 2)) == set(read(2, 1, 16, rank, 2, "torch"))
+
+
+def test_torch_workers_read_only_their_share(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcris.data import torch_loader
+
+    manifest = json.loads((shards / "manifest.json").read_text())["splits"]["train"]
+    total = manifest["objects"]
+    reads: list[tuple[int, str, int]] = []  # (worker, tar, sample number in the tar)
+    worker = [0]
+    read_samples = torch_loader.read_samples
+
+    def recording(tar: str, index: list, lo: int, hi: int):  # noqa: ANN202
+        reads.extend((worker[0], tar, k) for k in range(lo, hi))
+        yield from read_samples(tar, index, lo, hi)
+
+    monkeypatch.setattr(torch_loader, "read_samples", recording)
+    for train in (False, True):
+        reads.clear()
+        ld = build_loader(
+            shards, "train", train=train, batch_size=3, image_size=16, rank=1, world_size=2, seed=4, loader="torch"
+        )
+        yielded = []
+        for worker[0] in range(3):  # the three DataLoader workers, run one after the other in this process
+            info = SimpleNamespace(id=worker[0], num_workers=3)
+            monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda info=info: info)
+            yielded += [int(r) for part in torch_loader._RankParts(ld) for r in part["meta"][:, 1]]
+        read_once = {(tar, k) for _, tar, k in reads}
+        assert len(reads) == len(read_once) == total - total // 2  # every sample of rank 1's range read once
+        assert sorted(yielded) == sorted(set(yielded)) and len(yielded) == total - total // 2
+    # evaluation with real worker processes: rank 1's range, every sentence, in the packed order
+    objects = []
+    for shard in manifest["shards"]:
+        with tarfile.open(shards / shard["tar"]) as tar:
+            infos = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+        objects += [(info["ref_id"], len(info["sentences"])) for info in infos]
+    expected = [(r, k) for r, n in objects[total // 2 :] for k in range(n)]
+    monkeypatch.undo()
+    batches = build_loader(
+        shards, "train", train=False, batch_size=3, image_size=16, rank=1, world_size=2, loader="torch", workers=2
+    )
+    got = [(int(r), int(k)) for b in batches for r, k in zip(b["ref_id"], b["sent_idx"], strict=True)]
+    assert got == expected
 
 
 def _corrupt_release(release: Path, tmp_path: Path) -> tuple[Path, dict[int, str]]:
@@ -468,7 +583,7 @@ def test_rerun_resumes_and_repairs(release: Path, shards: Path, tmp_path: Path, 
     damaged.write_bytes(damaged.read_bytes()[:-1024])  # an interrupted copy: checksum no longer matches
     capsys.readouterr()
     assert _pack(release, out) == 0
-    assert f"({shard_count - 1} of {shard_count} shards were already complete)" in capsys.readouterr().out
+    assert f"; {shard_count - 1} of {shard_count} shards were already complete)" in capsys.readouterr().out
     assert json.loads((out / "synthetic" / "manifest.json").read_text())["splits"].keys() == manifest["splits"].keys()
     items = [b for b in build_loader(out / "synthetic", "train", train=True, batch_size=4, loader="torch", workers=0)]
     assert len(items) == (manifest["splits"]["train"]["objects"] // 4)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from dcris.cli import main as cli_main
 from dcris.config import ConfigError, load_config, preset
+from dcris.data import build_loader
 from dcris.export import load_exported, save_export
 from dcris.model import build_model
 from dcris.train_setup import batch_layout, deepspeed_config
@@ -59,13 +60,30 @@ def test_batch_layout_and_deepspeed_config() -> None:
         batch_layout(cfg.train, 3)
 
 
+@torch.no_grad()
+def _split_loss(model: torch.nn.Module, shards: Path) -> float:
+    """Mean loss over the train split, BatchNorm on batch statistics as in training, dropout seeded."""
+    model.train()
+    torch.manual_seed(1)
+    losses = [
+        (model.loss(model(b["image"], b["tokens"]), b["mask"]).item(), len(b["image"]))
+        for b in build_loader(shards, "train", train=True, batch_size=8, image_size=112, loader="torch", workers=0)
+    ]
+    return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+
+
 def test_training_loss_falls(shards: Path, tmp_path: Path) -> None:
     log = _train(
         shards, tmp_path / "run", "train.max_steps=16", "train.log_every_steps=4", "train.lr=0.003",
         "train.keep_checkpoints=1",
     )  # fmt: skip
     assert [r["step"] for r in log] == [4, 8, 12, 16]
-    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    # The loss over the whole train split, before (the trainer's seeded init) and after: the logged window means
+    # of 4-image batches swing with a few hard batches (single steps range from 0.2 to 3), so they cannot show it.
+    torch.manual_seed(0)  # train.seed, as the trainer seeds the model's init
+    initial = build_model(preset("tiny-dcris").model, pretrained=True)
+    trained = load_exported(tmp_path / "run" / "dcris.safetensors")
+    assert _split_loss(trained, shards) < 0.7 * _split_loss(initial, shards)
     assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "dcris.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step00000016"
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))  # DeepSpeed's monitor
@@ -170,8 +188,6 @@ def test_bad_predict_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(image)
     base = ["predict", "--weights", str(weights), "--out", str(tmp_path / "o.png")]
     _one_error_line(capsys, [*base, "--image", str(tmp_path / "not_an_image.jpg"), "--text", "a cat"], "cannot read")
-    long_text = "the small red circle on the left next to the big blue square below the green triangle"
-    _one_error_line(capsys, [*base, "--image", str(image), "--text", long_text], "too long")
     assert cli_main([*base, "--image", str(image), "--text", "the red circle"]) == 0
     assert (tmp_path / "o.png").is_file() and (tmp_path / "o_mask.png").is_file()
 

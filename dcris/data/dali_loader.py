@@ -28,20 +28,20 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from dcris.data.common import ShardLoader
+from dcris.data.common import ShardLoader, to_device
 from dcris.data.letterbox import CLIP_MEAN, CLIP_MEAN_UINT8, CLIP_STD
 
 _READER = "shards"
 
 
 def tokens_from_npy(padded: np.ndarray, max_sentences: int, context_length: int) -> torch.Tensor:
-    """int64 (B, K_max, 17) tokens from the ``tokens.npy`` bytes of a batch, (B, L) uint8 zero-padded.
+    """int64 (B, K_max, L) tokens from the ``tokens.npy`` bytes of a batch, (B, N) uint8 zero-padded.
 
     ``np.load`` reads exactly the array its header describes, so the zero padding after it is ignored.
     """
     out = torch.zeros(len(padded), max_sentences, context_length, dtype=torch.long)
     for i, row in enumerate(padded):
-        tokens = np.load(io.BytesIO(row.tobytes()), allow_pickle=False)  # int32 (K, 17)
+        tokens = np.load(io.BytesIO(row.tobytes()), allow_pickle=False)  # int32 (K, L)
         out[i, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
     return out
 
@@ -106,7 +106,7 @@ def _letterbox_pipeline(
         initial_fill=shuffle_buffer,
         shard_id=shard_id,
         num_shards=num_shards,
-        stick_to_shard=True,  # the loader rotates ranges itself, once per epoch (dcris.data.common)
+        stick_to_shard=True,  # a fresh pipeline per epoch; the shard order (given by the loader) varies by epoch
         pad_last_batch=not train,
         name=_READER,
     )
@@ -125,16 +125,16 @@ class DaliShardLoader(ShardLoader):
         device_id = (
             (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
         )
-        tars, indices = zip(*self.shard_paths, strict=True)
-        # A stable 31-bit seed per (seed, epoch, rank): DALI wants a non-negative int.
+        shards = self.epoch_shards()  # in this epoch's order: the reader cuts the ranks' ranges over it
+        # A stable 31-bit seed per (seed, epoch, rank) for the shuffle buffer: DALI wants a non-negative int.
         seed = zlib.crc32(f"{self.seed}-{self.epoch}-{self.rank}".encode()) & 0x7FFFFFFF
         return _letterbox_pipeline(
-            list(tars),
-            list(indices),
+            [s["tar"] for s in shards],
+            [s["idx"] for s in shards],
             self.image_size,
             self.train,
             gpu,
-            self.range_index,
+            self.rank,
             self.world_size,
             self.shuffle_buffer,
             batch_size=self.batch_size,
@@ -156,9 +156,9 @@ class DaliShardLoader(ShardLoader):
             meta = out["meta"].cpu()  # (B, 7)
             tokens_all = tokens_from_npy(out["tokens"].cpu().numpy(), self.max_sentences, self.context_length)
             batch = dict(
-                image=out["image"].to(self.device),
-                mask=out["mask"].to(self.device),
-                tokens_all=tokens_all.to(self.device),
+                image=to_device(out["image"], self.device),  # already there when DALI decoded on the GPU
+                mask=to_device(out["mask"], self.device),
+                tokens_all=to_device(tokens_all, self.device),
                 meta=meta,
             )
             if not self.train:
