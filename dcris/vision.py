@@ -86,7 +86,13 @@ class VisionEncoder(nn.Module):
             }
         )
 
-    def _block(self, i: int, x: torch.Tensor, words: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (B, 3, S, S) to the input of block 0 (B, 1 + R + H*W, C) and the patch grid (H, W)."""
+        grid = (images.shape[2] // self.cfg.patch_size, images.shape[3] // self.cfg.patch_size)
+        return self.backbone.embeddings(images), grid  # tokens: cls, registers, patches
+
+    def block(self, i: int, x: torch.Tensor, words: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+        """Block ``i`` (with its DenseCrossAdapter attending to ``words``, if it has one) on x (B, N, C)."""
         layer = self.backbone.encoder.layer[i]
         att = layer.attention
         b, n, c = x.shape
@@ -101,15 +107,17 @@ class VisionEncoder(nn.Module):
             branch = branch + self.scale * adapter(y, words, grid)
         return x + layer.layer_scale2(branch)
 
+    def feature_maps(self, taps: list[torch.Tensor], x: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+        """The tapped block outputs and the normed last output x, each (B, N, C), as three (B, C, H, W) maps."""
+        maps = [*taps, self.backbone.layernorm(x)]
+        return [t[:, self.num_prefix :].transpose(1, 2).reshape(x.shape[0], -1, *grid) for t in maps]
+
     def forward(self, images: torch.Tensor, words: torch.Tensor) -> list[torch.Tensor]:
         """Maps images (B, 3, S, S) and words (B, L, text_dim) to three (B, C, S/14, S/14) maps."""
-        b, _, height, width = images.shape
-        grid = (height // self.cfg.patch_size, width // self.cfg.patch_size)
-        x = self.backbone.embeddings(images)  # (B, 1 + R + H*W, C): cls, registers, patches
+        x, grid = self.embed(images)  # (B, 1 + R + H*W, C)
         taps = []
         for i in range(self.cfg.depth):
-            x = self._block(i, x, words, grid)
+            x = self.block(i, x, words, grid)
             if i in self.cfg.taps:
                 taps.append(x)
-        taps.append(self.backbone.layernorm(x))
-        return [t[:, self.num_prefix :].transpose(1, 2).reshape(b, -1, *grid) for t in taps]  # 3 x (B, C, H, W)
+        return self.feature_maps(taps, x, grid)
