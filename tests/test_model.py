@@ -226,7 +226,7 @@ def test_params_table_da_only_and_ta_only(capsys):
     assert params_main(["--preset", "dcris-b", "--vision-layers", "none", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["adapter_params"] == 6 * 66_112
     assert params_main(["--preset", "dcris-b"]) == 0
-    assert "2,694,048 (1.80% of frozen)" in capsys.readouterr().out
+    assert "2,694,048 (1.80% of backbone)" in capsys.readouterr().out
 
 
 @pytest.mark.gpu
