@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dcris.bottleneck_adapters import CompacterAdapters, HoulsbyAdapters
+from dcris.bottleneck_adapters import compacter_adapters, houlsby_adapters
 from dcris.bridger import Bridger
 from dcris.config import ModelConfig
 from dcris.text import TextEncoder
@@ -47,9 +47,9 @@ def build_baseline(cfg: ModelConfig, text: TextEncoder, vision: VisionEncoder) -
     b = cfg.baseline
     text_blocks, vision_blocks = method_blocks(cfg.text.layers, b.every), method_blocks(cfg.vision.depth, b.every)
     if b.method == "houlsby":
-        return HoulsbyAdapters(text, vision, text_blocks, vision_blocks, b.hidden)
+        return houlsby_adapters(text, vision, text_blocks, vision_blocks, b.hidden)
     if b.method == "compacter":
-        return CompacterAdapters(text, vision, text_blocks, vision_blocks, b.hidden, b.phm_dim, b.rank)
+        return compacter_adapters(text, vision, text_blocks, vision_blocks, b.hidden, b.phm_dim, b.rank)
     if b.method == "etris":
         return Bridger(vision_blocks, cfg.vision.width, cfg.text.width, b.hidden, b.heads)
     if b.method == "lora":

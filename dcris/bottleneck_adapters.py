@@ -120,6 +120,7 @@ class BlockAdapters(nn.Module):
         text_blocks: text blocks that get adapters.
         vision_blocks: vision blocks that get adapters.
         make: builds one adapter for a stream of the given width.
+        phm_rule: Compacter's rule (n, n, n), shared by every adapter and passed to each call; None for Houlsby.
     """
 
     def __init__(
@@ -129,9 +130,11 @@ class BlockAdapters(nn.Module):
         text_blocks: list[int],
         vision_blocks: list[int],
         make: Callable[[int], nn.Module],
+        phm_rule: nn.Parameter | None = None,
     ) -> None:
         super().__init__()
         self.adapters = nn.ModuleDict()
+        self.register_parameter("phm_rule", phm_rule)
         for i in vision_blocks:
             layer = vision.backbone.encoder.layer[i]
             self._attach(f"vision_{i}_attn", layer.attention.o_proj, make(vision.cfg.width))
@@ -147,43 +150,34 @@ class BlockAdapters(nn.Module):
 
     def _adapt(self, key: str, sublayer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook: the sublayer's output, adapted."""
-        return self.adapters[key](output)
-
-
-class HoulsbyAdapters(BlockAdapters):
-    """Houlsby adapters (module docstring) of bottleneck ``hidden``."""
-
-    def __init__(
-        self, text: TextEncoder, vision: VisionEncoder, text_blocks: list[int], vision_blocks: list[int], hidden: int
-    ) -> None:
-        super().__init__(text, vision, text_blocks, vision_blocks, lambda dim: HoulsbyAdapter(dim, hidden))
-
-
-class CompacterAdapters(BlockAdapters):
-    """Compacter adapters (module docstring): bottleneck ``hidden``, ``n`` factors, rank ``rank``, one shared rule."""
-
-    def __init__(
-        self,
-        text: TextEncoder,
-        vision: VisionEncoder,
-        text_blocks: list[int],
-        vision_blocks: list[int],
-        hidden: int,
-        n: int,
-        rank: int,
-    ) -> None:
-        super().__init__(text, vision, text_blocks, vision_blocks, lambda dim: CompacterAdapter(dim, hidden, n, rank))
-        self.phm_rule = nn.Parameter(torch.empty(n, n, n))
-        nn.init.normal_(self.phm_rule, std=PHM_RULE_INIT_STD)
-
-    def _adapt(self, key: str, sublayer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.phm_rule is None:
+            return self.adapters[key](output)
         return self.adapters[key](output, self.phm_rule)
 
 
+def houlsby_adapters(
+    text: TextEncoder, vision: VisionEncoder, text_blocks: list[int], vision_blocks: list[int], hidden: int
+) -> BlockAdapters:
+    """Houlsby adapters (module docstring) of bottleneck ``hidden``."""
+    return BlockAdapters(text, vision, text_blocks, vision_blocks, lambda dim: HoulsbyAdapter(dim, hidden))
+
+
+def compacter_adapters(
+    text: TextEncoder, vision: VisionEncoder, text_blocks: list[int], vision_blocks: list[int], hidden: int, n: int,
+    rank: int,
+) -> BlockAdapters:  # fmt: skip
+    """Compacter adapters (module docstring): bottleneck ``hidden``, ``n`` factors, rank ``rank``, one shared rule."""
+    rule = nn.Parameter(torch.empty(n, n, n))
+    nn.init.normal_(rule, std=PHM_RULE_INIT_STD)
+    make = lambda dim: CompacterAdapter(dim, hidden, n, rank)  # noqa: E731
+    return BlockAdapters(text, vision, text_blocks, vision_blocks, make, phm_rule=rule)
+
+
 __all__ = [
+    "BlockAdapters",
     "CompacterAdapter",
-    "CompacterAdapters",
     "HoulsbyAdapter",
-    "HoulsbyAdapters",
     "PHMLinear",
+    "compacter_adapters",
+    "houlsby_adapters",
 ]

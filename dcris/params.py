@@ -60,7 +60,9 @@ def parameter_report(cfg: Config) -> dict[str, float]:
 def format_table(name: str, cfg: Config, counts: dict[str, float]) -> str:
     m = cfg.model
     a, b = m.adapters, m.baseline
-    method = b.method + (" + backbones" if m.train_backbones else "")
+    method = b.method
+    if m.train_backbones:
+        method = "full fine-tuning" if b.method == "none" else f"{b.method} + backbones"
     rows = [
         ("preset", name),
         ("vision adapter layers", ",".join(map(str, a.vision_layers)) or "-"),

@@ -393,18 +393,6 @@ def test_export_keys_follow_the_config():
     assert set(backbone) <= set(exported_keys(full_cfg, keys))
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dcris.data import pack, synth
-
-    root = tmp_path_factory.mktemp("synthetic")
-    synth.make_synthetic_release(root / "release", images=24, seed=0)
-    release = root / "release"
-    pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc",
-               "--images", str(release / "images"), "--out", str(root / "shards"), "--workers", "1"])  # fmt: skip
-    return root / "shards" / "synthetic"
-
-
 def test_full_tune_under_zero3_in_one_process(shards: Path, tmp_path: Path):
     """ZeRO-3 partitions every weight; training changes the backbone, the export holds the trained weights."""
     out = tmp_path / "run"
