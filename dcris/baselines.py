@@ -37,24 +37,25 @@ def method_blocks(depth: int, every: int) -> list[int]:
 def build_baseline(cfg: ModelConfig, text: TextEncoder, vision: VisionEncoder) -> nn.Module | None:
     """Builds ``cfg.baseline`` into the encoders (LoRA) or beside them (adapters, bridgers; returned).
 
-    Also makes the backbones trainable when ``cfg.train_backbones``.
+    Then makes the backbones trainable when ``cfg.train_backbones`` (after LoRA, which freezes what it wraps).
 
     Returns:
         The module holding the method's own parameters (to be registered on the model), or None.
     """
-    if cfg.train_backbones:
-        train_backbones(text, vision)
     b = cfg.baseline
     text_blocks, vision_blocks = method_blocks(cfg.text.layers, b.every), method_blocks(cfg.vision.depth, b.every)
+    module = None
     if b.method == "houlsby":
-        return houlsby_adapters(text, vision, text_blocks, vision_blocks, b.hidden)
-    if b.method == "compacter":
-        return compacter_adapters(text, vision, text_blocks, vision_blocks, b.hidden, b.phm_dim, b.rank)
-    if b.method == "etris":
-        return Bridger(vision_blocks, cfg.vision.width, cfg.text.width, b.hidden, b.heads)
-    if b.method == "lora":
+        module = houlsby_adapters(text, vision, text_blocks, vision_blocks, b.hidden)
+    elif b.method == "compacter":
+        module = compacter_adapters(text, vision, text_blocks, vision_blocks, b.hidden, b.phm_dim, b.rank)
+    elif b.method == "etris":
+        module = Bridger(vision_blocks, cfg.vision.width, cfg.text.width, b.hidden, b.heads)
+    elif b.method == "lora":
         add_lora(text, vision, text_blocks, vision_blocks, b.rank, b.lora_alpha)
-    return None
+    if cfg.train_backbones:
+        train_backbones(text, vision)
+    return module
 
 
 def add_lora(

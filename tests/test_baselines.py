@@ -385,6 +385,11 @@ def test_full_tune_trains_every_used_backbone_weight():
     assert frozen == unreached == {"text.logit_scale", "vision.backbone.embeddings.mask_token"}
 
 
+def test_lora_with_full_fine_tuning_keeps_the_backbones_trainable(capsys):
+    counts = _params(capsys, "--preset", "lora", "model.train_backbones=true")
+    assert counts["added_params"] == BACKBONE_B - UNUSED + lora_count(20) and counts["frozen_params"] == UNUSED
+
+
 def test_export_keys_follow_the_config():
     keys = list(build_model(preset("tiny-dcris").model, pretrained=False).state_dict())
     backbone = [k for k in keys if k.startswith(("text.transformer.", "vision.backbone."))]

@@ -165,3 +165,15 @@ def test_a_row_is_finished_once_scored_on_every_split(tmp_path: Path):
     assert row_status(run, ["val"]) == "trained"
     (run / "final_metrics.json").write_text('{"val": {"miou": 0.5}}')
     assert row_status(run, ["val"]) == "finished" and row_status(run, ["val", "testA"]) == "trained"
+
+
+def test_a_trained_row_is_only_scored(tmp_path: Path):
+    (tmp_path / "fix-backbone").mkdir()
+    (tmp_path / "fix-backbone" / "dcris.safetensors").write_bytes(b"")
+    planned = {p.row.name: p for p in plan(TABLES[2], tmp_path / "shards", tmp_path, [], ["val"])}
+    assert planned["fix-backbone"].status == "trained" and planned["houlsby"].status == "not run"
+    (scoring,) = row_commands(planned["fix-backbone"], ["python"], ["val"], [])
+    assert scoring[1].endswith("launch/eval.py") and scoring[scoring.index("--splits") + 1] == "val"
+    assert [Path(c[1]).name for c in row_commands(planned["houlsby"], ["python"], ["val"], [])] == [
+        "train.py", "eval.py"
+    ]  # fmt: skip
