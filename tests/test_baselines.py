@@ -233,7 +233,7 @@ def test_loss_falls_on_a_repeated_batch_training_the_method_alone(method: str):
     opt = torch.optim.Adam(params, lr=1e-2)
     images, tokens, masks = _batch(cfg, seed=1)
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         loss = model.loss(model(images, tokens), masks)
         opt.zero_grad()
         loss.backward()
