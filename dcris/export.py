@@ -1,4 +1,5 @@
-"""Deployable weights: the adapters and the head as safetensors, with the config that rebuilds the model.
+"""Deployable weights: what trains (the adapters and the head, a Table 2 method's own parameters, and the backbones
+too under full fine-tuning, ``model.train_backbones``) as safetensors, with the config that rebuilds the model.
 
 Rule for the frozen backbones: a backbone whose weights are named in the config (``model.vision.weights``,
 ``model.text.weights``) is reloaded from that name and is not in the file; a backbone without a name was
@@ -28,7 +29,7 @@ def exported_keys(cfg: Config, state_keys: list[str]) -> list[str]:
     return [
         k
         for k in state_keys
-        if is_trainable_key(k)
+        if is_trainable_key(k, cfg.model)
         or (random_text and k.startswith("text."))
         or (random_vision and k.startswith("vision.backbone."))
     ]

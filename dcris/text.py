@@ -69,21 +69,33 @@ class TextEncoder(nn.Module):
                 raise ConfigError(f"text weights {source!r}: {k} has shape {tuple(v.shape)}, the config needs {need}")
         self.load_state_dict(text, strict=False)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Maps tokens (B, L) to f_t (B, L, width) and f_s (B, embed_dim)."""
-        length = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, width)
-        for i, block in enumerate(self.transformer.resblocks):
-            x = x + block.ls_1(block.attn(*(block.ln_1(x),) * 3, causal=True))
-            branch = block.mlp(block.ln_2(x))
-            adapter = self.adapters[str(i)] if str(i) in self.adapters else None
-            if adapter is not None:
-                branch = branch + self.scale * adapter(x)  # the TA reads the residual stream after attention
-            x = x + block.ls_2(branch)
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings of tokens (B, L): the input (B, L, width) of block 0."""
+        return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+
+    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` (with its TextAdapter, if any) on the residual stream x (B, L, width)."""
+        block = self.transformer.resblocks[i]
+        x = x + block.ls_1(block.attn(*(block.ln_1(x),) * 3, causal=True))
+        branch = block.mlp(block.ln_2(x))
+        adapter = self.adapters[str(i)] if str(i) in self.adapters else None
+        if adapter is not None:
+            branch = branch + self.scale * adapter(x)  # the TA reads the residual stream after attention
+        return x + block.ls_2(branch)
+
+    def finish(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's output x (B, L, width) to f_t (B, L, width) and f_s (B, embed_dim)."""
         words = self.ln_final(x)  # (B, L, width)
         # the end token has the largest id: its feature, projected, is the sentence feature
         sentence = words[torch.arange(words.shape[0], device=words.device), tokens.argmax(dim=-1)]
         return words, sentence @ self.text_projection
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps tokens (B, L) to f_t (B, L, width) and f_s (B, embed_dim)."""
+        x = self.embed(tokens)  # (B, L, width)
+        for i in range(self.cfg.layers):
+            x = self.block(i, x)
+        return self.finish(x, tokens)
 
 
 def cached_clip_file(pretrained: dict) -> str | None:

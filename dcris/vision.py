@@ -199,28 +199,35 @@ class VisionEncoder(nn.Module):
         """Runs every block through one ``torch.compile`` d function (blocks of one structure share a graph)."""
         self._block_fn = torch.compile(vision_block, dynamic=False)
 
-    def _block(self, i: int, x: torch.Tensor, words: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def block(self, i: int, x: torch.Tensor, words: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+        """Block ``i`` (with its DenseCrossAdapter attending to ``words``, if it has one) on x (B, N, C)."""
         adapter = self.adapters[str(i)] if str(i) in self.adapters else None
         return self._block_fn(self.backbone.encoder.layer[i], adapter, x, words, grid, self.cfg.heads, self.scale)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Tokens of images (B, 3, S, S): (B, 1 + R + H*W, C) = cls, registers, patches (DINOv2's order)."""
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (B, 3, S, S) to the input of block 0 and the patch grid (H, W).
+
+        The tokens (B, 1 + R + H*W, C) are cls, registers, patches (DINOv2's order), with DINOv2's own resize of the
+        position embedding.
+        """
         emb = self.backbone.embeddings
         grid = (images.shape[-2] // self.cfg.patch_size, images.shape[-1] // self.cfg.patch_size)
         patches = emb.patch_embeddings(images)  # (B, H*W, C)
         x = torch.cat([emb.cls_token.expand(len(images), -1, -1), patches], dim=1)  # (B, 1 + H*W, C)
         x = x + dinov2_position_embeddings(emb.position_embeddings, grid).to(x.dtype)
-        return torch.cat([x[:, :1], emb.register_tokens.expand(len(images), -1, -1), x[:, 1:]], dim=1)
+        return torch.cat([x[:, :1], emb.register_tokens.expand(len(images), -1, -1), x[:, 1:]], dim=1), grid
+
+    def feature_maps(self, taps: list[torch.Tensor], x: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+        """The tapped block outputs and the normed last output x, each (B, N, C), as three (B, C, H, W) maps."""
+        maps = [*taps, self.backbone.layernorm(x)]
+        return [t[:, self.num_prefix :].transpose(1, 2).reshape(x.shape[0], -1, *grid) for t in maps]
 
     def forward(self, images: torch.Tensor, words: torch.Tensor) -> list[torch.Tensor]:
         """Maps images (B, 3, S, S) and words (B, L, text_dim) to three (B, C, S/14, S/14) maps."""
-        b, _, height, width = images.shape
-        grid = (height // self.cfg.patch_size, width // self.cfg.patch_size)
-        x = self.embed(images)  # (B, 1 + R + H*W, C): cls, registers, patches
+        x, grid = self.embed(images)  # (B, 1 + R + H*W, C)
         taps = []
         for i in range(self.cfg.depth):
-            x = self._block(i, x, words, grid)
+            x = self.block(i, x, words, grid)
             if i in self.cfg.taps:
                 taps.append(x)
-        taps.append(self.backbone.layernorm(x))
-        return [t[:, self.num_prefix :].transpose(1, 2).reshape(b, -1, *grid) for t in taps]  # 3 x (B, C, H, W)
+        return self.feature_maps(taps, x, grid)

@@ -1,5 +1,5 @@
-"""Test-session set-up that must happen before any test module imports Triton, the ``gpu`` marker and the
-shared synthetic release."""
+"""Test-session set-up that must happen before any test module imports Triton, the ``gpu`` marker and shared
+fixtures (the synthetic release and its shards)."""
 
 import os
 import pickle
@@ -68,3 +68,16 @@ def release_as(release: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic REFER release packed into shards (about 40 train objects; val and testA)."""
+    from dcris.data import pack, synth
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synth.make_synthetic_release(root / "release", images=24, seed=0)
+    release = root / "release"
+    pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc",
+               "--images", str(release / "images"), "--out", str(root / "shards"), "--workers", "1"])  # fmt: skip
+    return root / "shards" / "synthetic"

@@ -169,7 +169,7 @@ def test_vision_weights_round_trip_and_match_transformers_forward(tmp_path):
     side = cfg.image_size // cfg.vision.patch_size
     emb = reference.embeddings
     with torch.no_grad():
-        tokens = encoder.embed(small)
+        tokens, _ = encoder.embed(small)
         patches = emb.patch_embeddings(small) + dinov2_position_embeddings(emb.position_embeddings, (side, side))[:, 1:]
     torch.testing.assert_close(tokens[:, prefix:], patches)
     torch.testing.assert_close(tokens[:, 0], (emb.cls_token[0] + emb.position_embeddings[:, 0]).expand(2, -1))
@@ -337,7 +337,7 @@ def test_params_table_da_only_and_ta_only(capsys):
     assert params_main(["--preset", "dcris-b", "--vision-layers", "none", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["adapter_params"] == 6 * 66_112
     assert params_main(["--preset", "dcris-b"]) == 0
-    assert "2,694,048 (1.80% of frozen)" in capsys.readouterr().out
+    assert "2,694,048 (1.80% of backbone)" in capsys.readouterr().out
 
 
 @pytest.mark.gpu
