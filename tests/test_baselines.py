@@ -58,12 +58,13 @@ def etris_count(d: int, stages: int) -> int:
     return stages * per_stage + (stages - 1) * 2 * 2 * d
 
 
-def da_count(h: int) -> int:
-    """One DenseCrossAdapter of hidden h (SPEC 2): down, stepwise dense branch (conv + BN), cross-attention, up."""
+def da_count(h: int, c: int = 128) -> int:
+    """One DenseCrossAdapter of hidden h (SPEC 2): down, stepwise dense branch (conv + BN), cross-attention at width
+    c (128 whatever h, as the released code), up."""
     q = h // 16
     dense = (h * h // 2 + h // 2 + h) + ((h + h // 2) * q + 3 * q) + (9 * q * h // 4 + 3 * h // 4)
     dense += ((h + h // 2 + h // 4) * q + 3 * q) + (25 * q * h // 4 + 3 * h // 4)
-    cross = (h * h + h) + (T * h + h) + (3 * h * h + 3 * h + h * h + h) + (h * h + h)
+    cross = (h * c + c) + (T * c + c) + (3 * c * c + 3 * c + c * c + c) + (c * h + h)
     return (D * h + h) + dense + cross + (h * D + D)
 
 
