@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,22 +83,7 @@ def evaluate(
                 shards, split, train=False, batch_size=batch_size, image_size=image_size, rank=rank,
                 world_size=world_size, workers=workers, loader=loader, device=str(device),
             )  # fmt: skip
-            (steps,) = all_reduce_values([len(data)], dist.ReduceOp.MAX)  # forward passes on every rank
-            acc = IoUAccumulator()
-            seen = 0
-            bar = tqdm(data, total=int(steps), desc=f"eval {split}", disable=rank != 0, leave=False, dynamic_ncols=True)
-            with autocast(device, dtype):
-                for batch in bar:
-                    logits = model(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
-                    sizes = [tuple(s) for s in batch["orig_size"].tolist()]  # orig_size is on the CPU: no sync
-                    acc.add_logits(logits, batch["orig_mask"], sizes, image_size)
-                    seen += 1
-                if seen != len(data):  # the others would wait for this rank's missing forwards
-                    raise RuntimeError(f"the {split!r} loader yielded {seen} batches, its len() is {len(data)}")
-                if seen < steps:
-                    image, tokens = _padding_batch(image_size, data.context_length, device)
-                    for _ in range(int(steps) - seen):
-                        model(image, tokens)  # output dropped: padding never reaches the metrics
+            acc = _score_rank(model, data, image_size, device, dtype, progress=f"eval {split}" if rank == 0 else "")
             acc.all_reduce()
             if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
                 raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")
@@ -105,6 +91,32 @@ def evaluate(
     finally:
         model.train(was_training)
     return results
+
+
+def _score_rank(
+    model: nn.Module, data: Any, image_size: int, device: torch.device, dtype: torch.dtype, progress: str
+) -> IoUAccumulator:
+    """This rank's sums over its loader, after as many forward passes as the rank with the most batches runs.
+
+    Args:
+        progress: tqdm description ("" for no bar).
+    """
+    (steps,) = all_reduce_values([len(data)], dist.ReduceOp.MAX)
+    acc = IoUAccumulator()
+    seen = 0
+    with autocast(device, dtype):
+        for batch in tqdm(data, total=int(steps), desc=progress, disable=not progress, leave=False, dynamic_ncols=True):
+            logits = model(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
+            sizes = [tuple(s) for s in batch["orig_size"].tolist()]  # orig_size is on the CPU: no sync
+            acc.add_logits(logits, batch["orig_mask"], sizes, image_size)
+            seen += 1
+        if seen != len(data):  # the other ranks would wait for the missing forward passes
+            raise RuntimeError(f"the loader yielded {seen} batches, its len() is {len(data)}")
+        if seen < steps:
+            image, tokens = _padding_batch(image_size, data.context_length, device)
+            for _ in range(int(steps) - seen):
+                model(image, tokens)  # output dropped: padding never reaches the metrics
+    return acc
 
 
 def _padding_batch(image_size: int, context_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

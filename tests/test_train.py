@@ -71,7 +71,7 @@ def test_batch_layout_and_deepspeed_config() -> None:
 def test_training_loss_falls(shards: Path, tmp_path: Path) -> None:
     log = _train(
         shards, tmp_path / "run", "train.max_steps=16", "train.log_every_steps=4", "train.lr=0.003",
-        "train.keep_checkpoints=1",
+        "train.keep_checkpoints=1", "data.eval_splits=val,testA",
     )  # fmt: skip
     assert [r["step"] for r in log] == [4, 8, 12, 16]
     assert log[-1]["loss"] < 0.7 * log[0]["loss"]
@@ -79,7 +79,9 @@ def test_training_loss_falls(shards: Path, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step00000016"
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))  # DeepSpeed's monitor
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step*")] == ["step00000016"]  # older pruned
-    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [16]
+    # val at the epoch end (11 steps an epoch), then after the last step the data.eval_splits as well
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], list(e["results"])) for e in evaluations] == [(11, ["val"]), (16, ["val", "testA"])]
 
 
 def test_checkpoint_holds_no_frozen_weights_and_loads_like_the_export(shards: Path, tmp_path: Path) -> None:
