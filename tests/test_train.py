@@ -294,9 +294,15 @@ def test_bad_config_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, s
     bad_ds.write_text(json.dumps({"train_batch_size": 64}))
     argv = ["train", "--deepspeed", str(bad_ds), "--preset", "tiny-dcris", f"data.shards={shards}", run]
     _one_error_line(capsys, argv, "train_batch_size")
+    zero3 = ["train", "--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--preset", "tiny-dcris", run]
+    _one_error_line(capsys, [*zero3, f"data.shards={shards}", "train.precision=fp16"], "fp16 needs ZeRO stage 0-2")
+    _one_error_line(capsys, ["train", "--preset", "tiny-dcris", "train.eval_batch_size=0", run], "eval_batch_size")
+    _one_error_line(capsys, ["train", "--preset", "tiny-dcris", f"data.shards={shards}", "train.eval_splits=nope", run],
+                    "split 'nope'")  # fmt: skip
     _one_error_line(
         capsys, ["eval", "--weights", str(tmp_path / "none.safetensors"), "--shards", str(shards)], "weights"
     )
+    _one_error_line(capsys, ["eval", "--weights", "w", "--shards", str(shards), "--batch-size", "0"], "--batch-size")
 
 
 def test_bad_predict_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
