@@ -254,13 +254,11 @@ def _zero_dim_params_as_1d(model: torch.nn.Module) -> Iterator[None]:
 class EngineSetup:
     """A DeepSpeed engine built from a Config, with what the training loop needs to know about it."""
 
-    engine: Any  # deepspeed.DeepSpeedEngine; ``engine.module`` is the DCRIS model
-    optimizer: Any  # DeepSpeed's wrapper of torch Adam over the trainable parameters
+    engine: Any  # deepspeed.DeepSpeedEngine: ``engine.module`` is the model, ``engine.optimizer`` wraps Adam
     scheduler: torch.optim.lr_scheduler.LambdaLR  # per optimizer step, from lr_factor
     device: torch.device
     rank: int
     world_size: int
-    micro_batch: int
     grad_accum: int
     num_trainable: int  # trainable parameters (counted before ZeRO-3 partitions them)
     frozen_digest: str  # frozen_digest() of the model as built
@@ -290,7 +288,7 @@ def build_engine(
 
     t = cfg.train
     rank, local_rank, world = init_distributed()
-    micro, accum = batch_layout(t, world)
+    _, accum = batch_layout(t, world)
     if deepspeed_base is None:
         deepspeed_base, source = read_deepspeed_json(DEFAULT_DEEPSPEED), str(DEFAULT_DEEPSPEED)
     ds_config = deepspeed_config(cfg, world, deepspeed_base, source)
@@ -309,14 +307,13 @@ def build_engine(
     optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, t))
     with _zero_dim_params_as_1d(model):
-        engine, optimizer, _, scheduler = deepspeed.initialize(
+        engine, _, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
     torch.manual_seed(t.seed + rank)  # dropout differs across ranks
     return EngineSetup(
-        engine=engine, optimizer=optimizer, scheduler=scheduler, device=device, rank=rank, world_size=world,
-        micro_batch=micro, grad_accum=accum, num_trainable=num_trainable, frozen_digest=digest,
-        notes=notes,
+        engine=engine, scheduler=scheduler, device=device, rank=rank, world_size=world, grad_accum=accum,
+        num_trainable=num_trainable, frozen_digest=digest, notes=notes,
     )  # fmt: skip
 
 
