@@ -9,11 +9,13 @@ on the same samples, so the numbers show whether the model reads the phrase:
 - ``centre_disc``: a disc at the centre, radius a quarter of the shorter side.
 - ``all_objects``: the union of every object in the image -- it finds the shapes but not which one is meant.
 
-Reproducible on a CPU: the seeds, the data order and the number of threads are fixed and torch runs its
-deterministic kernels, so two runs on one machine give identical weights and metrics. The thread count is fixed
-because it changes how floating-point sums are split and so their rounding: the losses of a 1- and a 2-thread
-run differ from the first step on (in the sixth digit), and such differences grow over thousands of steps. A
-CPU with other vector instructions can round differently too, so another machine may land on other numbers.
+Reproducible on a CPU: the seeds, the data order and the number of threads are fixed, so two runs on one machine
+give identical weights and metrics (torch's CPU kernels used here are deterministic already: its
+``use_deterministic_algorithms`` gives the same weights, 7 times slower). The thread count is fixed because it
+changes how floating-point sums are split and so their rounding: the losses of a 1- and a 2-thread run differ
+from the first step on (in the sixth digit), and such differences grow over thousands of steps. A CPU with
+other vector instructions can round differently too, so another machine may land on other numbers. One thread
+also keeps a busy machine fast: two OpenMP threads that share their cores with other work wait on each other.
 """
 
 from __future__ import annotations
@@ -129,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(str(RECIPE), overrides=[f"data.shards={shards}", f"train.output_dir={run}", *args.overrides])
     torch.set_num_threads(THREADS)
-    if not torch.cuda.is_available():  # on a GPU the demo runs as any training run: faster, not bit-reproducible
-        torch.use_deterministic_algorithms(True)
     t0 = time.time()
     summary = train(cfg, read_deepspeed_json(DEEPSPEED), str(DEEPSPEED))
     times["train_s"] = time.time() - t0
