@@ -119,7 +119,7 @@ class DataConfig:
 
     shards: str = ""  # OUT/NAME directory written by shards/pack.py (holds manifest.json)
     train_split: str = "train"  # split trained on
-    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated after the last step (+ train's)
     loader: str = "auto"  # "dali", "torch" or "auto" (DALI when it imports)
     workers: int = 2  # decoding threads / loader workers per rank
     shuffle_buffer: int = 1000  # samples in the shuffle buffer
@@ -139,8 +139,11 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=lambda: [35])  # epochs at which the lr is multiplied
     lr_gamma: float = 0.1  # by this factor
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
-    precision: str = "bf16"  # "bf16", "fp16" or "fp32"
-    eval_every_steps: int = 0  # evaluate every N optimizer steps as well; 0 = only at epoch ends
+    precision: str = "bf16"  # autocast dtype of the forward passes: "bf16", "fp16" or "fp32"; weights stay fp32
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated during training
+    eval_every_epochs: int = 1  # evaluate eval_splits every N epochs; 0 = only after the last step
+    eval_every_steps: int = 0  # evaluate every N optimizer steps as well; 0 = only at eval_every_epochs
+    eval_batch_size: int = 32  # evaluation images per forward pass on each rank
     log_every_steps: int = 10  # console / TensorBoard interval
     save_every_steps: int = 0  # checkpoint every N steps as well; 0 = only at epoch ends
     keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (older ones deleted); 0 = all
@@ -446,6 +449,11 @@ def validate(cfg: Config) -> None:
     _validate_baseline(m)
     if cfg.train.precision not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got {cfg.train.precision!r}")
+    if cfg.train.eval_every_epochs < 0 or cfg.train.eval_batch_size < 1:
+        raise ConfigError(
+            f"train.eval_every_epochs ({cfg.train.eval_every_epochs}) must be >= 0 and "
+            f"train.eval_batch_size ({cfg.train.eval_batch_size}) >= 1"
+        )
     if cfg.data.loader not in ("auto", "dali", "torch"):
         raise ConfigError(f"data.loader must be auto, dali or torch, got {cfg.data.loader!r}")
 

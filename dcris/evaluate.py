@@ -3,14 +3,20 @@
 python launch/eval.py --weights RUN/dcris.safetensors --shards data/shards/refcoco --splits val,testA,testB
 python launch/eval.py --weights RUN/checkpoints --shards data/shards/refcoco --splits val --out metrics.json
 torchrun --nproc_per_node 8 launch/eval.py ...      (samples sharded over ranks, sums reduced exactly)
+
+Every rank runs the same number of forward passes per split: a rank with fewer batches than the busiest one runs
+padding batches whose outputs are dropped. ZeRO-3 gathers parameters inside every forward (a collective), so
+ranks that stopped early would wait forever for the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +27,8 @@ from dcris.checkpoint import load_weights
 from dcris.data import build_loader, num_samples
 from dcris.errors import UserError
 from dcris.metrics import IoUAccumulator, format_table
+from dcris.tokenizer import tokenize
+from dcris.train_setup import AUTOCAST_DTYPES, all_reduce_values, init_distributed
 
 
 def split_size(shards: str, split: str, train: bool) -> int:
@@ -28,6 +36,13 @@ def split_size(shards: str, split: str, train: bool) -> int:
     if not shards:
         raise UserError("data.shards is not set: point it at a folder written by shards/pack.py")
     return num_samples(shards, split, train)
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``; float32 runs as is."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -47,32 +62,68 @@ def evaluate(
 ) -> dict[str, dict[str, float | int]]:
     """mIoU, oIoU and Pr@ per split (every (object, sentence) once over all ranks).
 
-    Every rank must call this (the sums are all-reduced); a tqdm bar shows progress on rank 0.
+    Every rank must call this (the sums are all-reduced and, with ZeRO-3, every forward is a collective); a tqdm
+    bar shows progress on rank 0.
+
+    Args:
+        dtype: Autocast dtype of the forward passes (bfloat16 or float16), or float32 for none; the weights
+            stay as they are.
 
     Returns:
         ``{split: IoUAccumulator.result()}``.
     """
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     results = {}
-    for split in splits:
-        expected = split_size(shards, split, train=False)
-        data = build_loader(
-            shards, split, train=False, batch_size=batch_size, image_size=image_size, rank=rank,
-            world_size=world_size, workers=workers, loader=loader, device=str(device),
-            context_length=model.cfg.text.context_length,
-        )  # fmt: skip
-        acc = IoUAccumulator()
-        for batch in tqdm(data, desc=f"eval {split}", disable=rank != 0, leave=False, dynamic_ncols=True):
-            logits = model(batch["image"].to(device, dtype), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
-            sizes = [tuple(s) for s in batch["orig_size"].tolist()]
-            acc.add_logits(logits, batch["orig_mask"], sizes, image_size)
-        acc.all_reduce()
-        if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
-            raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")
-        results[split] = acc.result()
-    model.train(was_training)
+    try:
+        for split in splits:
+            expected = split_size(shards, split, train=False)
+            data = build_loader(
+                shards, split, train=False, batch_size=batch_size, image_size=image_size, rank=rank,
+                world_size=world_size, workers=workers, loader=loader, device=str(device),
+                context_length=model.cfg.text.context_length,
+            )  # fmt: skip
+            acc = _score_rank(model, data, image_size, device, dtype, progress=f"eval {split}" if rank == 0 else "")
+            acc.all_reduce()
+            if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
+                raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")
+            results[split] = acc.result()
+    finally:
+        model.train(was_training)
     return results
+
+
+def _score_rank(
+    model: nn.Module, data: Any, image_size: int, device: torch.device, dtype: torch.dtype, progress: str
+) -> IoUAccumulator:
+    """This rank's sums over its loader, after as many forward passes as the rank with the most batches runs.
+
+    Args:
+        progress: tqdm description ("" for no bar).
+    """
+    (steps,) = all_reduce_values([len(data)], dist.ReduceOp.MAX)
+    acc = IoUAccumulator()
+    seen = 0
+    with autocast(device, dtype):
+        for batch in tqdm(data, total=int(steps), desc=progress, disable=not progress, leave=False, dynamic_ncols=True):
+            logits = model(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
+            sizes = [tuple(s) for s in batch["orig_size"].tolist()]  # orig_size is on the CPU: no sync
+            acc.add_logits(logits, batch["orig_mask"], sizes, image_size)
+            seen += 1
+        if seen != len(data):  # the other ranks would wait for the missing forward passes
+            raise RuntimeError(f"the loader yielded {seen} batches, its len() is {len(data)}")
+        if seen < steps:
+            image, tokens = _padding_batch(image_size, data.context_length, device)
+            for _ in range(int(steps) - seen):
+                model(image, tokens)  # output dropped: padding never reaches the metrics
+    return acc
+
+
+def _padding_batch(image_size: int, context_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One blank image and an empty sentence (start and end tokens): a well-formed input whose output is dropped."""
+    image = torch.zeros(1, 3, image_size, image_size, device=device)
+    return image, tokenize([""], context_length).to(device)  # (1, L)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,7 +132,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shards", required=True, help="folder written by shards/pack.py (holds manifest.json)")
     parser.add_argument("--splits", default="val", help="comma-separated splits (default: val)")
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass on each rank")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass on each rank (32)")
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+        help="autocast dtype of the forward passes, TF32 allowed under bf16/fp16; auto: bf16 on a GPU, fp32 on a CPU",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
     parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"), help="data loader")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU, else the CPU)")
@@ -96,18 +151,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dcris eval`` and ``launch/eval.py``."""
     args = parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     splits = [s for s in args.splits.split(",") if s]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision != "fp32" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:  # launched by torchrun / deepspeed: shard the samples, reduce the sums
-        from dcris.train_setup import init_distributed
-
         rank, _, world = init_distributed()
     model = load_weights(args.weights, device, args.overrides)
     results = evaluate(
         model, args.shards, splits, image_size=model.cfg.image_size, batch_size=args.batch_size, rank=rank,
-        world_size=world, workers=args.workers, loader=args.loader, device=device,
+        world_size=world, workers=args.workers, loader=args.loader, device=device, dtype=AUTOCAST_DTYPES[precision],
     )  # fmt: skip
     if rank == 0:
         print(format_table(results))

@@ -72,7 +72,7 @@ def release_as(release: Path) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic REFER release packed into shards (about 40 train objects; val and testA)."""
+    """A small synthetic release (24 images) packed into shards: train, val, testA and testB."""
     from dcris.data import pack, synth
 
     root = tmp_path_factory.mktemp("synthetic")
