@@ -140,7 +140,6 @@ def test_mixed_precision_keeps_weights_state_and_statistics_fp32(
     from deepspeed.runtime import torch_autocast
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from dcris.data import build_loader
 
     # DeepSpeed keeps the autocast dtype of the newest engine in module globals: put them back afterwards
     for name in ("TORCH_AUTOCAST_INITIALIZED", "TORCH_AUTOCAST_DTYPE"):
@@ -203,7 +202,6 @@ def test_sync_batchnorm_conversion_keeps_eval_outputs() -> None:
 
 
 def test_evaluate_equals_per_sample_metrics(shards: Path) -> None:
-    from dcris.data import build_loader
 
     torch.manual_seed(0)
     model = build_model(preset("tiny-dcris").model, pretrained=False).eval()
@@ -251,7 +249,6 @@ def test_resume_matches_uninterrupted_run(shards: Path, tmp_path: Path) -> None:
 
 
 def test_overfit_one_batch_to_high_iou(shards: Path) -> None:
-    from dcris.data import build_loader
 
     torch.manual_seed(0)
     cfg = preset("tiny-dcris")
