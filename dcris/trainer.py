@@ -119,10 +119,11 @@ class Run:
 
     def loader(self, epoch: int) -> Any:
         """The training loader of ``epoch`` on this rank."""
-        return _train_loader(self.cfg, self.setup.rank, self.setup.world_size, self.setup.device, epoch)
+        return train_loader(self.cfg, self.setup.rank, self.setup.world_size, self.setup.device, epoch)
 
 
-def _train_loader(cfg: Config, rank: int, world: int, device: torch.device, epoch: int) -> Any:
+def train_loader(cfg: Config, rank: int, world: int, device: torch.device, epoch: int) -> Any:
+    """The training loader of ``epoch`` on one rank (the benchmark times the same one)."""
     d = cfg.data
     return build_loader(
         d.shards, d.train_split, train=True, batch_size=cfg.train.micro_batch, image_size=cfg.model.image_size,
@@ -151,7 +152,7 @@ def start_run(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str
         print(f"model.text.context_length={shards_length}: the sentence length of the shards in {d.shards}")
     cfg.model.text.context_length = shards_length  # before the model is built: the config and export record it
     # the loader yields the same count on every rank
-    steps_per_epoch = len(_train_loader(cfg, rank, world, rank_device(local_rank), epoch=0)) // accum
+    steps_per_epoch = len(train_loader(cfg, rank, world, rank_device(local_rank), epoch=0)) // accum
     if steps_per_epoch == 0:
         raise UserError(
             f"split {d.train_split!r} of {d.shards} has too few objects for one step of {t.global_batch} images"
