@@ -43,33 +43,33 @@ def init_distributed() -> tuple[int, int, int]:
     """Joins (or, for a plain ``python`` run, creates) the process group; calling it again changes nothing.
 
     The deepspeed launcher and torchrun set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; a plain
-    single-process run gets them here. NCCL with a GPU, gloo without one (DeepSpeed's CPU accelerator).
+    single-process run gets the rank variables here and a group of one. NCCL with a GPU, gloo without one
+    (DeepSpeed's CPU accelerator).
 
     Returns:
         ``(rank, local_rank, world_size)``.
     """
     import deepspeed  # deferred: importing deepspeed probes the accelerator
 
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        # port 0: the store binds a free port itself, so concurrent single-process runs cannot race for one
+        deepspeed.init_distributed(backend, auto_mpi_discovery=False, init_method="tcp://127.0.0.1:0", rank=0,
+                                   world_size=1)  # fmt: skip
+        return 0, 0, 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend)
     return int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"])
 
 
 def rank_device(local_rank: int) -> torch.device:
     """The device of a rank: its GPU, else the CPU."""
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def all_reduce_values(values: list[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:

@@ -239,10 +239,10 @@ def test_all_reduce_is_exact() -> None:
     single = IoUAccumulator()
     for p, m in zip(preds, masks, strict=True):
         single.add(p, m)
-    from dcris.train_setup import _free_port
+    from ports import free_port
 
     out = mp.Manager().dict()
-    mp.spawn(_reduce_worker, args=(2, _free_port(), preds, masks, out), nprocs=2)
+    mp.spawn(_reduce_worker, args=(2, free_port(), preds, masks, out), nprocs=2)
     assert out[0] == out[1] == single.result()  # bit-identical, whatever the split and order
     ious = [np.logical_and(p, m).sum() / np.logical_or(p, m).sum() for p, m in zip(preds, masks, strict=True)]
     assert single.iou_sum == sum(round(iou * IOU_SCALE) for iou in ious)

@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 
 from dcris.errors import UserError
-from dcris.train_setup import _free_port, check_shared_folder
+from dcris.train_setup import check_shared_folder
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -24,7 +25,7 @@ LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "
 def _run_two_ranks(argv: list[str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node 2 ARGV``; a run still going after ``timeout_s`` is killed and fails the test."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}  # this process's own group is not theirs
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     proc = subprocess.Popen(
         [*cmd, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -44,9 +45,10 @@ def test_zero3_on_two_ranks_trains_evaluates_and_exports(shards: Path, tmp_path:
     from dcris.evaluate import evaluate
     from dcris.export import load_exported
 
-    # the ranks get different numbers of val batches: evaluation must pad the shorter rank, or ZeRO-3 hangs
+    # the ranks get different numbers of testA batches: evaluation must pad the shorter rank, or ZeRO-3 hangs
     options = dict(train=False, batch_size=4, image_size=112, world_size=2, loader="torch")
-    assert len(build_loader(shards, "val", rank=0, **options)) != len(build_loader(shards, "val", rank=1, **options))
+    batches = [len(build_loader(shards, "testA", rank=rank, **options)) for rank in (0, 1)]
+    assert batches[0] != batches[1]
     run = tmp_path / "run"
     proc = _run_two_ranks(
         [str(REPO / "launch" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
@@ -88,7 +90,7 @@ def _shared_folder_worker(rank: int, port: int, runs: list[list[str]], results: 
 def test_output_folder_must_be_seen_by_every_rank(tmp_path: Path) -> None:
     shared, separate = [str(tmp_path / "run")] * 2, [str(tmp_path / "node0"), str(tmp_path / "node1")]
     results = mp.Manager().dict()
-    mp.spawn(_shared_folder_worker, args=(_free_port(), [shared, separate], results), nprocs=2)
+    mp.spawn(_shared_folder_worker, args=(free_port(), [shared, separate], results), nprocs=2)
     assert results[0, 0] == results[0, 1] == "ok"
     assert not list(Path(shared[0]).iterdir())  # the token is gone
     for rank in (0, 1):  # both ranks stop, each naming its folder and the rank that cannot see rank 0's files
