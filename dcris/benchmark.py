@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dcris.attention import xformers_available
 from dcris.config import Config, load_config
-from dcris.data import shards_context_length
+from dcris.data import loader_kind, shards_context_length
 from dcris.provenance import git_commit
 from dcris.train_setup import build_engine, precision_dtype, rank_device, read_deepspeed_json
 
@@ -216,6 +216,8 @@ def markdown_row(record: dict[str, Any]) -> str:
     """The BENCHMARKS.md row of a record."""
     c = record["config"]
     switches = ", ".join(k for k in ("fused", "compile", "model_only") if c[k]) or "eager"
+    if not c["model_only"]:
+        switches += f" ({c['loader']} loader)"
     cells = [record["env"]["device"], c["preset"], str(c["batch"]), c["precision"], switches]
     for mode in ("train", "infer"):
         r = record.get(mode)
@@ -254,7 +256,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="add a profiler table of one training step")
     parser.add_argument("--out", default="bench.json", help="JSON record to write")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be at least 1, --warmup at least 0")
     return args
@@ -280,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         record: dict[str, Any] = dict(
             config=dict(preset=args.preset, batch=args.batch, precision=args.precision, fused=args.fused,
                         compile=args.compile, model_only=args.model_only, image_size=cfg.model.image_size,
+                        loader=loader_kind(cfg.data.loader),
                         shards=args.shards or "generated COCO-sized synthetic release"),
             env=environment(),
         )  # fmt: skip

@@ -352,9 +352,9 @@ class SegmentationHead(nn.Module):
 
     def __init__(self, cfg: HeadConfig, vision_width: int, text_width: int) -> None:
         super().__init__()
+        # with channels_last only the maps are converted (in the neck): a convolution follows its input's layout,
+        # and DeepSpeed flattens weights into contiguous buffers anyway (it also needs stride(-1) == 1 to broadcast)
         self.neck, self.decoder, self.proj = build_head(cfg, vision_width, text_width)
-        if cfg.channels_last:
-            self.to(memory_format=torch.channels_last)  # the conv weights; maps are converted in the neck
 
     def forward(
         self, maps: Sequence[torch.Tensor], words: torch.Tensor, sentence: torch.Tensor, tokens: torch.Tensor

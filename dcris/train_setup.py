@@ -43,8 +43,7 @@ def init_distributed() -> tuple[int, int, int]:
     """Joins (or, for a plain ``python`` run, creates) the process group; calling it again changes nothing.
 
     The deepspeed launcher and torchrun set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; a plain
-    single-process run gets the rank variables here and a group of one. NCCL with a GPU, gloo without one
-    (DeepSpeed's CPU accelerator).
+    single-process run gets a group of one. NCCL with a GPU, gloo without one (DeepSpeed's CPU accelerator).
 
     Returns:
         ``(rank, local_rank, world_size)``.
@@ -52,11 +51,14 @@ def init_distributed() -> tuple[int, int, int]:
     import deepspeed  # deferred: importing deepspeed probes the accelerator
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if dist.is_initialized():
+        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
-        # port 0: the store binds a free port itself, so concurrent single-process runs cannot race for one
+        # port 0: the store binds a free port itself, so concurrent single-process runs cannot race for one. Only
+        # LOCAL_RANK (which DeepSpeed's engine reads) is set: the processes this one starts run on their own too
+        os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(backend, auto_mpi_discovery=False, init_method="tcp://127.0.0.1:0", rank=0,
                                    world_size=1)  # fmt: skip
         return 0, 0, 1

@@ -24,7 +24,9 @@ def test_bench_records_training_and_inference_at_tiny_width(tmp_path: Path, mode
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny-dcris", "--batch", "4", "--steps", "3", "--warmup", "1", "--images", "12",
             "--precision", "fp32", "--out", str(out), "data.loader=torch", "data.workers=0"]  # fmt: skip
-    assert benchmark.main(argv + (["--model-only"] if model_only else [])) == 0
+    # the model-only run also takes every speed switch that needs no GPU through the trainer's engine
+    switches = ["model.vision.fused_qkv=true", "model.head.channels_last=true", "model.head.single_key_gate=true"]
+    assert benchmark.main(argv + (["--model-only", *switches] if model_only else [])) == 0
     record = json.loads(out.read_text())
     for mode in ("train", "infer"):
         r = record[mode]

@@ -17,12 +17,27 @@ from typing import Any
 from dcris.data.common import ShardLoader, num_samples, shards_context_length
 from dcris.data.letterbox import CLIP_MEAN, CLIP_STD
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "build_loader", "dali_available", "num_samples", "shards_context_length"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "build_loader",
+    "dali_available",
+    "loader_kind",
+    "num_samples",
+    "shards_context_length",
+]
 
 
 def dali_available() -> bool:
     """Whether NVIDIA DALI is installed (it is imported only when a DALI loader is built)."""
     return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def loader_kind(loader: str) -> str:
+    """The loader that ``loader`` ("dali", "torch" or "auto": DALI when it is installed) names: dali or torch."""
+    if loader not in ("auto", "dali", "torch"):
+        raise ValueError(f"unknown loader {loader!r}: use 'dali', 'torch' or 'auto'")
+    return "dali" if loader == "dali" or (loader == "auto" and dali_available()) else "torch"
 
 
 def build_loader(shards_dir: str | Path, split: str, *, loader: str = "auto", **options: Any) -> ShardLoader:
@@ -40,9 +55,7 @@ def build_loader(shards_dir: str | Path, split: str, *, loader: str = "auto", **
     Returns:
         A :class:`~dcris.data.common.ShardLoader`; ``len()`` is its number of batches per epoch.
     """
-    if loader not in ("auto", "dali", "torch"):
-        raise ValueError(f"unknown loader {loader!r}: use 'dali', 'torch' or 'auto'")
-    if loader == "dali" or (loader == "auto" and dali_available()):
+    if loader_kind(loader) == "dali":
         from dcris.data.dali_loader import DaliShardLoader as impl
     else:
         from dcris.data.torch_loader import TorchShardLoader as impl

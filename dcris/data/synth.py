@@ -168,10 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="release root to write")
     parser.add_argument("--images", type=int, default=200, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--sizes", default="160,320", help="MIN,MAX pixels of each image side (COCO-like: 427,640)")
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be at least 1")
-    root = make_synthetic_release(args.out, args.images, args.seed)
+    try:
+        low, high = (int(v) for v in args.sizes.split(","))
+    except ValueError:
+        parser.error(f"--sizes takes MIN,MAX in pixels, e.g. 427,640; got {args.sizes!r}")
+    if not 16 <= low <= high:
+        parser.error(f"--sizes needs 16 <= MIN <= MAX; got {args.sizes}")
+    root = make_synthetic_release(args.out, args.images, args.seed, sizes=(low, high))
     refs = pickle.loads((root / "synthetic" / "refs(unc).p").read_bytes())
     print(f"wrote {args.images} images and {len(refs)} refs to {root}")
     return 0
