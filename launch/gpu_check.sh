@@ -5,8 +5,8 @@
 #
 #   launch/gpu_check.sh [STAGE ...]
 #
-# Stages (default: all, in this order): tests kernels shards model_only rows loaders profile compiled. A training
-# row whose loader fails is measured again with the PyTorch loader (its row says so).
+# Stages (default: all, in this order): tests kernels shards model_only rows loaders profile compiled. A row whose
+# loader fails is measured again with the PyTorch loader (its row names the loader).
 #
 # Results go to ${OUT:-runs/gpu_check}; the stages can run in separate calls sharing ${SHARDS:-$OUT/shards}.
 # Each stage has a time limit, so one slow stage cannot take the others' time; the last lines printed are the
@@ -43,7 +43,7 @@ bench() {  # NAME SECONDS ARGS...: one launch/bench.py record and its BENCHMARKS
     limited "$seconds" "$out/bench_${name}_torch_loader.txt" "${run[@]}" data.loader=torch
     name=${name}_torch_loader
   fi
-  tail -n 1 "$out/bench_$name.txt" | tee -a "$out/rows.md"
+  { grep "^| " "$out/bench_$name.txt" || echo "| $name: no record (see bench_$name.txt) |"; } | tee -a "$out/rows.md"
 }
 
 for stage in "${stages[@]}"; do
@@ -63,14 +63,15 @@ for stage in "${stages[@]}"; do
           --images "$work/release/images" --out "$work/packed" --workers "$(nproc)" | tail -n 1 &&
         mv "$work/packed/synthetic" "$shards"; rm -rf "$work"; } ;;
     model_only)
-      bench eager_model_only 150 --model-only ;;
+      bench eager_model_only 150 --model-only
+      bench fused_model_only 150 --model-only --fused ;;
     rows)
       bench eager 180
       bench fused 180 --fused ;;
-    compiled)
-      bench compile 300 --compile
-      bench all 300 --fused --compile model.vision.fused_qkv=true model.head.channels_last=true \
-        model.head.single_key_gate=true ;;
+    compiled)  # model-only: what compiling gains is the model's, and the loader can hide it
+      bench compile_model_only 300 --model-only --compile
+      bench all_model_only 300 --model-only --fused --compile model.vision.fused_qkv=true \
+        model.head.channels_last=true model.head.single_key_gate=true ;;
     loaders)
       limited 180 "$out/bench_loaders.txt" python shards/bench_loaders.py --shards "$shards" --repeats 2 \
         --batch-size "$batch" --json "$out/bench_loaders.json"
