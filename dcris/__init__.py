@@ -3,7 +3,8 @@
 ``dcris.Segmenter`` segments what a phrase names in an image (``Segmenter.from_pretrained(path_or_hub_id)``);
 build a model from a config with ``dcris.config.preset`` and ``dcris.model.build_model``; the ``dcris`` command
 line (``dcris.cli``) counts parameters, converts released checkpoints, trains, evaluates, predicts, serves a web
-page and runs the demo. Importing ``dcris`` loads nothing else: ``Segmenter`` is imported when first used.
+page, sweeps the paper's tables and runs the demo. Importing ``dcris`` loads nothing else: ``Segmenter`` is
+imported when first used.
 """
 
 from __future__ import annotations

@@ -34,19 +34,23 @@ def dense_widths(hidden: int) -> tuple[int, int, int, int, int]:
 
 
 class CrossModalAttention(nn.Module):
-    """Visual tokens attend to the word features f_t (no key padding mask, as the released code)."""
+    """Visual tokens attend to the word features f_t (no key padding mask, as the released code).
 
-    def __init__(self, dim: int, text_dim: int, heads: int, dropout: float) -> None:
+    Both sides are projected to ``width`` (128 in the released code whatever the adapter's width), attend, and
+    the result is projected back to the adapter's width.
+    """
+
+    def __init__(self, dim: int, text_dim: int, width: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.image_proj = nn.Linear(dim, dim)
-        self.text_proj = nn.Linear(text_dim, dim)
-        self.multihead_attn = MultiheadAttention(dim, heads, dropout=dropout)
-        self.back_proj = nn.Linear(dim, dim)
+        self.image_proj = nn.Linear(dim, width)
+        self.text_proj = nn.Linear(text_dim, width)
+        self.multihead_attn = MultiheadAttention(width, heads, dropout=dropout)
+        self.back_proj = nn.Linear(width, dim)
 
     def forward(self, tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """Maps tokens (B, N, dim) and words (B, L, text_dim) to (B, N, dim)."""
-        q = self.image_proj(tokens)  # (B, N, dim)
-        kv = self.text_proj(words)  # (B, L, dim)
+        q = self.image_proj(tokens)  # (B, N, width)
+        kv = self.text_proj(words)  # (B, L, width)
         return self.back_proj(self.multihead_attn(q, kv, kv))
 
 
@@ -57,21 +61,30 @@ class DenseCrossAdapter(nn.Module):
         dim: vision width (768 / 1024).
         hidden: bottleneck width (128).
         text_dim: word feature width (512).
+        cross_width: width the cross-attention runs at (128).
         heads: heads of the cross-attention.
         dropout: attention dropout of the cross-attention.
         num_prefix: leading non-patch tokens (cls + registers = 5) that skip the conv branch.
-        fused: let the dense branch use the fused Triton kernel on CUDA.
+        fused: let the dense branch try the fused Triton kernels (it falls back to eager by itself).
     """
 
     def __init__(
-        self, dim: int, hidden: int, text_dim: int, heads: int, dropout: float, num_prefix: int, fused: bool = True
+        self,
+        dim: int,
+        hidden: int,
+        text_dim: int,
+        cross_width: int,
+        heads: int,
+        dropout: float,
+        num_prefix: int,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         self.num_prefix = num_prefix
         self.down = nn.Linear(dim, hidden)
         self.dense = DenseBranch(hidden, widths=dense_widths(hidden))
         self.dense.fused = fused
-        self.cross = CrossModalAttention(hidden, text_dim, heads, dropout)
+        self.cross = CrossModalAttention(hidden, text_dim, cross_width, heads, dropout)
         self.up = nn.Linear(hidden, dim)
         init_kaiming(self)
 
@@ -107,7 +120,9 @@ class TextAdapter(nn.Module):
         """Maps x (B, L, dim) to (B, L, dim)."""
         h = torch.relu(self.down(x))  # (B, L, hidden)
         if self.dense is not None:
-            # position 0 (the start token) passes through; the branch convolves over positions 1..L-1
+            # The branch convolves over positions 1..L-1 (its output includes + h). As in the released code,
+            # position 0's h is put back in front and h is then added at every position: the start token
+            # carries 2 * h[0] (SPEC 2; passing it through once changes f_t by 7%).
             seq = h[:, 1:].transpose(1, 2)  # (B, hidden, L-1)
-            h = torch.cat([h[:, :1], self.dense(seq).transpose(1, 2)], dim=1)  # (B, L, hidden)
+            h = torch.cat([2 * h[:, :1], self.dense(seq).transpose(1, 2)], dim=1)  # (B, L, hidden)
         return self.up(h)

@@ -4,10 +4,17 @@ Layout of ``RUN/checkpoints/``: one folder per tag (``step00001234``) holding De
 (the resolved config) and ``rng_RANK.pt`` (each rank's RNG states); ``latest`` names the newest complete tag.
 DeepSpeed rewrites ``latest`` in place (not atomically), so it is told not to and ``latest`` is replaced
 atomically here, after every rank has finished writing.
+
+The frozen backbones are left out (DeepSpeed's ``exclude_frozen_parameters``): a checkpoint holds the trainable
+tensors, their fp32 Adam state and every buffer (the BatchNorm statistics). Loading rebuilds the frozen parts
+from the config as the run built them (:func:`dcris.train_setup.build_training_model`) and checks them against
+the digest the checkpoint recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -19,12 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dcris.config import Config, from_dict, to_dict
+from dcris.config import Config, apply_overrides, from_dict, to_dict
 from dcris.errors import UserError
 from dcris.export import WEIGHTS_FILE, load_exported, save_export
-from dcris.model import DCRIS, build_model
+from dcris.model import DCRIS
+from dcris.train_setup import build_training_model, frozen_digest
 
 LATEST = "latest"
+DIGEST_KEY = "frozen_digest"  # client-state key of the frozen parameters' digest
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
@@ -52,9 +61,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict, cfg: Config, rank: int) -> str:
-    """Saves a resumable checkpoint on every rank (a collective); returns its tag.
+    """Saves a resumable checkpoint without the frozen parameters on every rank (a collective); returns its tag.
 
-    Then keeps only the newest ``cfg.train.keep_checkpoints`` tags (all when 0).
+    ``client_state`` should hold the ``frozen_digest`` of the model (see :func:`load_weights`). Then keeps only
+    the newest ``cfg.train.keep_checkpoints`` tags (all when 0).
     """
     tag = f"step{step:08d}"
     folder = Path(ckpt_dir) / tag
@@ -62,7 +72,9 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
     torch.save(_rng_state(), folder / f"rng_{rank}.pt")
     if rank == 0:
         (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+    )
     dist.barrier()  # every rank's files are on disk before ``latest`` moves
     if rank == 0:
         tmp = Path(ckpt_dir) / f"{LATEST}.tmp"
@@ -76,8 +88,37 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
     return tag
 
 
-def load_checkpoint(engine: Any, ckpt_dir: str | Path, rank: int) -> tuple[dict, dict | None] | None:
+def _check_digest(saved: str | None, current: str | None, where: Path) -> None:
+    if None not in (saved, current) and saved != current:
+        raise UserError(
+            f"the frozen weights rebuilt from the config differ from those {where} was trained with (other "
+            "backbone weights, or model code that initialises differently); evaluate the run's export instead"
+        )
+
+
+def _load_strict_but_frozen(state: dict[str, torch.Tensor], model: torch.nn.Module, where: Path) -> None:
+    """``model.load_state_dict(state)`` that allows exactly the frozen parameters to be missing."""
+    result = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"checkpoint {where} does not match its config: {len(missing)} missing (e.g. {missing[:1]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:1]})"
+        )
+
+
+def load_checkpoint(
+    engine: Any, ckpt_dir: str | Path, rank: int, digest: str | None = None
+) -> tuple[dict, dict | None] | None:
     """Restores the engine (model, optimizer, LR scheduler) from ``latest``.
+
+    Args:
+        engine: The DeepSpeed engine of the run.
+        ckpt_dir: ``RUN/checkpoints``.
+        rank: This process's rank.
+        digest: ``frozen_digest`` of the engine's model as built, which must match the checkpoint's (None: not
+            checked).
 
     Returns:
         None when there is nothing to resume, else the client state saved with it and this rank's RNG states
@@ -87,10 +128,14 @@ def load_checkpoint(engine: Any, ckpt_dir: str | Path, rank: int) -> tuple[dict,
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    where = Path(ckpt_dir) / tag
+    _, client_state = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, custom_load_fn=lambda src, dst: _load_strict_but_frozen(src, dst, where)
+    )
     if client_state is None:
-        raise UserError(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded")
-    rng = Path(ckpt_dir) / tag / f"rng_{rank}.pt"
+        raise UserError(f"checkpoint {where} could not be loaded")
+    _check_digest(client_state.get(DIGEST_KEY), digest, where)
+    rng = where / f"rng_{rank}.pt"
     return client_state, torch.load(rng, weights_only=False) if rng.is_file() else None
 
 
@@ -98,40 +143,53 @@ def export_engine(engine: Any, cfg: Config, path: str | Path, rank: int, metrics
     """Exports the engine's model to the folder ``path`` (a collective: every rank calls it; rank 0 writes), with
     the last evaluation's ``metrics`` for the model card.
 
-    Trainable parameters are taken from DeepSpeed's fp32 master copy, not the bf16/fp16 working copy.
-    Works for every ZeRO stage; reading a checkpoint folder back (:func:`load_weights`) needs stage 0-2, whose
-    model-states file holds whole tensors.
+    The model's weights are the fp32 master weights (DeepSpeed's 16-bit modes are never on, see
+    :mod:`dcris.train_setup`); ZeRO-3 partitions are gathered on every rank.
     """
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters())):  # ZeRO-3 partitions; a no-op below it
-        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            full = safe_get_full_fp32_param(param)  # gathers the ZeRO partitions (a collective)
-            state[name] = full if full is not None else param.detach().float()
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()} if rank == 0 else {}
     return save_export(state, cfg, path, metrics) if rank == 0 else None
 
 
-def _load_checkpoint_model(ckpt_dir: Path, device: str | torch.device) -> DCRIS:
-    """The model as trained at the ``latest`` tag of a checkpoint folder (or a tag folder itself)."""
+def _tag_folder(ckpt_dir: Path) -> Path:
     tag = latest_tag(ckpt_dir)
     folder = ckpt_dir / tag if tag else ckpt_dir
-    config, states = folder / "config.json", folder / "mp_rank_00_model_states.pt"
-    if not (config.is_file() and states.is_file()):
+    if not ((folder / "config.json").is_file() and list(folder.glob("*model_states.pt"))):
         raise UserError(f"{str(ckpt_dir)!r} is neither a dcris checkpoint folder nor a checkpoint tag")
-    cfg = from_dict(json.loads(config.read_text()))
-    model = build_model(cfg.model, pretrained=True)
-    module_state = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module_state.items()})
+    return folder
+
+
+def _load_checkpoint_model(ckpt_dir: Path, device: str | torch.device, overrides: list[str] | None) -> DCRIS:
+    """The model as trained at the ``latest`` tag of a checkpoint folder (or a tag folder itself).
+
+    Trainable tensors come from the fp32 master weights of the ZeRO optimizer partitions (the model states when
+    there is no ZeRO), buffers from the model states, the frozen parameters from the config.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = _tag_folder(ckpt_dir)
+    cfg = apply_overrides(from_dict(json.loads((folder / "config.json").read_text())), overrides)
+    model = build_training_model(cfg)
+    model_states = torch.load(sorted(folder.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+    _check_digest(model_states.get(DIGEST_KEY), frozen_digest(model), folder)
+    if list(folder.glob("*zero_pp_rank_*optim_states.pt")):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    else:
+        state = model_states["module"]
+    _load_strict_but_frozen(state, model, folder)
     return model.to(device).eval()
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DCRIS:
+def load_weights(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> DCRIS:
     """A model from a training checkpoint folder (``RUN/checkpoints``) or an export (a folder, a Hugging Face Hub
-    model id in the local cache, or an earlier single ``.safetensors`` file; see ``dcris.export``)."""
+    model id in the local cache, or an earlier single ``.safetensors`` file; see ``dcris.export``).
+
+    ``overrides`` (``section.key=value``) change the recorded config before the model is built.
+    """
     if Path(path).is_dir() and not (Path(path) / WEIGHTS_FILE).is_file():
-        return _load_checkpoint_model(Path(path), device)
-    return load_exported(path, device)
+        return _load_checkpoint_model(Path(path), device, overrides)
+    return load_exported(path, device, overrides)

@@ -12,12 +12,13 @@ import sys
 from dcris.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "params": ("dcris.params", "parameter counts of a preset (the paper's Table 5)"),
+    "params": ("dcris.params", "parameter counts of a preset (the paper's Tables 2 and 5)"),
     "convert-detris": ("dcris.convert", "convert a released DETRIS checkpoint to this layout"),
     "train": ("dcris.trainer", "train (also: deepspeed launch/train.py ...)"),
     "eval": ("dcris.evaluate", "evaluate mIoU / oIoU / Pr@ on packed splits"),
     "predict": ("dcris.predict", "segment images from text with exported weights"),
     "app": ("dcris.app", "a web page to try a model: image + phrases -> masks (needs the app extra)"),
+    "sweep": ("dcris.sweep", "train, score and tabulate every row of the paper's Table 2, 3, 4 or 5"),
     "demo": ("dcris.demo", "synthetic data -> pack -> train -> evaluate -> pictures, on a CPU in minutes"),
 }
 

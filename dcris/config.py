@@ -1,8 +1,8 @@
 """Typed configuration: nested dataclasses, named presets, strict overrides.
 
-A run is described by one :class:`Config`. Presets (``dcris-b``, ``dcris-l``, ``detris-b``, ``detris-l`` and
-the tiny test presets) fill it; a YAML/JSON run file lists only what differs; ``key=value`` overrides come
-last. Unknown keys and wrong types are errors that name the key.
+A run is described by one :class:`Config`. Presets (``dcris-b``, ``dcris-l``, ``detris-b``, ``detris-l``, the
+paper's Table 2 rows and the tiny test presets) fill it; a YAML/JSON run file lists only what differs;
+``key=value`` overrides come last. Unknown keys and wrong types are errors that name the key.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class VisionConfig:
     pretrained_size: int = 518  # image size the position embedding was trained for (37x37 patches)
     layerscale_init: float = 1.0  # LayerScale init value (weights overwrite it)
     taps: list[int] = field(default_factory=lambda: [4, 8])  # 0-based blocks whose outputs feed the neck
+    fused_qkv: bool = False  # q, k and v of the frozen attention as one GEMM (weights stacked once at load)
 
 
 @dataclass
@@ -64,9 +65,23 @@ class AdapterConfig:
     text_hidden: int = 64  # TA bottleneck width
     text_form: str = "paper"  # "paper": Linear-ReLU-Linear; "released": with the 1-D dense branch of DETRIS
     scale: float = 0.2  # adapter output scale
+    cross_width: int = 128  # width of the DA's cross-attention to the words (128 at every DA width, as released)
     cross_heads: int = 8  # heads of the DA's cross-attention to the words
     cross_dropout: float = 0.1  # dropout of that attention
-    fused_dense: bool = True  # use the fused Triton dense branch on CUDA (False forces the PyTorch path)
+    fused_dense: bool = False  # fused Triton dense branch (off until a GPU benchmark shows it winning)
+
+
+@dataclass
+class BaselineConfig:
+    """A comparison method of the paper's Table 2 in the frozen backbones (dcris/baselines.py); "none" = DCRIS only."""
+
+    method: str = "none"  # "none", "houlsby", "compacter", "lora" or "etris"
+    every: int = 1  # the method sits in blocks i with (i + 1) % every == 0 (1: every block; 4: ETRIS's 3, 7, 11)
+    hidden: int = 32  # bottleneck width (houlsby, compacter) or bridger width (etris)
+    rank: int = 8  # LoRA rank; the rank of Compacter's factorised PHM weights
+    phm_dim: int = 4  # Compacter's n: Kronecker factors per PHM layer (the shared rule is n x n x n)
+    lora_alpha: float = 8.0  # LoRA scale numerator (scale = lora_alpha / rank)
+    heads: int = 8  # attention heads of the ETRIS bridgers
 
 
 @dataclass
@@ -79,6 +94,8 @@ class HeadConfig:
     ffn_dim: int = 512  # decoder feed-forward hidden width
     dropout: float = 0.1  # decoder dropout
     projector_dim: int = 256  # channels of the projector's last map (per-sample 3x3 kernel over them)
+    channels_last: bool = False  # run the head's convolutions on channels-last maps
+    single_key_gate: bool = False  # sentence gate as out_proj(v_proj(f_s)): its softmax over one key is always 1
 
 
 @dataclass
@@ -87,9 +104,12 @@ class ModelConfig:
 
     image_size: int = 448  # square letterbox input; a multiple of the patch size
     allow_download: bool = False  # fetch named weights from the hub when not cached locally
+    compile: bool = False  # torch.compile the frozen vision blocks and the head
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    train_backbones: bool = False  # train every backbone weight too (Table 2's full-tune row; ZeRO-3 at full size)
     head: HeadConfig = field(default_factory=HeadConfig)
 
 
@@ -99,7 +119,7 @@ class DataConfig:
 
     shards: str = ""  # OUT/NAME directory written by shards/pack.py (holds manifest.json)
     train_split: str = "train"  # split trained on
-    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated after the last step (+ train's)
     loader: str = "auto"  # "dali", "torch" or "auto" (DALI when it imports)
     workers: int = 2  # decoding threads / loader workers per rank
     shuffle_buffer: int = 1000  # samples in the shuffle buffer
@@ -119,9 +139,12 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=lambda: [35])  # epochs at which the lr is multiplied
     lr_gamma: float = 0.1  # by this factor
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
-    precision: str = "bf16"  # "bf16", "fp16" or "fp32"
-    eval_every_steps: int = 0  # evaluate every N optimizer steps as well; 0 = only at epoch ends
-    eval_pictures: int = 8  # pairs of the first eval split drawn to TensorBoard at each evaluation; 0 = none
+    precision: str = "bf16"  # autocast dtype of the forward passes: "bf16", "fp16" or "fp32"; weights stay fp32
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated during training
+    eval_every_epochs: int = 1  # evaluate eval_splits every N epochs; 0 = only after the last step
+    eval_every_steps: int = 0  # evaluate every N optimizer steps as well; 0 = only at eval_every_epochs
+    eval_batch_size: int = 32  # evaluation images per forward pass on each rank
+    eval_pictures: int = 8  # pairs of the first of eval_splits drawn to TensorBoard at each evaluation; 0 = none
     log_every_steps: int = 10  # console / TensorBoard interval
     save_every_steps: int = 0  # checkpoint every N steps as well; 0 = only at epoch ends
     keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (older ones deleted); 0 = all
@@ -189,13 +212,90 @@ def detris_l(cfg: Config) -> None:
     cfg.model.adapters.text_form = "released"
 
 
+@register_preset
+def detris_l_mixed(cfg: Config) -> None:
+    """The released DETRIS-L* (mixed-data training): adapters in every block from 1 on, 384 wide (SPEC 2)."""
+    detris_l(cfg)
+    a = cfg.model.adapters
+    a.vision_layers, a.vision_hidden = list(range(1, cfg.model.vision.depth)), 384
+    a.text_layers, a.text_hidden = list(range(1, cfg.model.text.layers)), 384
+
+
+def _no_dcris_adapters(cfg: Config) -> None:
+    """The DCRIS-B backbones, head and recipe without DenseCrossAdapters and TextAdapters (Table 2's other rows)."""
+    dcris_b(cfg)
+    cfg.model.adapters.vision_layers, cfg.model.adapters.text_layers = [], []
+
+
+# Table 2 of the paper: DCRIS against other ways of tuning the same frozen DINOv2-B and CLIP text backbones, with the
+# same head and recipe. Each method keeps its own design; its width or rank is chosen so that its count of added
+# trainable parameters (the head excluded) lands within 3% of the paper's. Exact counts: `dcris params --preset NAME`.
+
+
+@register_preset
+def full_tune(cfg: Config) -> None:
+    """Every backbone weight trains: 150,010,880 (paper 149.97M, +0.03%); run it with ds_configs/zero3.json."""
+    _no_dcris_adapters(cfg)
+    cfg.model.train_backbones = True
+
+
+@register_preset
+def fix_backbone(cfg: Config) -> None:
+    """No adapters: the head alone trains (paper 0.00M)."""
+    _no_dcris_adapters(cfg)
+
+
+@register_preset
+def houlsby(cfg: Config) -> None:
+    """Houlsby adapters after attention and MLP of all 24 blocks, bottleneck 32: 1,998,336 (paper 1.98M, +0.93%)."""
+    _no_dcris_adapters(cfg)
+    b = cfg.model.baseline
+    b.method, b.hidden = "houlsby", 32
+
+
+@register_preset
+def compacter(cfg: Config) -> None:
+    """Compacter (n = 4, shared rule) in Houlsby's places, bottleneck 192, rank 20: 1,637,440 (paper 1.62M, +1.08%).
+
+    Rank 1 (Compacter's own) cannot reach the paper's count at any sensible width (it would need a bottleneck of
+    10,610), so the rank is the knob that was turned, as the paper describes.
+    """
+    _no_dcris_adapters(cfg)
+    b = cfg.model.baseline
+    b.method, b.hidden, b.rank, b.phm_dim = "compacter", 192, 20, 4
+
+
+@register_preset
+def lora(cfg: Config) -> None:
+    """LoRA (peft) on the query, key and value projections of all 24 blocks, rank 20: 1,597,440 (1.57M, +1.75%)."""
+    _no_dcris_adapters(cfg)
+    b = cfg.model.baseline
+    b.method, b.rank, b.lora_alpha = "lora", 20, 20.0
+
+
+@register_preset
+def etris(cfg: Config) -> None:
+    """ETRIS bridgers after blocks 3, 7 and 11 of both encoders, width 128: 1,387,648 (paper 1.38M, +0.55%)."""
+    _no_dcris_adapters(cfg)
+    b = cfg.model.baseline
+    b.method, b.every, b.hidden, b.heads = "etris", 4, 128, 8
+
+
+@register_preset
+def dcris_b_3da(cfg: Config) -> None:
+    """DCRIS-B with DenseCrossAdapters and TextAdapters at blocks 4, 8 and 11: 1,347,024 (paper 1.34M, +0.52%)."""
+    dcris_b(cfg)
+    cfg.model.adapters.vision_layers, cfg.model.adapters.text_layers = [4, 8, 11], [4, 8, 11]
+
+
 def _tiny(cfg: Config) -> None:
-    """Two-block, width-64 backbones and a narrow head: random init, seconds on a CPU."""
+    """Four-block, width-64 backbones and a narrow head: random init, seconds on a CPU."""
     v, t, a, h = cfg.model.vision, cfg.model.text, cfg.model.adapters, cfg.model.head
     cfg.model.image_size = 112
     v.width, v.depth, v.heads, v.taps, v.pretrained_size = 64, 4, 4, [1, 2], 126  # 9x9 -> 8x8: interpolated
     t.width, t.heads, t.layers, t.embed_dim, t.positions = 64, 4, 4, 64, 17
-    a.vision_layers, a.text_layers, a.vision_hidden, a.text_hidden, a.cross_heads = [1, 3], [1, 3], 32, 16, 4
+    a.vision_layers, a.text_layers, a.vision_hidden, a.text_hidden = [1, 3], [1, 3], 32, 16
+    a.cross_width, a.cross_heads = 32, 4
     h.width, h.decoder_layers, h.decoder_heads, h.ffn_dim, h.projector_dim = 64, 1, 4, 64, 32
     cfg.train.micro_batch, cfg.train.global_batch, cfg.train.lr = 8, 8, 1e-3
 
@@ -287,6 +387,14 @@ def apply_override(cfg: Config, override: str) -> None:
     apply_dict(cfg, nested)
 
 
+def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """Applies ``section.key=value`` overrides to a built config (e.g. one read from an export) and validates it."""
+    for ov in overrides or []:
+        apply_override(cfg, ov)
+    validate(cfg)
+    return cfg
+
+
 def load_config(path: str | None = None, preset_name: str | None = None, overrides: list[str] | None = None) -> Config:
     """Builds a Config: preset (from the file's ``preset`` key, the argument, or dcris-b), file, then overrides."""
     values: dict[str, Any] = {}
@@ -296,10 +404,7 @@ def load_config(path: str | None = None, preset_name: str | None = None, overrid
     values.pop("preset", None)
     cfg = preset(name)
     apply_dict(cfg, values)
-    for ov in overrides or []:
-        apply_override(cfg, ov)
-    validate(cfg)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -341,10 +446,70 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.vision.taps must name exactly two blocks (the third map is the final output)")
     if m.adapters.text_form not in ("paper", "released"):
         raise ConfigError(f"model.adapters.text_form must be 'paper' or 'released', got {m.adapters.text_form!r}")
+    _validate_adapters(m)
+    _validate_baseline(m)
     if cfg.train.precision not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got {cfg.train.precision!r}")
+    if cfg.train.eval_every_epochs < 0 or cfg.train.eval_batch_size < 1:
+        raise ConfigError(
+            f"train.eval_every_epochs ({cfg.train.eval_every_epochs}) must be >= 0 and "
+            f"train.eval_batch_size ({cfg.train.eval_batch_size}) >= 1"
+        )
     if cfg.data.loader not in ("auto", "dali", "torch"):
         raise ConfigError(f"data.loader must be auto, dali or torch, got {cfg.data.loader!r}")
+
+
+def _validate_adapters(m: ModelConfig) -> None:
+    """Widths the DenseCrossAdapter and TextAdapter can be built with (Table 4's switches)."""
+    a = m.adapters
+    if a.vision_layers and (a.vision_hidden < 16 or a.vision_hidden % 16 or a.vision_hidden % a.cross_heads):
+        raise ConfigError(
+            f"model.adapters.vision_hidden {a.vision_hidden} must be a positive multiple of 16 (the dense branch "
+            f"splits it in 2, 4 and 16) and of model.adapters.cross_heads {a.cross_heads}"
+        )
+    if a.text_layers and a.text_hidden < 1:
+        raise ConfigError(f"model.adapters.text_hidden must be positive, got {a.text_hidden}")
+    if a.text_layers and a.text_form == "released" and a.text_hidden % 16:
+        raise ConfigError(f"model.adapters.text_hidden {a.text_hidden} must be a multiple of 16 for the released form")
+
+
+BASELINE_METHODS = ("none", "houlsby", "compacter", "lora", "etris")
+
+
+def _validate_baseline(m: ModelConfig) -> None:
+    """Settings each Table 2 method can be built with."""
+    b = m.baseline
+    if b.method not in BASELINE_METHODS:
+        raise ConfigError(f"model.baseline.method must be one of {', '.join(BASELINE_METHODS)}, got {b.method!r}")
+    if b.method == "none":
+        return
+    for key in ("every", "hidden", "rank", "phm_dim", "heads"):
+        if getattr(b, key) < 1:
+            raise ConfigError(f"model.baseline.{key} must be positive, got {getattr(b, key)}")
+    if b.every > min(m.vision.depth, m.text.layers):
+        raise ConfigError(f"model.baseline.every {b.every} leaves no block: the encoders have fewer blocks")
+    if b.method == "lora" and m.vision.fused_qkv:
+        raise ConfigError("lora adapts the separate q/k/v projections: set model.vision.fused_qkv=false")
+    if b.method == "compacter":
+        widths = (m.vision.width, m.text.width, b.hidden)
+        if any(w % b.phm_dim for w in widths):
+            raise ConfigError(
+                f"compacter: the widths {widths} (vision, text, model.baseline.hidden) must all be multiples of "
+                f"model.baseline.phm_dim {b.phm_dim}"
+            )
+    if b.method == "etris":
+        if m.vision.depth != m.text.layers:
+            raise ConfigError(
+                f"etris bridges the encoders block by block: model.vision.depth {m.vision.depth} must equal "
+                f"model.text.layers {m.text.layers}"
+            )
+        if m.adapters.vision_layers:
+            raise ConfigError(
+                "etris runs both encoders together, so no DenseCrossAdapter can attend to the final words: "
+                "set model.adapters.vision_layers=[]"
+            )
+        if b.hidden % b.heads:
+            raise ConfigError(f"model.baseline.hidden {b.hidden} must be a multiple of model.baseline.heads {b.heads}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -363,6 +528,7 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 __all__ = [
     "AdapterConfig",
+    "BaselineConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -373,6 +539,7 @@ __all__ = [
     "TrainConfig",
     "VisionConfig",
     "apply_override",
+    "apply_overrides",
     "from_dict",
     "load_config",
     "preset",

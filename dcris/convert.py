@@ -3,7 +3,8 @@
 The released state dict (``shared/reference/detris_b_state_dict.tsv`` lists DETRIS-B's keys) uses DINOv2's
 original layout (``dinov2.blocks.N.attn.qkv``), open_clip's text layout (``txt_backbone.*``) and the head's
 names (``neck.*``, ``decoder.*``, ``proj.*``). Every key is renamed by the rules below; the fused ``qkv`` is
-split into transformers' q/k/v projections. An unknown, missing or mis-shaped key is an error naming it.
+split into transformers' q/k/v projections. An unknown, missing or mis-shaped key is an error naming it. The
+layout (DETRIS-B, DETRIS-L, or DETRIS-L* trained on mixed data) is recognised from the keys and shapes.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import Dinov2WithRegistersModel
 
-from dcris.config import Config, preset
+from dcris.config import Config, preset, validate
 from dcris.errors import UserError
 from dcris.model import build_model
 
@@ -70,39 +72,104 @@ def read_released_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def convert_detris_state_dict(released: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """Maps a released DETRIS state dict onto the model ``cfg`` describes, checking every key and shape."""
+# the released layouts, tried in this order when the checkpoint's own layout is to be recognised
+RELEASED_PRESETS = ("detris-b", "detris-l", "detris-l-mixed")
+
+
+def _expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of the model ``cfg`` describes, with its shape (built on the meta device)."""
     with torch.device("meta"):
-        expected = build_model(cfg.model, pretrained=False).state_dict()
+        return {k: tuple(v.shape) for k, v in build_model(cfg.model, pretrained=False).state_dict().items()}
+
+
+def _renamed(released: dict[str, torch.Tensor], cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Our tensors of a released state dict (fused qkv split) and, per our key, the released key it came from.
+
+    A released key no rule knows maps to itself, so that the fit check reports it as unknown.
+    """
     out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     for key, value in released.items():
         qkv = _QKV.match(key)
         if qkv:
             block, kind = qkv.groups()
             for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3), strict=True):
-                out[f"vision.backbone.encoder.layer.{block}.attention.{part}.{kind}"] = chunk.clone()
+                new = f"vision.backbone.encoder.layer.{block}.attention.{part}.{kind}"
+                out[new], origin[new] = chunk.clone(), key
             continue
-        new = rename_key(key)
-        if new is None or new not in expected:
-            raise UserError(f"unknown key {key!r} in the released checkpoint (not part of {cfg.preset})")
-        out[new] = value
+        new = rename_key(key) or key
+        out[new], origin[new] = value, key
     if "text.positional_embedding" in out:
         out["text.positional_embedding"] = out["text.positional_embedding"][: cfg.model.text.positions]
+    return out, origin
+
+
+def _first_misfit(released: dict[str, torch.Tensor], cfg: Config) -> str | None:
+    """Why ``released`` does not fit ``cfg``, naming the first key that does not fit; None when it fits."""
+    expected = _expected_shapes(cfg)
+    out, origin = _renamed(released, cfg)
+    unknown = [k for k in out if k not in expected]
+    if unknown:
+        return f"unknown key {origin[unknown[0]]!r} in the released checkpoint (not part of {cfg.preset})"
     missing = sorted(set(expected) - set(out))
     if missing:
-        raise UserError(f"the released checkpoint lacks {len(missing)} keys of {cfg.preset}, e.g. {missing[0]!r}")
+        return f"the released checkpoint lacks {len(missing)} keys of {cfg.preset}, e.g. {missing[0]!r}"
     for key, value in out.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise UserError(
-                f"key {key!r} has shape {tuple(value.shape)}, {cfg.preset} needs {tuple(expected[key].shape)}"
-            )
-    return out
+        if tuple(value.shape) != expected[key]:
+            return f"key {origin[key]!r} has shape {tuple(value.shape)}, {cfg.preset} needs {expected[key]} (for {key})"
+    return None
+
+
+def convert_detris_state_dict(released: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+    """Maps a released DETRIS state dict onto the model ``cfg`` describes, checking every key and shape.
+
+    Raises:
+        UserError: a key is unknown, missing or mis-shaped for ``cfg``; the message names the first.
+    """
+    misfit = _first_misfit(released, cfg)
+    if misfit:
+        raise UserError(misfit)
+    return _renamed(released, cfg)[0]
 
 
 def detect_preset(released: dict[str, torch.Tensor]) -> str:
-    """detris-l when the checkpoint has 24 vision blocks, else detris-b."""
+    """The released layout (detris-b, detris-l or detris-l-mixed) whose every key and shape the checkpoint fits.
+
+    Raises:
+        UserError: it fits none; the message names the first key that does not fit the closest layout (the one
+            with the same number of vision blocks, else DETRIS-B).
+    """
+    misfits = {}
+    for name in RELEASED_PRESETS:
+        misfits[name] = _first_misfit(released, preset(name))
+        if misfits[name] is None:
+            return name
     blocks = {int(m.group(1)) for k in released if (m := re.match(r"dinov2\.blocks\.(\d+)\.", k))}
-    return "detris-l" if len(blocks) == 24 else "detris-b"
+    closest = next((n for n in RELEASED_PRESETS if preset(n).model.vision.depth == len(blocks)), RELEASED_PRESETS[0])
+    raise UserError(f"the checkpoint fits no released layout ({', '.join(RELEASED_PRESETS)}): {misfits[closest]}")
+
+
+def write_backbones(state: dict[str, torch.Tensor], cfg: Config, folder: Path) -> tuple[Path, Path]:
+    """Writes the checkpoint's own frozen backbones in the formats the loaders read.
+
+    The vision backbone becomes a transformers DINOv2-with-registers folder (``save_pretrained``), the text
+    backbone an open_clip-format state dict (``clip_text.safetensors``, open_clip's key names).
+
+    Returns:
+        The vision folder and the text file.
+    """
+    from safetensors.torch import save_file
+
+    from dcris.vision import hf_vision_config
+
+    vision_dir, text_file = folder / "dinov2", folder / "clip_text.safetensors"
+    backbone = Dinov2WithRegistersModel(hf_vision_config(cfg.model.vision))
+    prefix = "vision.backbone."
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    backbone.save_pretrained(vision_dir)
+    text = {k[len("text.") :]: v.contiguous() for k, v in state.items() if k.startswith("text.")}
+    save_file({k: v for k, v in text.items() if not k.startswith("adapters.")}, str(text_file))
+    return vision_dir, text_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +177,32 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="dcris convert-detris", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="released DETRIS .pth")
-    parser.add_argument("out", help="output .safetensors (loadable by dcris predict / launch/eval.py)")
-    parser.add_argument("--preset", choices=["detris-b", "detris-l"], help="default: detected from the checkpoint")
+    parser.add_argument("out", help="output export folder (loadable by dcris predict / dcris eval / dcris app)")
+    parser.add_argument(
+        "--preset", help=f"target preset (default: recognised from the checkpoint's keys and shapes: "
+        f"{', '.join(RELEASED_PRESETS)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--context-length", type=int, default=17,
+        help="tokens per sentence the checkpoint was trained with: 22 for the released G-Ref umd models, else 17",
+    )  # fmt: skip
+    parser.add_argument(
+        "--backbones", metavar="DIR",
+        help="also write the checkpoint's own frozen backbones to DIR (DIR/dinov2, DIR/clip_text.safetensors) and "
+        "record them in the export, so that it loads with no hub at all",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     released = read_released_checkpoint(args.checkpoint)
     cfg = preset(args.preset or detect_preset(released))
+    if cfg.model.adapters.text_form != "released":
+        raise UserError(f"preset {cfg.preset!r} has paper-form text adapters; released checkpoints need a detris-* one")
+    cfg.model.text.context_length = args.context_length
+    validate(cfg)
     state = convert_detris_state_dict(released, cfg)
+    if args.backbones:
+        vision_dir, text_file = write_backbones(state, cfg, Path(args.backbones).resolve())
+        cfg.model.vision.weights, cfg.model.text.weights = str(vision_dir), str(text_file)
+        print(f"wrote the frozen backbones: {vision_dir} and {text_file}")
     save_export(state, cfg, args.out)
     print(f"converted {len(released)} released tensors -> {args.out} ({cfg.preset})")
     return 0

@@ -4,11 +4,17 @@ python launch/eval.py --weights RUN/export --shards data/shards/refcoco --splits
 python launch/eval.py --weights RUN/checkpoints --shards data/shards/refcoco --splits val --out metrics.json
 python launch/eval.py --weights RUN/export --shards data/shards/refcoco --pictures 16   (contact_sheet_val.png)
 torchrun --nproc_per_node 8 launch/eval.py ...      (samples sharded over ranks, sums reduced exactly)
+
+Every rank runs the same number of forward passes per split: a rank with fewer batches than the busiest one runs
+padding batches whose outputs are dropped. ZeRO-3 gathers parameters inside every forward (a collective), so
+ranks that stopped early would wait forever for the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -24,6 +30,8 @@ from dcris.checkpoint import load_weights
 from dcris.data import build_loader, num_samples
 from dcris.errors import UserError
 from dcris.metrics import IoUAccumulator, format_table
+from dcris.tokenizer import tokenize
+from dcris.train_setup import AUTOCAST_DTYPES, all_reduce_values, init_distributed
 
 
 def split_size(shards: str, split: str, train: bool) -> int:
@@ -31,6 +39,13 @@ def split_size(shards: str, split: str, train: bool) -> int:
     if not shards:
         raise UserError("data.shards is not set: point it at a folder written by shards/pack.py")
     return num_samples(shards, split, train)
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``; float32 runs as is."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -51,34 +66,81 @@ def evaluate(
 ) -> dict[str, dict[str, float | int]]:
     """mIoU, oIoU and Pr@ per split (every (object, sentence) once over all ranks).
 
-    Every rank must call this (the sums are all-reduced); a tqdm bar shows progress on rank 0. ``on_batch``, when
-    given, sees every batch with its per-sample IoUs (``dcris.pictures.IoURecorder`` keeps them for pictures).
+    Every rank must call this (the sums are all-reduced and, with ZeRO-3, every forward is a collective); a tqdm
+    bar shows progress on rank 0.
+
+    Args:
+        dtype: Autocast dtype of the forward passes (bfloat16 or float16), or float32 for none; the weights
+            stay as they are.
+        on_batch: Sees every batch of this rank with its per-sample IoUs (``dcris.pictures.IoURecorder`` keeps
+            them for pictures); padding batches are never shown.
 
     Returns:
         ``{split: IoUAccumulator.result()}``.
     """
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     results = {}
-    for split in splits:
-        expected = split_size(shards, split, train=False)
-        data = build_loader(
-            shards, split, train=False, batch_size=batch_size, image_size=image_size, rank=rank,
-            world_size=world_size, workers=workers, loader=loader, device=str(device),
-        )  # fmt: skip
-        acc = IoUAccumulator()
-        for batch in tqdm(data, desc=f"eval {split}", disable=rank != 0, leave=False, dynamic_ncols=True):
-            logits = model(batch["image"].to(device, dtype), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
-            sizes = [tuple(s) for s in batch["orig_size"].tolist()]
+    try:
+        for split in splits:
+            expected = split_size(shards, split, train=False)
+            data = build_loader(
+                shards, split, train=False, batch_size=batch_size, image_size=image_size, rank=rank,
+                world_size=world_size, workers=workers, loader=loader, device=str(device),
+                context_length=model.cfg.text.context_length,
+            )  # fmt: skip
+            progress = f"eval {split}" if rank == 0 else ""
+            split_batches = functools.partial(on_batch, split) if on_batch else None
+            acc = _score_rank(model, data, image_size, device, dtype, progress, split_batches)
+            acc.all_reduce()
+            if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
+                raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")
+            results[split] = acc.result()
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _score_rank(
+    model: nn.Module,
+    data: Any,
+    image_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: str,
+    on_batch: Callable[[dict[str, Any], list[float]], None] | None = None,
+) -> IoUAccumulator:
+    """This rank's sums over its loader, after as many forward passes as the rank with the most batches runs.
+
+    Args:
+        progress: tqdm description ("" for no bar).
+        on_batch: Sees every real batch with its per-sample IoUs.
+    """
+    (steps,) = all_reduce_values([len(data)], dist.ReduceOp.MAX)
+    acc = IoUAccumulator()
+    seen = 0
+    with autocast(device, dtype):
+        for batch in tqdm(data, total=int(steps), desc=progress, disable=not progress, leave=False, dynamic_ncols=True):
+            logits = model(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
+            sizes = [tuple(s) for s in batch["orig_size"].tolist()]  # orig_size is on the CPU: no sync
             ious = acc.add_logits(logits, batch["orig_mask"], sizes, image_size)
             if on_batch is not None:
-                on_batch(split, batch, ious)
-        acc.all_reduce()
-        if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
-            raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")
-        results[split] = acc.result()
-    model.train(was_training)
-    return results
+                on_batch(batch, ious)
+            seen += 1
+        if seen != len(data):  # the other ranks would wait for the missing forward passes
+            raise RuntimeError(f"the loader yielded {seen} batches, its len() is {len(data)}")
+        if seen < steps:
+            image, tokens = _padding_batch(image_size, data.context_length, device)
+            for _ in range(int(steps) - seen):
+                model(image, tokens)  # output dropped: padding never reaches the metrics
+    return acc
+
+
+def _padding_batch(image_size: int, context_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One blank image and an empty sentence (start and end tokens): a well-formed input whose output is dropped."""
+    image = torch.zeros(1, 3, image_size, image_size, device=device)
+    return image, tokenize([""], context_length).to(device)  # (1, L)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,32 +154,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also draw N pairs of each split, from the best to the worst IoU, as one contact sheet PNG per split",
     )  # fmt: skip
     parser.add_argument("--pictures-dir", help="where the contact sheets go (default: beside --out, else .)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass on each rank")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass on each rank (32)")
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+        help="autocast dtype of the forward passes, TF32 allowed under bf16/fp16; auto: bf16 on a GPU, fp32 on a CPU",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
     parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"), help="data loader")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU, else the CPU)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="changes to the weights' recorded config, e.g. model.vision.weights=DIR or model.allow_download=true",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dcris eval`` and ``launch/eval.py``."""
     args = parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     splits = [s for s in args.splits.split(",") if s]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision != "fp32" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:  # launched by torchrun / deepspeed: shard the samples, reduce the sums
-        from dcris.train_setup import init_distributed
-
         rank, _, world = init_distributed()
-    model = load_weights(args.weights, device)
+    model = load_weights(args.weights, device, args.overrides)
     from dcris.pictures import IoURecorder, contact_sheets
 
     recorder = IoURecorder() if args.pictures > 0 else None
     results = evaluate(
         model, args.shards, splits, image_size=model.cfg.image_size, batch_size=args.batch_size, rank=rank,
-        world_size=world, workers=args.workers, loader=args.loader, device=device, on_batch=recorder,
+        world_size=world, workers=args.workers, loader=args.loader, device=device, dtype=AUTOCAST_DTYPES[precision],
+        on_batch=recorder,
     )  # fmt: skip
     sheets = contact_sheets(model, recorder, args.shards, splits, args.pictures, rank) if recorder else {}
     if rank == 0:

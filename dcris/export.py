@@ -1,7 +1,9 @@
 """Deployable weights in the Hugging Face Hub layout: one folder (or Hub model repository) holding
 
     config.json        {"format": "dcris-export/2", "config": the resolved Config, "metrics": per-split results}
-    model.safetensors  the adapters and the head in float32, plus every backbone that has no weights name
+    model.safetensors  what trains (the adapters and the head, a Table 2 method's own parameters, and the backbones
+                       too under full fine-tuning, ``model.train_backbones``) in float32, plus every backbone that
+                       has no weights name
     README.md          the model card: preset, backbones, training data, metrics, parameter counts, how to load
 
 Rule for the frozen backbones: a backbone whose weights are named in the config (``model.vision.weights``,
@@ -29,7 +31,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, O
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from dcris.config import Config, apply_override, from_dict, to_dict, validate
+from dcris.config import Config, apply_overrides, from_dict, to_dict
 from dcris.errors import UserError
 from dcris.metrics import PREC_THRESHOLDS
 from dcris.model import DCRIS, build_model, is_trainable_key
@@ -97,7 +99,7 @@ def exported_keys(cfg: Config, state_keys: list[str]) -> list[str]:
     return [
         k
         for k in state_keys
-        if is_trainable_key(k)
+        if is_trainable_key(k, cfg.model)
         or (random_text and k.startswith("text."))
         or (random_vision and k.startswith("vision.backbone."))
     ]
@@ -262,9 +264,7 @@ class ExportedWeights(
         override ``model.allow_download=true`` lets named backbones be fetched.
         """
         self.cfg.model.allow_download = False
-        for override in overrides or []:
-            apply_override(self.cfg, override)
-        validate(self.cfg)
+        apply_overrides(self.cfg, overrides)
 
     def to_model(self, device: str | torch.device = "cpu") -> DCRIS:
         """Rebuilds the model: config, named backbones from their weights, the rest from the tensors (strictly:
@@ -356,10 +356,7 @@ def read_export_config(path: str | Path) -> Config:
 
 def download_allowed(overrides: list[str] | None) -> bool:
     """Whether the overrides hold ``model.allow_download=true``, the one switch that permits downloads."""
-    scratch = Config()
-    for override in overrides or []:
-        apply_override(scratch, override)
-    return scratch.model.allow_download
+    return apply_overrides(Config(), overrides).model.allow_download
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> DCRIS:
@@ -368,8 +365,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", override
     Args:
         path: Export folder, earlier single-file export, or Hub model id.
         device: Where the model goes.
-        overrides: ``section.key=value`` changes to the recorded config before the model is built;
-            ``model.allow_download=true`` also lets a Hub id missing from the local cache be fetched.
+        overrides: ``section.key=value`` changes to the recorded config before the model is built (backbone
+            weight paths, ...); ``model.allow_download=true`` also lets a Hub id missing from the local cache,
+            and named backbones missing from theirs, be fetched.
 
     Returns:
         The model in eval mode on ``device``.

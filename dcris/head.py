@@ -1,10 +1,10 @@
 """The trainable CRIS-style segmentation head: neck, vision-language decoder, projector and loss (SPEC 2, "Head").
 
-Parameter and buffer names follow the released DETRIS code, so the ``neck.*``, ``decoder.*`` and ``proj.*`` keys
-of a released checkpoint load as they are when the model registers :class:`Neck`, :class:`Decoder` and
-:class:`Projector` as its top-level ``neck``, ``decoder`` and ``proj``. Init is PyTorch's default for every
-layer, as in CRIS/DETRIS (the attention's in-projection is Xavier-uniform with zero biases, as in torch's
-``nn.MultiheadAttention``). Every attention goes through :class:`dcris.attention.MultiheadAttention`.
+Parameter and buffer names follow the released DETRIS code: :class:`SegmentationHead` holds :class:`Neck`,
+:class:`Decoder` and :class:`Projector` as ``neck``, ``decoder`` and ``proj``, so a released checkpoint's
+``neck.*``, ``decoder.*`` and ``proj.*`` keys are the model's ``head.neck.*``, ... keys. Init is PyTorch's
+default for every layer, as in CRIS/DETRIS (the attention's in-projection is Xavier-uniform with zero biases, as
+in torch's ``nn.MultiheadAttention``). Every attention goes through :class:`dcris.attention.MultiheadAttention`.
 """
 
 from __future__ import annotations
@@ -42,14 +42,24 @@ def conv_bn_relu(in_dim: int, out_dim: int, kernel_size: int = 1, transposed: bo
 
 
 class SentenceGate(nn.Module):
-    """Gates a map by the sentence: map tokens attend to the one sentence vector; map * attention output."""
+    """Gates a map by the sentence: map tokens attend to the one sentence vector; map * attention output.
 
-    def __init__(self, width: int, heads: int) -> None:
+    With a single key the softmax is 1 for every query, so the attention output is ``out_proj(v_proj(f_s))`` for
+    every token: ``single_key`` computes it that way, once per sample, skipping the queries and keys.
+    """
+
+    def __init__(self, width: int, heads: int, single_key: bool = False) -> None:
         super().__init__()
         self.multihead_attn = MultiheadAttention(width, heads)
+        self.single_key = single_key
 
     def forward(self, x: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         """Gates ``x`` (B, HW, C) by ``sentence`` (B, 1, C); returns (B, HW, C)."""
+        if self.single_key:
+            attn = self.multihead_attn
+            _, _, w_v = attn.in_proj_weight.chunk(3)
+            _, _, b_v = attn.in_proj_bias.chunk(3)
+            return x * attn.out_proj(F.linear(sentence, w_v, b_v))  # (B, 1, C) broadcast over HW
         return x * self.multihead_attn(x, sentence, sentence)
 
 
@@ -77,13 +87,24 @@ class Neck(nn.Module):
         text_width: width of the sentence feature f_s (the text embed dim, 512).
         width: head width (512).
         heads: heads of the sentence-gating attention (8).
+        single_key_gate: compute the gates as what they equal (see :class:`SentenceGate`).
+        channels_last: run the convolutions on channels-last maps.
     """
 
-    def __init__(self, vision_width: int, text_width: int, width: int = 512, heads: int = 8) -> None:
+    def __init__(
+        self,
+        vision_width: int,
+        text_width: int,
+        width: int = 512,
+        heads: int = 8,
+        single_key_gate: bool = False,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        self.fusion3 = SentenceGate(width, heads)
-        self.fusion4 = SentenceGate(width, heads)
-        self.fusion5 = SentenceGate(width, heads)
+        self.channels_last = channels_last
+        self.fusion3 = SentenceGate(width, heads, single_key_gate)
+        self.fusion4 = SentenceGate(width, heads, single_key_gate)
+        self.fusion5 = SentenceGate(width, heads, single_key_gate)
         self.txt_proj = nn.Linear(text_width, width)
         self.f3_proj = conv_bn_relu(vision_width, width)
         self.f4_proj = conv_bn_relu(vision_width, width)
@@ -102,6 +123,8 @@ class Neck(nn.Module):
             (B, width, h, w).
         """
         txt = self.txt_proj(sentence)[:, None, :]  # (B, 1, C)
+        if self.channels_last:
+            maps = [v.contiguous(memory_format=torch.channels_last) for v in maps]
         gated = []
         projs, fusions = (self.f3_proj, self.f4_proj, self.f5_proj), (self.fusion3, self.fusion4, self.fusion5)
         for proj, fusion, v in zip(projs, fusions, maps, strict=True):
@@ -243,8 +266,14 @@ class Decoder(nn.Module):
         vis = x.flatten(2).transpose(1, 2)  # (B, hw, C)
         # under autocast the LayerNorms give float32, so the positions are float32; otherwise the input's dtype
         pos_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-        vis_pos = sine_position_2d(c, h, w, x.device, pos_dtype)  # (hw, C)
-        word_pos = sine_position_1d(words.shape[-1], words.shape[1], words.device, pos_dtype)  # (L, C)
+        # compiled, the encodings become constants of the graph: the host-side cache is for eager runs
+        pos_2d, pos_1d = (
+            (sine_position_2d.__wrapped__, sine_position_1d.__wrapped__)
+            if torch.compiler.is_compiling()
+            else (sine_position_2d, sine_position_1d)
+        )
+        vis_pos = pos_2d(c, h, w, x.device, pos_dtype)  # (hw, C)
+        word_pos = pos_1d(words.shape[-1], words.shape[1], words.device, pos_dtype)  # (L, C)
         for layer in self.layers:
             vis = layer(vis, words, vis_pos, word_pos, pad_mask)
         return self.norm(vis).transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w)
@@ -299,17 +328,14 @@ class Projector(nn.Module):
 
 
 def build_head(cfg: HeadConfig, vision_width: int, text_width: int) -> tuple[Neck, Decoder, Projector]:
-    """Builds the three head modules from the head config.
-
-    The model registers them as its top-level ``neck``, ``decoder`` and ``proj`` (the released key names) and
-    runs them as :meth:`SegmentationHead.forward` does.
+    """Builds the three head modules from the head config (held by :class:`SegmentationHead`).
 
     Args:
         cfg: head config.
         vision_width: channels of the vision maps.
         text_width: width of f_s (the text embed dim); f_t must have width ``cfg.width``.
     """
-    neck = Neck(vision_width, text_width, cfg.width, cfg.decoder_heads)
+    neck = Neck(vision_width, text_width, cfg.width, cfg.decoder_heads, cfg.single_key_gate, cfg.channels_last)
     decoder = Decoder(cfg.width, cfg.decoder_layers, cfg.decoder_heads, cfg.ffn_dim, cfg.dropout)
     proj = Projector(cfg.width, text_width, cfg.projector_dim)
     return neck, decoder, proj
@@ -326,6 +352,8 @@ class SegmentationHead(nn.Module):
 
     def __init__(self, cfg: HeadConfig, vision_width: int, text_width: int) -> None:
         super().__init__()
+        # with channels_last only the maps are converted (in the neck): a convolution follows its input's layout,
+        # and DeepSpeed flattens weights into contiguous buffers anyway (it also needs stride(-1) == 1 to broadcast)
         self.neck, self.decoder, self.proj = build_head(cfg, vision_width, text_width)
 
     def forward(

@@ -1,9 +1,10 @@
 """Evaluation metrics of SPEC 5: mIoU, oIoU and Pr@0.5..0.9 at the original image resolution.
 
 Per (object, sentence): sigmoid -> bicubic upsample to the input size -> inverse letterbox to the original
-h x w -> threshold 0.35 -> IoU with the original mask. The accumulator keeps only integer sums (the IoU sum in
-fixed point, 2^-40 resolution), so per-rank partial results all-reduce, in any order, to exactly the numbers one
-process would get.
+h x w (the exact inverse affine of :mod:`dcris.data.letterbox`) -> threshold 0.35 -> IoU with the original mask.
+The pixel work stays on the device of the logits: a batch costs one host sync (its per-sample intersection and
+union counts). The accumulator keeps only integer sums (the IoU sum in fixed point, 2^-40 resolution), so
+per-rank partial results all-reduce, in any order, to exactly the numbers one process would get.
 
 Convention for an empty prediction against an empty mask (union 0): IoU 0, as in the released CRIS/DETRIS
 evaluation (which divides by ``union + 1e-6``). REFER masks are never empty, so this only touches degenerate
@@ -59,6 +60,27 @@ def masks_from_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], image_
     return [prob > MASK_THRESHOLD for prob in probabilities_from_logits(logits, sizes, image_size)]
 
 
+def _to_device(masks: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Masks as bool tensors on ``device``, copied in one transfer."""
+    flat = torch.from_numpy(np.concatenate([np.asarray(m).ravel() != 0 for m in masks]))
+    if device.type == "cuda":
+        flat = flat.pin_memory()  # so that the copy below is asynchronous
+    on_device = flat.to(device, non_blocking=True)
+    parts = on_device.split([int(np.prod(np.shape(m))) for m in masks])
+    return [part.view(np.shape(m)) for part, m in zip(parts, masks, strict=True)]
+
+
+def _overlap_counts(preds: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """int64 (B, 2) intersection and union pixel counts of prediction/mask pairs, on their device."""
+    rows = []
+    for pred, mask in zip(preds, masks, strict=True):
+        if pred.shape != mask.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and mask {tuple(mask.shape)} differ in size")
+        pred, mask = pred.bool(), mask.bool()
+        rows.append(torch.stack([(pred & mask).sum(), (pred | mask).sum()]))
+    return torch.stack(rows)
+
+
 @dataclass
 class IoUAccumulator:
     """Running sums of per-sample IoU statistics; :meth:`all_reduce` makes them global across ranks."""
@@ -71,19 +93,8 @@ class IoUAccumulator:
 
     def add(self, pred: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> float:
         """Adds one sample: a predicted and a ground-truth mask of the same (h, w); returns its IoU."""
-        pred_t = torch.as_tensor(pred).bool()
-        mask_t = torch.as_tensor(mask, device=pred_t.device).bool()
-        if pred_t.shape != mask_t.shape:
-            raise ValueError(f"prediction {tuple(pred_t.shape)} and mask {tuple(mask_t.shape)} differ in size")
-        inter = int((pred_t & mask_t).sum())
-        union = int((pred_t | mask_t).sum())
-        iou = inter / union if union else 0.0  # empty vs empty: 0 (module docstring)
-        self.intersection += inter
-        self.union += union
-        self.iou_sum += round(iou * IOU_SCALE)
-        self.count += 1
-        for k, t in enumerate(PREC_THRESHOLDS):
-            self.prec_hits[k] += iou > t
+        pred_t = torch.as_tensor(pred)
+        (iou,) = self._add_counts(_overlap_counts([pred_t], [torch.as_tensor(mask, device=pred_t.device)]))
         return iou
 
     def add_logits(
@@ -91,10 +102,28 @@ class IoUAccumulator:
     ) -> list[float]:
         """Adds a batch: logits of S x S inputs (see :func:`masks_from_logits`), original masks and sizes.
 
+        ``masks`` are (h, w) arrays (numpy or CPU tensors), nonzero inside the object; they cross to the device
+        of the logits in one copy.
+
         Returns:
             The IoU of each sample, in batch order.
         """
-        return [self.add(p, m) for p, m in zip(masks_from_logits(logits, sizes, image_size), masks, strict=True)]
+        preds = masks_from_logits(logits, sizes, image_size)
+        return self._add_counts(_overlap_counts(preds, _to_device(masks, logits.device)))
+
+    def _add_counts(self, counts: torch.Tensor) -> list[float]:
+        """Adds samples given their (intersection, union) rows (B, 2); returns their IoUs."""
+        ious = []
+        for inter, union in counts.tolist():  # the one host sync of a batch
+            iou = inter / union if union else 0.0  # empty vs empty: 0 (module docstring)
+            self.intersection += inter
+            self.union += union
+            self.iou_sum += round(iou * IOU_SCALE)
+            self.count += 1
+            for k, t in enumerate(PREC_THRESHOLDS):
+                self.prec_hits[k] += iou > t
+            ious.append(iou)
+        return ious
 
     def all_reduce(self) -> None:
         """Sums the statistics over all ranks in place (a no-op without an initialised process group)."""

@@ -2,6 +2,8 @@
 
 Order of computation: the whole text encoder (with its adapters) runs first; the vision encoder then runs
 and every DenseCrossAdapter attends to the final word features; the head segments at 1/4 of the input.
+The comparison methods of the paper's Table 2 (``model.baseline``, ``model.train_backbones``) are built in by
+dcris/baselines.py; ETRIS's bridgers run both encoders together instead.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dcris.baselines import build_baseline
+from dcris.bridger import Bridger
 from dcris.config import ModelConfig
 from dcris.head import SegmentationHead, segmentation_loss
 from dcris.text import TextEncoder, build_text_encoder
@@ -18,23 +22,33 @@ from dcris.vision import VisionEncoder, load_vision_backbone
 class DCRIS(nn.Module):
     """Referring image segmentation: (images, tokens) -> mask logits at 4x the patch grid (128 x 128 for 448).
 
-    Trainable: the adapters (``vision.adapters``, ``text.adapters``) and the ``head``. Frozen: everything
-    else; the frozen backbones stay in eval mode under ``train()``.
+    Trainable: the adapters (``vision.adapters``, ``text.adapters``), the ``head`` and a Table 2 method's own
+    parameters (``baseline``, or LoRA layers inside the backbones). Frozen: everything else, unless
+    ``cfg.train_backbones``; frozen backbones stay in eval mode under ``train()``.
     """
 
     def __init__(
-        self, cfg: ModelConfig, text: TextEncoder, vision: VisionEncoder, head: SegmentationHead
+        self,
+        cfg: ModelConfig,
+        text: TextEncoder,
+        vision: VisionEncoder,
+        head: SegmentationHead,
+        baseline: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.text = text
         self.vision = vision
         self.head = head
+        self.baseline = baseline
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Maps images (B, 3, S, S) and tokens (B, L) to logits (B, 1, 4 * S/14, 4 * S/14)."""
-        words, sentence = self.text(tokens)  # (B, L, Ct), (B, E)
-        maps = self.vision(images, words)  # 3 x (B, Cv, S/14, S/14)
+        if isinstance(self.baseline, Bridger):
+            maps, words, sentence = self.baseline(self.text, self.vision, images, tokens)
+        else:
+            words, sentence = self.text(tokens)  # (B, L, Ct), (B, E)
+            maps = self.vision(images, words)  # 3 x (B, Cv, S/14, S/14)
         return self.head(maps, words, sentence, tokens)  # (B, 1, 4 * S/14, 4 * S/14)
 
     def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -43,19 +57,33 @@ class DCRIS(nn.Module):
 
     def train(self, mode: bool = True) -> DCRIS:
         super().train(mode)
-        # frozen backbones never train: dropout off, statistics fixed
-        self.text.transformer.eval()
-        self.vision.backbone.eval()
+        if not self.cfg.train_backbones:
+            # frozen backbones never train: dropout off, statistics fixed
+            self.text.transformer.eval()
+            self.vision.backbone.eval()
         return self
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapters and head with their BatchNorm statistics: the deployable weights."""
-        return {k: v for k, v in self.state_dict().items() if is_trainable_key(k)}
+
+def parameter_group(key: str) -> str:
+    """The part of :class:`DCRIS` a parameter or state-dict key belongs to.
+
+    Returns:
+        ``"head"``, ``"adapters"`` (DenseCrossAdapters and TextAdapters), ``"baseline"`` (a Table 2 method's own
+        parameters: ``baseline.*`` and peft's LoRA layers inside the backbones) or ``"backbone"``.
+    """
+    if key.startswith("head."):
+        return "head"
+    if key.startswith(("text.adapters.", "vision.adapters.")):
+        return "adapters"
+    if key.startswith("baseline.") or ".lora_" in key:
+        return "baseline"
+    return "backbone"
 
 
-def is_trainable_key(key: str) -> bool:
-    """Whether a state-dict key of :class:`DCRIS` belongs to the adapters or the head."""
-    return key.startswith(("head.", "text.adapters.", "vision.adapters."))
+def is_trainable_key(key: str, cfg: ModelConfig | None = None) -> bool:
+    """Whether a state-dict key of :class:`DCRIS` belongs to what trains: adapters, head, a Table 2 method, and
+    the backbones too when ``cfg.train_backbones`` (without ``cfg``: frozen backbones)."""
+    return parameter_group(key) != "backbone" or (cfg is not None and cfg.train_backbones)
 
 
 def build_model(cfg: ModelConfig, pretrained: bool = True) -> DCRIS:
@@ -63,4 +91,9 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> DCRIS:
     text = build_text_encoder(cfg.text, cfg.adapters, pretrained, cfg.allow_download)
     backbone = load_vision_backbone(cfg.vision, pretrained, cfg.allow_download)
     vision = VisionEncoder(cfg.vision, cfg.adapters, cfg.text.width, backbone)
-    return DCRIS(cfg, text, vision, SegmentationHead(cfg.head, cfg.vision.width, cfg.text.embed_dim))
+    head = SegmentationHead(cfg.head, cfg.vision.width, cfg.text.embed_dim)
+    baseline = build_baseline(cfg, text, vision)  # after loading (LoRA re-wraps backbone layers), after the head
+    if cfg.compile:  # last: the compiled functions see the final modules (hooks and LoRA layers included)
+        vision.compile_blocks()
+        head.compile(dynamic=False)
+    return DCRIS(cfg, text, vision, head, baseline)

@@ -1,4 +1,4 @@
-"""``dcris params``: parameter counts of a configuration, as in the paper's Table 5.
+"""``dcris params``: parameter counts of a configuration, as in the paper's Tables 2 and 5.
 
 The full-size architecture is built on the meta device: exact counts, no memory, no weights needed.
 """
@@ -11,25 +11,42 @@ import json
 import torch
 
 from dcris.config import Config, load_config
-from dcris.model import DCRIS, build_model
+from dcris.model import DCRIS, build_model, parameter_group
 
 
 def count_parameters(model: DCRIS) -> dict[str, float]:
-    """Trainable adapter and head parameters, frozen backbone parameters, and the adapters' share of the frozen."""
-    counts = {"adapter_params": 0, "vision_adapter_params": 0, "text_adapter_params": 0, "head_params": 0,
-              "frozen_params": 0}
+    """Parameter counts by part (see :func:`dcris.model.parameter_group`).
+
+    Returns:
+        ``adapter_params`` (DenseCrossAdapters + TextAdapters, also split by tower), ``baseline_params`` (what a
+        Table 2 method trains besides the head: its own modules, or the backbone weights under full fine-tuning),
+        ``added_params`` (everything that trains except the head: the paper's "Params" column),
+        ``head_params``, ``trainable_params``, ``backbone_params`` (the pretrained weights, trained or not),
+        ``frozen_params`` (what does not train) and the adapters' and the added parameters' share of the
+        backbone in percent.
+    """
+    counts = dict.fromkeys(
+        ("adapter_params", "vision_adapter_params", "text_adapter_params", "baseline_params", "head_params",
+         "backbone_params", "frozen_params"), 0,
+    )  # fmt: skip
     for name, p in model.named_parameters():
-        n = p.numel()
-        if name.startswith("head."):
+        n, group = p.numel(), parameter_group(name)
+        if group == "head":
             counts["head_params"] += n
-        elif name.startswith(("vision.adapters.", "text.adapters.")):
+        elif group == "adapters":
             counts["adapter_params"] += n
             counts[f"{name.split('.')[0]}_adapter_params"] += n
-        else:
+        elif group == "baseline" or p.requires_grad:  # the backbone's own weights train under full fine-tuning
+            counts["baseline_params"] += n
+        if group == "backbone":
+            counts["backbone_params"] += n
+        if not p.requires_grad:
             counts["frozen_params"] += n
     out: dict[str, float] = dict(counts)
-    out["adapter_percent"] = 100.0 * counts["adapter_params"] / counts["frozen_params"]
-    out["trainable_params"] = counts["adapter_params"] + counts["head_params"]
+    out["added_params"] = counts["adapter_params"] + counts["baseline_params"]
+    out["trainable_params"] = out["added_params"] + counts["head_params"]
+    out["adapter_percent"] = 100.0 * counts["adapter_params"] / counts["backbone_params"]
+    out["added_percent"] = 100.0 * out["added_params"] / counts["backbone_params"]
     return out
 
 
@@ -41,16 +58,23 @@ def parameter_report(cfg: Config) -> dict[str, float]:
 
 
 def format_table(name: str, cfg: Config, counts: dict[str, float]) -> str:
-    a = cfg.model.adapters
+    m = cfg.model
+    a, b = m.adapters, m.baseline
+    method = b.method
+    if m.train_backbones:
+        method = "full fine-tuning" if b.method == "none" else f"{b.method} + backbones"
     rows = [
         ("preset", name),
         ("vision adapter layers", ",".join(map(str, a.vision_layers)) or "-"),
         ("text adapter layers", ",".join(map(str, a.text_layers)) or "-"),
-        ("trainable adapter params", f"{counts['adapter_params']:,} ({counts['adapter_percent']:.2f}% of frozen)"),
+        ("trainable adapter params", f"{counts['adapter_params']:,} ({counts['adapter_percent']:.2f}% of backbone)"),
         ("  DenseCrossAdapters", f"{counts['vision_adapter_params']:,}"),
         (f"  TextAdapters ({a.text_form} form)", f"{counts['text_adapter_params']:,}"),
+        (f"Table 2 method ({method})", f"{counts['baseline_params']:,}"),
+        ("trained params, head excluded", f"{counts['added_params']:,} ({counts['added_percent']:.2f}% of backbone)"),
         ("trainable head params", f"{counts['head_params']:,}"),
-        ("frozen backbone params", f"{counts['frozen_params']:,}"),
+        ("backbone params", f"{counts['backbone_params']:,}"),
+        ("frozen params", f"{counts['frozen_params']:,}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -58,7 +82,9 @@ def format_table(name: str, cfg: Config, counts: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcris params", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="dcris-b", help="preset name (dcris-b, dcris-l, detris-b, ...)")
+    parser.add_argument(
+        "--preset", default="dcris-b", help="preset name (dcris-b, dcris-l, detris-b; Table 2's houlsby, lora, ...)"
+    )
     parser.add_argument("--config", help="run file (YAML/JSON) on top of the preset")
     parser.add_argument("--adapter-layers", help="vision and text adapter layers, e.g. 4,8,11 ('none': no adapters)")
     parser.add_argument("--vision-layers", help="vision (DA) adapter layers only, e.g. 1,3,5 ('none' for no DA)")

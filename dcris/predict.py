@@ -11,6 +11,7 @@ Each OUT gets the overlay (mask over the image) and, beside it, ``OUT_mask.png``
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,15 @@ from PIL import Image
 
 from dcris.draw import overlay
 from dcris.errors import UserError
+from dcris.model import DCRIS
+from dcris.segmenter import Segmenter, read_image
+from dcris.tokenizer import truncations
+
+
+def predict_mask(model: DCRIS, image: Image.Image, text: str) -> np.ndarray:
+    """The bool mask (h, w) at the image's own resolution for one phrase (cut to the model's context length, as
+    training and evaluation cut theirs; :func:`dcris.tokenizer.truncations` says when that happens)."""
+    return Segmenter(model)(image, text).mask
 
 
 def mask_path(out: str | Path) -> Path:
@@ -60,19 +70,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcris predict", description=__doc__.split("\n")[0])
     parser.add_argument("--weights", required=True, help="export folder, Hub model id, or checkpoint folder")
     parser.add_argument("--image", action="append", help="input image (repeatable)")
-    parser.add_argument("--text", action="append", help="referring phrase for the image at the same position")
+    parser.add_argument(
+        "--text", action="append",
+        help="referring phrase for the image at the same position (a longer one than the model reads is cut, "
+        "with a warning)",
+    )  # fmt: skip
     parser.add_argument("--out", action="append", help="overlay picture to write (also writes OUT_mask.png)")
     parser.add_argument("--pairs", help="file of IMAGE<TAB>TEXT<TAB>OUT lines")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="changes to the weights' recorded config, e.g. model.vision.weights=DIR or model.allow_download=true",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     pairs = _pairs(args)
     from dcris.checkpoint import load_weights  # after the arguments are checked: loading takes a while
-    from dcris.segmenter import Segmenter, read_image
 
-    segmenter = Segmenter(load_weights(args.weights, args.device))
+    segmenter = Segmenter(load_weights(args.weights, args.device, args.overrides))
+    length = segmenter.model.cfg.text.context_length
     for image_path, text, out in pairs:
+        for cut in truncations([text], length):
+            print(
+                f"warning: {text!r} needs {cut.tokens_needed} tokens, the model reads {length}: "
+                f"using {cut.kept!r}",
+                file=sys.stderr,
+            )
         image = read_image(image_path)
-        result = segmenter(image, text, truncate=False)
+        result = segmenter(image, text)
         write_prediction(image, result.mask, out)
         print(f"{out} ({result.area:.1%} of the image, score {result.score:.2f}), mask {mask_path(out)}")
     return 0

@@ -32,7 +32,7 @@ from dcris.errors import UserError
 from dcris.export import ExportedWeights, download_allowed, save_export
 from dcris.metrics import MASK_THRESHOLD, probabilities_from_logits
 from dcris.model import DCRIS
-from dcris.tokenizer import TextTooLongError, tokenize
+from dcris.tokenizer import tokenize, truncations
 
 ImageInput = Image.Image | np.ndarray | str | Path
 
@@ -181,18 +181,14 @@ class Segmenter:
             UserError: a phrase is empty, or too long while ``truncate`` is False.
         """
         length = self.model.cfg.text.context_length
-        cut = []
-        for text in texts:
-            if not text.strip():
-                raise UserError("a phrase is empty: describe the object to segment")
-            try:
-                tokenize([text], length, truncate=False)
-                cut.append(False)
-            except TextTooLongError as exc:
-                if not truncate:
-                    raise UserError(str(exc)) from None
-                cut.append(True)
-        return tokenize(texts, length, truncate=True), cut
+        if any(not text.strip() for text in texts):
+            raise UserError("a phrase is empty: describe the object to segment")
+        cuts = truncations(texts, length)
+        if cuts and not truncate:
+            text, needed = cuts[0].text, cuts[0].tokens_needed
+            raise UserError(f"text too long: {text!r} needs {needed} tokens, the model reads at most {length}")
+        cut_at = {cut.index for cut in cuts}
+        return tokenize(texts, length), [index in cut_at for index in range(len(texts))]
 
     @torch.no_grad()
     def __call__(

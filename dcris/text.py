@@ -8,6 +8,7 @@ parameter layout but runs through the model's one attention entry point.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import open_clip
@@ -68,25 +69,63 @@ class TextEncoder(nn.Module):
                 raise ConfigError(f"text weights {source!r}: {k} has shape {tuple(v.shape)}, the config needs {need}")
         self.load_state_dict(text, strict=False)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Maps tokens (B, L) to f_t (B, L, width) and f_s (B, embed_dim)."""
-        length = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, width)
-        for i, block in enumerate(self.transformer.resblocks):
-            x = x + block.ls_1(block.attn(*(block.ln_1(x),) * 3, causal=True))
-            branch = block.mlp(block.ln_2(x))
-            adapter = self.adapters[str(i)] if str(i) in self.adapters else None
-            if adapter is not None:
-                branch = branch + self.scale * adapter(x)  # the TA reads the residual stream after attention
-            x = x + block.ls_2(branch)
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings of tokens (B, L): the input (B, L, width) of block 0."""
+        return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+
+    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` (with its TextAdapter, if any) on the residual stream x (B, L, width)."""
+        block = self.transformer.resblocks[i]
+        x = x + block.ls_1(block.attn(*(block.ln_1(x),) * 3, causal=True))
+        branch = block.mlp(block.ln_2(x))
+        adapter = self.adapters[str(i)] if str(i) in self.adapters else None
+        if adapter is not None:
+            branch = branch + self.scale * adapter(x)  # the TA reads the residual stream after attention
+        return x + block.ls_2(branch)
+
+    def finish(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's output x (B, L, width) to f_t (B, L, width) and f_s (B, embed_dim)."""
         words = self.ln_final(x)  # (B, L, width)
         # the end token has the largest id: its feature, projected, is the sentence feature
         sentence = words[torch.arange(words.shape[0], device=words.device), tokens.argmax(dim=-1)]
         return words, sentence @ self.text_projection
 
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps tokens (B, L) to f_t (B, L, width) and f_s (B, embed_dim)."""
+        x = self.embed(tokens)  # (B, L, width)
+        for i in range(self.cfg.layers):
+            x = self.block(i, x)
+        return self.finish(x, tokens)
+
+
+def cached_clip_file(pretrained: dict) -> str | None:
+    """The local copy of an open_clip pretrained entry, if one is cached; never touches the network.
+
+    open_clip fetches a tag from the Hugging Face hub when the entry names a hub repository (the hub cache, which
+    ``HF_HUB_CACHE`` / ``HF_HOME`` move) and otherwise from its URL into ``~/.cache/clip``.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    if pretrained.get("hf_hub"):
+        repo_id, filename = os.path.split(pretrained["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        for name in (*_get_safe_alternatives(filename), filename):  # open_clip prefers the safetensors file too
+            found = try_to_load_from_cache(repo_id, name)
+            if isinstance(found, str):
+                return found
+    if pretrained.get("url"):
+        path = Path("~/.cache/clip").expanduser() / os.path.basename(pretrained["url"])
+        if path.is_file():
+            return str(path)
+    return None
+
 
 def read_clip_state_dict(cfg: TextConfig, allow_download: bool) -> tuple[dict[str, torch.Tensor], str]:
-    """Reads CLIP weights: ``cfg.weights`` is a local checkpoint file or an open_clip pretrained tag."""
+    """Reads CLIP weights: ``cfg.weights`` is a local checkpoint file or an open_clip pretrained tag.
+
+    A tag is read from the local caches when it is there; it is downloaded only with ``allow_download``.
+    """
     source = cfg.weights
     if Path(source).is_file():
         path = source
@@ -96,12 +135,14 @@ def read_clip_state_dict(cfg: TextConfig, allow_download: bool) -> tuple[dict[st
             raise ConfigError(
                 f"text weights {source!r} are neither a file nor an open_clip pretrained tag of {cfg.model_name!r}"
             )
-        if not allow_download:
-            raise ConfigError(
-                f"text weights {cfg.model_name}/{source} would be downloaded: pass model.allow_download=true, "
-                "or give a local checkpoint file in model.text.weights"
-            )
-        path = open_clip.download_pretrained(pcfg)
+        path = cached_clip_file(pcfg)
+        if path is None:
+            if not allow_download:
+                raise ConfigError(
+                    f"text weights {cfg.model_name}/{source} are not in the local cache: pass "
+                    "model.allow_download=true to fetch them, or give a local checkpoint file in model.text.weights"
+                )
+            path = open_clip.download_pretrained(pcfg)
     try:
         state = load_state_dict(path)
     except RuntimeError:

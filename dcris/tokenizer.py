@@ -1,12 +1,14 @@
-"""CLIP BPE tokenization with DCRIS's short context (SPEC 2: ``word_len`` = 17).
+"""CLIP BPE tokenization with DCRIS's short context (SPEC 2: ``word_len`` = 17; 22 for G-Ref umd).
 
 Start token, BPE tokens, end token, truncated so the end token stays last, zero padded -- as the released
 code's CLIP tokenizer with ``truncate=True``. open_clip ships the BPE vocabulary, so this works offline.
+:func:`truncations` says which texts lose words to the context and what the model reads of them.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -22,6 +24,38 @@ class TextTooLongError(ValueError):
 def _bpe() -> SimpleTokenizer:
     # Loading the vocabulary takes ~0.3 s; every call shares one tokenizer.
     return SimpleTokenizer()
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """A text longer than the context, and what the model reads of it."""
+
+    index: int  # position of the text in the list given
+    text: str  # the text as given
+    tokens_needed: int  # tokens the whole text takes, start and end token included
+    kept: str  # the words the model reads (the BPE tokens that fit, decoded)
+
+
+def _token_ids(text: str) -> list[int]:
+    """Start token, BPE ids of the text, end token: the untruncated row."""
+    bpe = _bpe()
+    return [bpe.sot_token_id, *bpe.encode(text), bpe.eot_token_id]
+
+
+def truncations(texts: list[str], context_length: int = CONTEXT_LENGTH) -> list[Truncation]:
+    """The texts that :func:`tokenize` (with ``truncate=True``) cuts short, in order; empty when all fit.
+
+    Args:
+        texts: Sentences.
+        context_length: Tokens per sentence, start and end token included.
+    """
+    found = []
+    for index, text in enumerate(texts):
+        ids = _token_ids(text)
+        if len(ids) > context_length:
+            kept = _bpe().decode(ids[1 : context_length - 1]).strip()  # without the start and end tokens
+            found.append(Truncation(index=index, text=text, tokens_needed=len(ids), kept=kept))
+    return found
 
 
 def tokenize(texts: list[str], context_length: int = CONTEXT_LENGTH, truncate: bool = True) -> torch.Tensor:
@@ -40,16 +74,14 @@ def tokenize(texts: list[str], context_length: int = CONTEXT_LENGTH, truncate: b
         TextTooLongError: ``truncate`` is False and a sentence needs more than ``context_length`` tokens; the
             message names the sentence.
     """
-    bpe = _bpe()
-    sot, eot = bpe.sot_token_id, bpe.eot_token_id
     out = torch.zeros(len(texts), context_length, dtype=torch.long)
     for row, text in enumerate(texts):
-        ids = [sot, *bpe.encode(text), eot]
+        ids = _token_ids(text)
         if len(ids) > context_length:
             if not truncate:
                 raise TextTooLongError(
                     f"text too long: {text!r} needs {len(ids)} tokens, the model reads at most {context_length}"
                 )
-            ids = ids[: context_length - 1] + [eot]
+            ids = ids[: context_length - 1] + ids[-1:]  # the end token stays last
         out[row, : len(ids)] = torch.tensor(ids)
     return out

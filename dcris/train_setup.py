@@ -1,52 +1,87 @@
-"""Everything a run derives from its Config: process group, batch layout, DeepSpeed JSON, LR schedule (SPEC 6).
+"""Everything a run derives from its Config: process group, batch layout, DeepSpeed JSON, LR schedule, the engine.
 
 The batch numbers come from :func:`batch_layout` alone and :func:`deepspeed_config` writes them into the
 DeepSpeed JSON, so the JSON and the config cannot disagree: ``micro_batch x grad_accum x world = global_batch``.
+:func:`build_engine` is the one place a DeepSpeed engine is made from a Config (the trainer and benchmarks).
+
+Mixed precision (SPEC 6) follows the released code's autocast + GradScaler: weights, gradients, optimizer state
+and BatchNorm running statistics stay fp32, and DeepSpeed's ``torch_autocast`` section runs the forward in bf16
+or fp16 (fp16 with a GradScaler). DeepSpeed's ``bf16``/``fp16`` modes are off: they keep the model itself in 16
+bits, which rounds away BatchNorm statistic updates smaller than about 2% of the stored value.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from dcris.config import Config, ConfigError, TrainConfig
+from dcris.errors import UserError
+
+if TYPE_CHECKING:
+    from dcris.model import DCRIS
 
 AUTO = "auto"  # placeholder in ds_configs/*.json for a value filled from the Config
 # the one-process DeepSpeed config of the checkout (the default of a plain ``python`` run)
 DEFAULT_DEEPSPEED = Path(__file__).resolve().parents[1] / "ds_configs" / "single.json"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """Joins (or, for a plain ``python`` run, creates) the process group.
+    """Joins (or, for a plain ``python`` run, creates) the process group; calling it again changes nothing.
 
     The deepspeed launcher and torchrun set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; a plain
-    single-process run gets them here. NCCL with a GPU, gloo without one (DeepSpeed's CPU accelerator).
+    single-process run gets a group of one. NCCL with a GPU, gloo without one (DeepSpeed's CPU accelerator).
 
     Returns:
         ``(rank, local_rank, world_size)``.
     """
     import deepspeed  # deferred: importing deepspeed probes the accelerator
 
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if dist.is_initialized():
+        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        # port 0: the store binds a free port itself, so concurrent single-process runs cannot race for one. Only
+        # LOCAL_RANK (which DeepSpeed's engine reads) is set: the processes this one starts run on their own too
+        os.environ.setdefault("LOCAL_RANK", "0")
+        deepspeed.init_distributed(backend, auto_mpi_discovery=False, init_method="tcp://127.0.0.1:0", rank=0,
+                                   world_size=1)  # fmt: skip
+        return 0, 0, 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend)
     return int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rank_device(local_rank: int) -> torch.device:
+    """The device of a rank: its GPU, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_values(values: list[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:
+    """``values`` reduced over all ranks (float64; on the rank's GPU under NCCL); unchanged without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
 
 
 def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -70,27 +105,28 @@ def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
 def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source: str = "DeepSpeed config") -> dict:
     """The DeepSpeed config of a run: ``base`` (ds_configs/*.json) with the Config-derived fields filled.
 
-    Derived fields (batch sizes, accumulation, clipping, precision, buffer dtype) may be absent or ``"auto"`` in
-    ``base``; a concrete value that differs from the Config is refused, and so is an ``optimizer`` or
-    ``scheduler`` section (the optimizer and the LR schedule come from the Config).
+    Derived fields (batch sizes, accumulation, clipping, ``torch_autocast``; ``bf16``/``fp16`` always off) may be
+    absent or ``"auto"`` in ``base``; a concrete value that differs from the Config is refused, and so is an
+    ``optimizer`` or ``scheduler`` section (the optimizer and the LR schedule come from the Config). Unless
+    ``base`` says otherwise, gradients are reduced in fp32 (``lower_precision_safe_modules`` empty), as DDP does.
 
     Raises:
         ConfigError: ``base`` contradicts the Config; the message names the key.
     """
-    micro, accum = batch_layout(cfg.train, world_size)
+    t = cfg.train
+    micro, accum = batch_layout(t, world_size)
     derived: dict[tuple[str, ...], Any] = {
-        ("train_batch_size",): cfg.train.global_batch,
+        ("train_batch_size",): t.global_batch,
         ("train_micro_batch_size_per_gpu",): micro,
         ("gradient_accumulation_steps",): accum,
-        ("gradient_clipping",): float(cfg.train.grad_clip),
-        ("bf16", "enabled"): cfg.train.precision == "bf16",
-        ("fp16", "enabled"): cfg.train.precision == "fp16",
-        # buffers (BatchNorm statistics) in the parameters' dtype: DeepSpeed keeps them fp32 otherwise, and a
-        # BatchNorm with bf16 weights and fp32 statistics does not run
-        ("data_types", "buffer_dtype"): {"bf16": "bf16", "fp16": "fp16", "fp32": None}[cfg.train.precision],
+        ("gradient_clipping",): float(t.grad_clip),
+        ("bf16", "enabled"): False,  # 16-bit weights: see the module docstring
+        ("fp16", "enabled"): False,
+        ("torch_autocast", "enabled"): t.precision != "fp32",
+        ("torch_autocast", "dtype"): t.precision,
     }
     if "tensorboard" not in base:  # DeepSpeed's monitor writes RUN/tensorboard (rank 0)
-        base = dict(base, tensorboard=dict(enabled=True, output_path=cfg.train.output_dir, job_name="tensorboard"))
+        base = dict(base, tensorboard=dict(enabled=True, output_path=t.output_dir, job_name="tensorboard"))
     for section in ("optimizer", "scheduler"):
         if section in base:
             raise ConfigError(f"{source}: remove the {section!r} section; train.lr / lr_milestones set it")
@@ -106,7 +142,30 @@ def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source:
                 f'set it to "auto" or remove it (it follows from the train section)'
             )
         node[path[-1]] = value
+    out["torch_autocast"].setdefault("lower_precision_safe_modules", [])
+    zero = out.setdefault("zero_optimization", {})
+    if t.precision == "fp16" and zero.get("stage", 0) > 0:
+        _fp16_with_zero(zero, t, source)
     return out
+
+
+def _fp16_with_zero(zero: dict[str, Any], train: TrainConfig, source: str) -> None:
+    """Makes DeepSpeed's ZeRO drive the fp16 GradScaler correctly, or refuses what it cannot do.
+
+    ZeRO (DeepSpeed 0.19) computes the gradient norm of the still-scaled gradients: an overflowing step is then
+    skipped without the GradScaler backing off (the scale never falls, no step is ever taken), and clipping
+    compares the scaled norm. Without the norm (stage 1-2 only) the GradScaler finds the overflow itself.
+    """
+    if zero["stage"] == 3:
+        raise ConfigError(
+            f"{source}: train.precision=fp16 needs ZeRO stage 0-2 (stage 3 never backs off the loss "
+            "scale after an overflow); use bf16"
+        )
+    if train.grad_clip > 0:
+        raise ConfigError("train.grad_clip > 0 with train.precision=fp16 needs ZeRO stage 0; use bf16 or no clipping")
+    if zero.get("compute_grad_norm", False):
+        raise ConfigError(f"{source}: zero_optimization.compute_grad_norm must be false with train.precision=fp16")
+    zero["compute_grad_norm"] = False
 
 
 def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
@@ -130,5 +189,164 @@ def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
 
 
 def precision_dtype(train: TrainConfig) -> torch.dtype:
-    """The dtype DeepSpeed keeps the model in (inputs are cast to it)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[train.precision]
+    """The autocast dtype of the run's forward passes (float32: no autocast); weights stay float32."""
+    return AUTOCAST_DTYPES[train.precision]
+
+
+def build_training_model(cfg: Config) -> DCRIS:
+    """The model a run trains, seeded with ``train.seed``: unnamed (random-init) backbones come out identical
+    every time, which is what lets checkpoints leave the frozen weights out."""
+    from dcris.model import build_model  # deferred: the backbone libraries take seconds to import
+
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model, pretrained=True)
+
+
+def frozen_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the frozen parameters (names and bytes): checkpoints record it, loading compares it."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def use_sync_batchnorm(world_size: int, device: torch.device) -> bool:
+    """Whether BatchNorm synchronises over ranks (the released code's ``sync_bn``).
+
+    torch's SyncBatchNorm has GPU kernels only (it raises on CPU tensors in training): CPU ranks keep per-rank
+    statistics.
+    """
+    return world_size > 1 and device.type == "cuda"
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> int:
+    """Replaces every BatchNorm of ``model`` by a SyncBatchNorm in place (same parameters and buffers).
+
+    The frozen backbones have no BatchNorm, so this touches the adapters and the head only.
+
+    Returns:
+        The number of SyncBatchNorm modules.
+    """
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the children in place
+    return sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _zero_dim_params_as_1d(model: torch.nn.Module) -> Iterator[None]:
+    """Shows 0-d parameters (CLIP's frozen ``logit_scale``) as shape (1,) while DeepSpeed initialises.
+
+    DeepSpeed broadcasts every parameter as ``p.data.view(torch.uint8)``, which fails for a 0-d tensor.
+    """
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    for p in scalars:
+        p.data = p.data.reshape(1)
+    try:
+        yield
+    finally:
+        for p in scalars:
+            if hasattr(p, "ds_shape"):  # ZeRO-3 partitioned it: gathering views the flat data as ds_shape
+                p.ds_shape = torch.Size([])
+            else:
+                p.data = p.data.reshape(())
+
+
+@dataclass
+class EngineSetup:
+    """A DeepSpeed engine built from a Config, with what the training loop needs to know about it."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine: ``engine.module`` is the model, ``engine.optimizer`` wraps Adam
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # per optimizer step, from lr_factor
+    device: torch.device
+    rank: int
+    world_size: int
+    grad_accum: int
+    num_trainable: int  # trainable parameters (counted before ZeRO-3 partitions them)
+    frozen_digest: str  # frozen_digest() of the model as built
+    notes: list[str]  # one-line facts about the set-up for the log (e.g. the BatchNorm decision)
+
+
+def build_engine(
+    cfg: Config,
+    deepspeed_base: dict[str, Any] | None = None,
+    source: str = "DeepSpeed config",
+    *,
+    steps_per_epoch: int = 1,
+) -> EngineSetup:
+    """The DeepSpeed engine of a Config: model, trainable parameters, Adam, LR schedule, SyncBatchNorm, ZeRO.
+
+    Every rank calls it (it joins the process group itself). Inputs go to ``setup.device`` in float32; the
+    engine's forward autocasts as ``train.precision`` says.
+
+    Args:
+        cfg: The resolved config.
+        deepspeed_base: The DeepSpeed JSON before the Config-derived fields are filled (default:
+            ds_configs/single.json).
+        source: Where ``deepspeed_base`` came from, for error messages.
+        steps_per_epoch: Optimizer steps per epoch, for the LR milestones.
+    """
+    import deepspeed
+
+    t = cfg.train
+    rank, local_rank, world = init_distributed()
+    _, accum = batch_layout(t, world)
+    if deepspeed_base is None:
+        deepspeed_base, source = read_deepspeed_json(DEFAULT_DEEPSPEED), str(DEFAULT_DEEPSPEED)
+    ds_config = deepspeed_config(cfg, world, deepspeed_base, source)
+    device = rank_device(local_rank)
+
+    model = build_training_model(cfg)  # identical on every rank (DeepSpeed also broadcasts rank 0's weights)
+    digest = frozen_digest(model)
+    notes = []
+    if use_sync_batchnorm(world, device):
+        notes.append(f"SyncBatchNorm over {world} ranks ({convert_sync_batchnorm(model)} layers)")
+    elif world > 1:
+        notes.append(f"SyncBatchNorm runs on GPUs only: the {world} CPU ranks keep per-rank BatchNorm statistics")
+    params = [p for p in model.parameters() if p.requires_grad]
+    num_trainable = sum(p.numel() for p in params)  # counted now: ZeRO-3 empties the partitioned tensors
+    # fused Adam is a CUDA kernel; DeepSpeed's own FusedAdam needs a CUDA build of its ops
+    optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, t))
+    with _zero_dim_params_as_1d(model):
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+    torch.manual_seed(t.seed + rank)  # dropout differs across ranks
+    return EngineSetup(
+        engine=engine, scheduler=scheduler, device=device, rank=rank, world_size=world, grad_accum=accum,
+        num_trainable=num_trainable, frozen_digest=digest, notes=notes,
+    )  # fmt: skip
+
+
+def check_shared_folder(folder: str | Path, rank: int, world_size: int, timeout_s: float = 5.0) -> None:
+    """Checks that every rank sees the files rank 0 writes in ``folder`` (checkpoints and ``latest`` need it).
+
+    Rank 0 writes a token file with a fresh name; after a broadcast (the barrier) every rank looks for it,
+    allowing ``timeout_s`` for a network file system to show it. A collective: every rank calls it.
+
+    Raises:
+        UserError: on every rank, when some rank cannot see the file.
+    """
+    if world_size == 1:
+        return
+    folder = Path(folder)
+    token = [uuid.uuid4().hex]
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f".shared-{token[0]}").write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    path = folder / f".shared-{token[0]}"
+    deadline = time.monotonic() + timeout_s
+    while not (seen := path.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    views: list[Any] = [None] * world_size
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    if rank == 0:
+        path.unlink()
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise UserError(
+            f"train.output_dir {str(folder)!r} is not shared: {', '.join(blind)} cannot see the files rank 0 writes "
+            "there; point it at a folder every node mounts"
+        )

@@ -1,7 +1,16 @@
-"""The training loop of SPEC 6, driven by DeepSpeed (ZeRO, mixed precision, accumulation, clipping).
+"""The training loop of SPEC 6, driven by DeepSpeed (ZeRO, autocast, accumulation, clipping).
 
 Only the adapters and the head reach the optimizer (Adam, no weight decay); the LR falls by ``lr_gamma`` at each
-milestone epoch and is set per optimizer step from the epoch it belongs to. A run writes to ``train.output_dir``:
+milestone epoch and is set per optimizer step from the epoch it belongs to. The parts, in the order a run meets
+them:
+
+    start_run          process group, data checks, the engine (dcris.train_setup.build_engine), resume
+    train_one_epoch    the optimizer steps of one epoch; logs, evaluates and checkpoints when due
+    evaluate_run       ``train.eval_splits`` every ``train.eval_every_epochs`` epochs; after the last step, those and
+                       ``data.eval_splits``
+    save_run           a resumable checkpoint (dcris.checkpoint)
+
+A run writes to ``train.output_dir``:
 
     config.json           the resolved config
     checkpoints/          resumable DeepSpeed checkpoints (dcris.checkpoint); a rerun resumes from ``latest``
@@ -14,11 +23,10 @@ milestone epoch and is set per optimizer step from the epoch it belongs to. A ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +34,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dcris.checkpoint import export_engine, load_checkpoint, save_checkpoint, set_rng_state
+from dcris.checkpoint import DIGEST_KEY, export_engine, load_checkpoint, save_checkpoint, set_rng_state
 from dcris.config import Config, load_config, to_dict
-from dcris.data import build_loader
+from dcris.data import build_loader, shards_context_length
 from dcris.errors import UserError
 from dcris.evaluate import evaluate, split_size
 from dcris.metrics import format_table
-from dcris.model import build_model
 from dcris.pictures import IoURecorder, contact_sheets
 from dcris.train_setup import (
     DEFAULT_DEEPSPEED,
+    EngineSetup,
+    all_reduce_values,
     batch_layout,
+    build_engine,
+    check_shared_folder,
     deepspeed_config,
     init_distributed,
-    lr_factor,
     precision_dtype,
+    rank_device,
     read_deepspeed_json,
 )
 
 EXPORT_NAME = "export"
 
 
-class _Logger:
+class RunLog:
     """Console and JSON-lines output of rank 0 (silent elsewhere); TensorBoard through DeepSpeed's monitor."""
 
     def __init__(self, out: Path, rank: int, monitor: Any) -> None:
@@ -70,34 +81,231 @@ class _Logger:
             writer.add_image(tag, np.asarray(picture), step, dataformats="HWC")
 
 
-def _mean_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+class LossMeter:
+    """Mean training loss between log lines; it stays on the device, so a step costs no host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.count = torch.zeros((), device=self.device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total, self.count = self.total + loss.detach().float(), self.count + 1
+
+    def mean_over_ranks(self) -> float:
+        """The mean since the last call over all ranks (one host sync), then starts again."""
+        (total,) = all_reduce_values([self.total.item() / max(self.count, 1)])
+        self.reset()
+        return total / dist.get_world_size()
 
 
-@contextlib.contextmanager
-def _zero_dim_params_as_1d(model: torch.nn.Module) -> Iterator[None]:
-    """Shows 0-d parameters (CLIP's frozen ``logit_scale``) as shape (1,) while DeepSpeed initialises.
+@dataclass
+class Run:
+    """What the parts of a run share: the config, the engine, the schedule, the position and the last results."""
 
-    DeepSpeed broadcasts every parameter as ``p.data.view(torch.uint8)``, which fails for a 0-d tensor.
-    """
-    scalars = [p for p in model.parameters() if p.dim() == 0]
-    for p in scalars:
-        p.data = p.data.reshape(1)
+    cfg: Config
+    setup: EngineSetup
+    steps_per_epoch: int
+    total_steps: int
+    log: RunLog
+    step: int = 0  # optimizer steps done
+    rng_state: dict | None = None  # a resumed run's RNG states, restored once its epoch's loader has started
+    metrics: dict = field(default_factory=dict)  # the last evaluation
+    last_loss: float = float("nan")  # the last logged loss
+    started_at: tuple[int, float] = (0, 0.0)  # (step, time) this process started training at, for images/s
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def loader(self, epoch: int) -> Any:
+        """The training loader of ``epoch`` on this rank."""
+        return train_loader(self.cfg, self.setup.rank, self.setup.world_size, self.setup.device, epoch)
+
+
+def train_loader(cfg: Config, rank: int, world: int, device: torch.device, epoch: int) -> Any:
+    """The training loader of ``epoch`` on one rank (the benchmark times the same one)."""
+    d = cfg.data
+    return build_loader(
+        d.shards, d.train_split, train=True, batch_size=cfg.train.micro_batch, image_size=cfg.model.image_size,
+        rank=rank, world_size=world, seed=d.seed, workers=d.workers, loader=d.loader, device=str(device), epoch=epoch,
+        shuffle_buffer=d.shuffle_buffer, context_length=cfg.model.text.context_length,
+    )  # fmt: skip
+
+
+def final_splits(cfg: Config) -> list[str]:
+    """Splits evaluated after the last step: ``data.eval_splits``, then any of ``train.eval_splits`` not in it."""
+    return list(dict.fromkeys([*cfg.data.eval_splits, *cfg.train.eval_splits]))
+
+
+def start_run(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str) -> Run:
+    """Everything before the first step; every rank calls it. Bad input fails here, before the model is built."""
+    t, d = cfg.train, cfg.data
+    rank, local_rank, world = init_distributed()
+    micro, accum = batch_layout(t, world)
+    deepspeed_config(cfg, world, deepspeed_base, deepspeed_source)  # a contradicting JSON fails now
+    split_size(d.shards, d.train_split, train=True)
+    for split in final_splits(cfg):
+        split_size(d.shards, split, train=False)
+    check_shared_folder(t.output_dir, rank, world)
+    shards_length = shards_context_length(d.shards)  # SPEC 2: 22 for G-Ref umd, else 17
+    if cfg.model.text.context_length != shards_length and rank == 0:
+        print(f"model.text.context_length={shards_length}: the sentence length of the shards in {d.shards}")
+    cfg.model.text.context_length = shards_length  # before the model is built: the config and export record it
+    # the loader yields the same count on every rank
+    steps_per_epoch = len(train_loader(cfg, rank, world, rank_device(local_rank), epoch=0)) // accum
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"split {d.train_split!r} of {d.shards} has too few objects for one step of {t.global_batch} images"
+        )
+    total_steps = t.epochs * steps_per_epoch if t.max_steps <= 0 else min(t.max_steps, t.epochs * steps_per_epoch)
+
+    setup = build_engine(cfg, deepspeed_base, deepspeed_source, steps_per_epoch=steps_per_epoch)
+    run = Run(cfg, setup, steps_per_epoch, total_steps, RunLog(Path(t.output_dir), rank, setup.engine.monitor))
+    if rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    _resume(run)
+    for note in setup.notes:
+        run.log.print(note)
+    run.log.print(
+        f"training {setup.num_trainable:,} parameters on {world} rank(s): {micro} x {accum} accumulation x "
+        f"{world} = {t.global_batch} images a step, {steps_per_epoch} steps an epoch, {total_steps} steps"
+    )
+    run.started_at = (run.step, time.time())
+    return run
+
+
+def _resume(run: Run) -> None:
+    """Continues from ``checkpoints/latest`` when there is one."""
+    resumed = load_checkpoint(run.setup.engine, run.ckpt_dir, run.setup.rank, run.setup.frozen_digest)
+    if resumed is None:
+        return
+    state, run.rng_state = resumed
+    if state["steps_per_epoch"] != run.steps_per_epoch:
+        raise UserError(
+            f"{run.ckpt_dir} was trained with {state['steps_per_epoch']} steps per epoch, this config gives "
+            f"{run.steps_per_epoch}: resume with the same data and batch, or use a new train.output_dir"
+        )
+    run.step = state["step"]
+    lr = run.setup.scheduler.get_last_lr()[0]
+    run.log.print(f"resumed from {run.ckpt_dir} at step {run.step} (epoch {state['epoch']}, lr {lr:.3g})")
+
+
+def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
+    """The optimizer steps of ``epoch`` from ``run.step`` on (a resumed run starts mid-epoch), up to the end of
+    the epoch or ``train.max_steps``; logs, evaluates and checkpoints when due."""
+    s, t = run.setup, run.cfg.train
+    engine = s.engine
+    batches = iter(run.loader(epoch))  # the epoch fixes the order, the sentence choice and the rank's range
+    for _ in range((run.step - epoch * run.steps_per_epoch) * s.grad_accum):
+        next(batches)  # a resumed run skips the micro-batches this epoch already consumed
+    if run.rng_state is not None:
+        # restored only now: starting the loader draws from the RNG, which the saving run did at epoch start
+        set_rng_state(run.rng_state)
+        run.rng_state = None
+    end = min(run.total_steps, (epoch + 1) * run.steps_per_epoch)
     try:
-        yield
+        while run.step < end:
+            for batch in itertools.islice(batches, s.grad_accum):
+                logits = engine(batch["image"].to(s.device), batch["tokens"].to(s.device))  # autocast inside
+                loss = engine.module.loss(logits, batch["mask"].to(s.device))
+                engine.backward(loss)
+                engine.step()  # DeepSpeed steps the optimizer and the LR schedule every ``grad_accum`` calls
+                meter.add(loss)
+            run.step += 1
+            if run.step % t.log_every_steps == 0 or run.step == run.total_steps:
+                log_progress(run, meter)
+            if run.step == end:
+                batches.close()  # stop the loader's workers before evaluating (they compete for the CPU)
+            _evaluate_and_save_when_due(run)
     finally:
-        for p in scalars:
-            if p.numel() == 1:  # ZeRO-3 may have replaced it by an empty partition: leave that alone
-                p.data = p.data.reshape(())
+        batches.close()  # also when stopped by an error: the workers end now, not at garbage collection
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def log_progress(run: Run, meter: LossMeter) -> None:
+    """One log line: loss (mean over ranks since the last line), LR, images/s, peak GPU memory, ETA."""
+    t, step = run.cfg.train, run.step
+    run.last_loss = meter.mean_over_ranks()
+    start_step, start_time = run.started_at
+    elapsed = time.time() - start_time
+    rate = (step - start_step) * t.global_batch / elapsed
+    lr = run.setup.scheduler.get_last_lr()[0]
+    mem = torch.cuda.max_memory_allocated() / 2**30 if run.setup.device.type == "cuda" else 0.0
+    eta = int((run.total_steps - step) * elapsed / (step - start_step))
+    run.log.record(
+        "train_log.jsonl", step,
+        {"train/loss": run.last_loss, "train/lr": lr, "train/images_per_s": rate, "train/gpu_mem_gib": mem},
+        dict(step=step, epoch=step / run.steps_per_epoch, loss=run.last_loss, lr=lr, images_per_s=rate),
+    )  # fmt: skip
+    run.log.print(
+        f"step {step}/{run.total_steps} epoch {step / run.steps_per_epoch:.2f} loss {run.last_loss:.4f} lr {lr:.3g} "
+        f"{rate:.1f} img/s mem {mem:.1f} GiB eta {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
+    )
+
+
+def _evaluate_and_save_when_due(run: Run) -> None:
+    """After an optimizer step: the periodic evaluation (the last step's is the final one, after the loop) and
+    the checkpoint at every epoch end, every ``train.save_every_steps`` steps and at the last step."""
+    t, step = run.cfg.train, run.step
+    end_of_epoch = step % run.steps_per_epoch == 0
+    last = step == run.total_steps
+    epochs_done = step // run.steps_per_epoch
+    eval_due = (end_of_epoch and t.eval_every_epochs > 0 and epochs_done % t.eval_every_epochs == 0) or (
+        t.eval_every_steps > 0 and step % t.eval_every_steps == 0
+    )
+    if eval_due and not last:
+        evaluate_run(run, t.eval_splits)
+    if end_of_epoch or last or (t.save_every_steps > 0 and step % t.save_every_steps == 0):
+        save_run(run)
+
+
+def evaluate_run(run: Run, splits: list[str]) -> dict:
+    """Evaluates the current weights on ``splits`` (every rank; at the run's precision), logs and keeps the results.
+
+    The RNG states are put back afterwards (the loader's workers draw a seed), so evaluating never changes the
+    training that follows.
+    """
+    if not splits:
+        return {}
+    s, cfg = run.setup, run.cfg
+    recorder = IoURecorder() if cfg.train.eval_pictures > 0 else None
+    with torch.random.fork_rng(devices=[]):
+        results = evaluate(
+            s.engine.module, cfg.data.shards, splits, image_size=cfg.model.image_size,
+            batch_size=cfg.train.eval_batch_size, rank=s.rank, world_size=s.world_size, workers=cfg.data.workers,
+            loader=cfg.data.loader, device=s.device, dtype=precision_dtype(cfg.train), on_batch=recorder,
+        )  # fmt: skip
+        if recorder:  # the first split's best to worst pairs, drawn to TensorBoard
+            sheets = contact_sheets(
+                s.engine.module, recorder, cfg.data.shards, splits[:1], cfg.train.eval_pictures, s.rank
+            )
+            for split, sheet in sheets.items():
+                run.log.image(f"eval/{split}/pictures", sheet, run.step)
+    scalars = {f"eval/{split}/{k}": v for split, res in results.items() for k, v in res.items() if k != "count"}
+    epoch = run.step / run.steps_per_epoch
+    run.log.record("metrics.jsonl", run.step, scalars, dict(step=run.step, epoch=epoch, results=results))
+    run.log.print(f"evaluation at step {run.step}:\n{format_table(results)}")
+    run.metrics = results
+    return results
+
+
+def save_run(run: Run) -> None:
+    """A checkpoint of the engine at ``run.step`` (every rank)."""
+    client_state = {
+        "step": run.step,
+        "epoch": run.step // run.steps_per_epoch,
+        "steps_per_epoch": run.steps_per_epoch,
+        DIGEST_KEY: run.setup.frozen_digest,
+    }
+    tag = save_checkpoint(run.setup.engine, run.ckpt_dir, run.step, client_state, run.cfg, run.setup.rank)
+    run.log.print(f"saved checkpoint {run.ckpt_dir / tag}")
 
 
 def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "DeepSpeed config") -> dict[str, Any]:
@@ -109,151 +317,24 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
         deepspeed_source: Where ``deepspeed_base`` came from, for error messages.
 
     Returns:
-        ``step``, ``epoch``, ``lr``, ``loss`` (last logged), ``metrics`` (last evaluation) and ``export``.
+        ``step``, ``epoch``, ``lr``, ``loss`` (last logged), ``metrics`` (the final evaluation) and ``export``.
     """
-    import deepspeed
-
-    t, d = cfg.train, cfg.data
-    rank, local_rank, world = init_distributed()
-    micro, accum = batch_layout(t, world)
-    ds_config = deepspeed_config(cfg, world, deepspeed_base, deepspeed_source)
-    split_size(d.shards, d.train_split, train=True)  # fails early, on one line, without shards
-    for split in d.eval_splits:
-        split_size(d.shards, split, train=False)
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = precision_dtype(t)
-
-    def loader(epoch: int) -> Any:
-        return build_loader(
-            d.shards, d.train_split, train=True, batch_size=micro, image_size=cfg.model.image_size, rank=rank,
-            world_size=world, seed=d.seed, workers=d.workers, loader=d.loader, device=str(device), epoch=epoch,
-            shuffle_buffer=d.shuffle_buffer,
-        )  # fmt: skip
-
-    steps_per_epoch = len(loader(0)) // accum  # the loader yields the same count on every rank
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"split {d.train_split!r} of {d.shards} has too few objects for one step of {t.global_batch} images"
-        )
-    total_steps = t.epochs * steps_per_epoch if t.max_steps <= 0 else min(t.max_steps, t.epochs * steps_per_epoch)
-
-    torch.manual_seed(t.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
-    model = build_model(cfg.model, pretrained=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    num_trainable = sum(p.numel() for p in params)  # counted now: ZeRO-3 empties the partitioned tensors
-    # fused Adam is a CUDA kernel; DeepSpeed's own FusedAdam needs a CUDA build of its ops
-    optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, t))
-    with _zero_dim_params_as_1d(model):
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-        )
-    torch.manual_seed(t.seed + rank)  # dropout differs across ranks
-
-    out = Path(t.output_dir)
-    ckpt_dir = out / "checkpoints"
-    log = _Logger(out, rank, engine.monitor)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    step, rng_state = 0, None
-    resumed = load_checkpoint(engine, ckpt_dir, rank)
-    if resumed is not None:
-        state, rng_state = resumed
-        if state["steps_per_epoch"] != steps_per_epoch:
-            raise UserError(
-                f"{ckpt_dir} was trained with {state['steps_per_epoch']} steps per epoch, this config gives "
-                f"{steps_per_epoch}: resume with the same data and batch, or use a new train.output_dir"
-            )
-        step = state["step"]
-        log.print(
-            f"resumed from {ckpt_dir} at step {step} (epoch {state['epoch']}, lr {scheduler.get_last_lr()[0]:.3g})"
-        )
-    log.print(
-        f"training {num_trainable:,} parameters on {world} rank(s): {micro} x {accum} accumulation x "
-        f"{world} = {t.global_batch} images a step, {steps_per_epoch} steps an epoch, {total_steps} steps"
-    )
-
-    def checkpoint() -> None:
-        client_state = dict(step=step, epoch=step // steps_per_epoch, steps_per_epoch=steps_per_epoch)
-        tag = save_checkpoint(engine, ckpt_dir, step, client_state, cfg, rank)
-        log.print(f"saved checkpoint {ckpt_dir / tag}")
-
-    def run_eval() -> dict:
-        recorder = IoURecorder() if t.eval_pictures > 0 else None
-        results = evaluate(
-            engine.module, d.shards, d.eval_splits, image_size=cfg.model.image_size, batch_size=micro, rank=rank,
-            world_size=world, workers=d.workers, loader=d.loader, device=device, dtype=dtype, on_batch=recorder,
-        )  # fmt: skip
-        if recorder:  # the first eval split's best to worst pairs, drawn to TensorBoard
-            sheets = contact_sheets(engine.module, recorder, d.shards, d.eval_splits[:1], t.eval_pictures, rank)
-            for split, sheet in sheets.items():
-                log.image(f"eval/{split}/pictures", sheet, step)
-        scalars = {f"eval/{split}/{k}": v for split, res in results.items() for k, v in res.items() if k != "count"}
-        log.record("metrics.jsonl", step, scalars, dict(step=step, epoch=step / steps_per_epoch, results=results))
-        log.print(f"evaluation at step {step}:\n{format_table(results)}")
-        return results
-
-    engine.train()
-    metrics: dict = {}
-    evaluated_at = -1
-    # the loss stays on the device between log lines: no host sync per step
-    loss_sum, loss_count, last_loss = torch.zeros((), device=device), 0, float("nan")
-    start_step, start_time = step, time.time()
-    while step < total_steps:
-        epoch = step // steps_per_epoch  # also the loader's epoch: its order, sentence choice and rank range
-        epoch_batches = iter(loader(epoch))
-        for _ in range((step - epoch * steps_per_epoch) * accum):
-            next(epoch_batches)  # a resumed run skips the micro-batches this epoch already consumed
-        if rng_state is not None:
-            # restored only now: starting the loader draws from the RNG, which the saving run did at epoch start
-            set_rng_state(rng_state)
-            rng_state = None
-        while step < min(total_steps, (epoch + 1) * steps_per_epoch):
-            for batch in itertools.islice(epoch_batches, accum):
-                logits = engine(batch["image"].to(device, dtype), batch["tokens"].to(device))
-                loss = engine.module.loss(logits, batch["mask"].to(device))
-                engine.backward(loss)
-                engine.step()  # DeepSpeed steps the optimizer and the LR schedule every ``accum`` calls
-                loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
-            step += 1
-            if step % t.log_every_steps == 0 or step == total_steps:
-                last_loss = _mean_over_ranks(loss_sum.item() / max(loss_count, 1))
-                loss_sum, loss_count = torch.zeros((), device=device), 0
-                elapsed = time.time() - start_time
-                rate = (step - start_step) * t.global_batch / elapsed
-                lr = scheduler.get_last_lr()[0]
-                mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-                eta = (total_steps - step) * elapsed / (step - start_step)
-                log.record(
-                    "train_log.jsonl", step,
-                    {"train/loss": last_loss, "train/lr": lr, "train/images_per_s": rate, "train/gpu_mem_gib": mem},
-                    dict(step=step, epoch=step / steps_per_epoch, loss=last_loss, lr=lr, images_per_s=rate),
-                )  # fmt: skip
-                log.print(
-                    f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} loss {last_loss:.4f} lr {lr:.3g} "
-                    f"{rate:.1f} img/s mem {mem:.1f} GiB eta {_fmt_eta(eta)}"
-                )
-            end_of_epoch = step % steps_per_epoch == 0
-            if end_of_epoch:
-                epoch_batches.close()  # stop the loader's workers before evaluating (they compete for the CPU)
-            if end_of_epoch or (t.eval_every_steps and step % t.eval_every_steps == 0):
-                metrics, evaluated_at = run_eval(), step
-            if end_of_epoch or step == total_steps or (t.save_every_steps and step % t.save_every_steps == 0):
-                checkpoint()
-        epoch_batches.close()  # a max_steps stop mid-epoch: stop the workers now, not at garbage collection
-    if evaluated_at != step:
-        metrics = run_eval()  # a max_steps run that stopped mid-epoch (or a rerun of a finished one)
-    export = export_engine(engine, cfg, out / EXPORT_NAME, rank, metrics)
+    run = start_run(cfg, deepspeed_base, deepspeed_source)
+    run.setup.engine.train()
+    meter = LossMeter(run.setup.device)
+    while run.step < run.total_steps:
+        train_one_epoch(run, run.step // run.steps_per_epoch, meter)
+    evaluate_run(run, final_splits(cfg))
+    export = export_engine(run.setup.engine, cfg, run.out / EXPORT_NAME, run.setup.rank, run.metrics)
     if export is not None:
-        log.print(f"exported {export}")
+        run.log.print(f"exported {export}")
     return dict(
-        step=step,
-        epoch=step // steps_per_epoch,
-        lr=scheduler.get_last_lr()[0],
-        loss=last_loss,
-        metrics=metrics,
-        export=str(out / EXPORT_NAME),
+        step=run.step,
+        epoch=run.step // run.steps_per_epoch,
+        lr=run.setup.scheduler.get_last_lr()[0],
+        loss=run.last_loss,
+        metrics=run.metrics,
+        export=str(run.out / EXPORT_NAME),
     )
 
 

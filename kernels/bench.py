@@ -27,8 +27,6 @@ _BATCHES = (16, 32, 64)
 _SIZES = (32, 37)
 
 
-
-
 def _bytes_moved(h: torch.Tensor, branch: DenseBranch, training: bool) -> int:
     """Input + output (+ output gradient + input gradient when training) + weights, in bytes."""
     act = h.numel() * h.element_size()
@@ -99,7 +97,13 @@ def run(out_path: Path | None) -> int:
                 gout = torch.randn_like(h)
                 eager_ms = None
                 for name, fwd in variants.items():
-                    ms, peak = _measure(_case(fwd, h, gout, training, autocast=name != "triton"))
+                    try:
+                        ms, peak = _measure(_case(fwd, h, gout, training, autocast=name != "triton"))
+                    except Exception as e:  # noqa: BLE001 - a variant that cannot run here is a row, not the end
+                        print(f"{'train' if training else 'infer':<9}{bsz:>4}{hw:>5}x{hw} {name:<8} failed: {e!r:.90}")
+                        rows.append(dict(mode="train" if training else "infer", batch=bsz, hw=hw, impl=name,
+                                         error=repr(e)))  # fmt: skip
+                        continue
                     eager_ms = eager_ms or ms
                     gbs = _bytes_moved(h, branch, training) / ms / 1e6
                     mode = "train" if training else "infer"

@@ -49,7 +49,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DOT_MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BLOCK_P_TRAIN = 64  # pixels per program in the training passes
 _BLOCK_P_INFER = 128  # pixels per program-block in the inference kernel
-_SUB_INFER = 64  # pixels per chunk inside the inference stages
+_SUB_INFER = 64  # pixels per chunk inside the inference stages (one software-pipeline stage: Hopper's default of
+# three needs 308 KiB of shared memory for this kernel, over the 227 KiB a program may have)
 _BLOCK_R = 64  # partial rows per step in the finalize kernels
 
 
@@ -1080,7 +1081,7 @@ def _dense_branch_infer(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
         h, out, *args, scratch, *[cbr.bn.eps for cbr in _cbrs(branch)],
         n, hw, hh, ww, n_blocks, region,
         *_pixel_strides(h), *_pixel_strides(out),
-        **meta, BLOCK_P=_BLOCK_P_INFER, SUB=_SUB_INFER, DOT=_dot_mode(h.dtype), num_warps=4,
+        **meta, BLOCK_P=_BLOCK_P_INFER, SUB=_SUB_INFER, DOT=_dot_mode(h.dtype), num_warps=4, num_stages=1,
     )  # fmt: skip
     return out
 

@@ -1,15 +1,87 @@
 #!/usr/bin/env bash
-# Everything only a GPU can show, in one call: GPU tests, the dense-branch kernel microbenchmark, whole-model
-# training/inference throughput and loader throughput. Results go to ${OUT:-runs/gpu_check}; the last lines
-# printed are the tables for BENCHMARKS.md. Run from the repository root with the packages importable.
+# Everything only a GPU can show: the GPU tests, the dense-branch kernel table, training and inference throughput
+# of dcris-b at 448x448, batch 32 (eager, fused, compiled, all switches; with the loader and model-only), the
+# loaders' throughput on COCO-sized JPEGs, and a profiler table of one training step.
+#
+#   launch/gpu_check.sh [STAGE ...]
+#
+# Stages (default: all, in this order): tests kernels shards model_only rows loaders profile compiled. A row whose
+# loader fails is measured again with the PyTorch loader (its row names the loader).
+#
+# Results go to ${OUT:-runs/gpu_check}; the stages can run in separate calls sharing ${SHARDS:-$OUT/shards}.
+# Each stage has a time limit, so one slow stage cannot take the others' time; the last lines printed are the
+# BENCHMARKS.md rows. ${STEPS:-20} timed training steps a row; PRESET and BATCH change the model (a CPU smoke test:
+# PRESET=tiny-dcris BATCH=4 STEPS=2 IMAGES=16). Run from the repository root with the package installed.
 set -uo pipefail
 out=${OUT:-runs/gpu_check}
+shards=${SHARDS:-$out/shards}
+steps=${STEPS:-20}
+preset=${PRESET:-dcris-b}
+batch=${BATCH:-32}
+workers=${WORKERS:-8}  # decoding threads of the one rank
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -5
-python kernels/bench.py --out "$out/bench_dense_branch.json" > "$out/bench_dense_branch.txt" 2>&1
-python launch/bench_model.py --out "$out/bench_model.json" > "$out/bench_model.txt" 2>&1
-DCRIS_NO_TRITON=1 python launch/bench_model.py --out "$out/bench_model_eager.json" > "$out/bench_model_eager.txt" 2>&1
-python shards/bench_loaders.py --json "$out/bench_loaders.json" > "$out/bench_loaders.txt" 2>&1
-tail -n 30 "$out"/bench_*.txt
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(tests kernels shards model_only rows loaders profile compiled)
+
+limited() {  # SECONDS LOG CMD...: runs CMD with a time limit, output to LOG; says so when the limit ends it
+  local seconds=$1 log=$2; shift 2
+  timeout "$seconds" "$@" > "$log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "(stopped after ${seconds} s: $*)" >> "$log"
+  return $rc
+}
+
+bench() {  # NAME SECONDS ARGS...: one launch/bench.py record and its BENCHMARKS.md row
+  local name=$1 seconds=$2; shift 2
+  local run=(python launch/bench.py --preset "$preset" --batch "$batch" --shards "$shards" --steps "$steps"
+             --warmup 3 --out "$out/bench_$name.json" "$@" "data.workers=$workers")
+  limited "$seconds" "$out/bench_$name.txt" "${run[@]}"
+  local rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [[ " $* " != *" --model-only "* ]]; then  # say why, then the torch loader
+    grep -E "Error|error" "$out/bench_$name.txt" | tail -n 3
+    limited "$seconds" "$out/bench_${name}_torch_loader.txt" "${run[@]}" data.loader=torch
+    name=${name}_torch_loader
+  fi
+  { grep "^| " "$out/bench_$name.txt" || echo "| $name: no record (see bench_$name.txt) |"; } | tee -a "$out/rows.md"
+}
+
+for stage in "${stages[@]}"; do
+  echo "== $stage ($(date +%T))"
+  case $stage in
+    tests)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+      limited 240 "$out/gpu_tests.log" python -m pytest -q -m gpu tests; tail -n 5 "$out/gpu_tests.log" ;;
+    kernels)
+      limited 240 "$out/bench_dense_branch.txt" python kernels/bench.py --out "$out/bench_dense_branch.json"
+      tail -n 40 "$out/bench_dense_branch.txt" ;;
+    shards)  # a synthetic release of COCO-sized JPEGs, packed once for the rows, the loaders and the profile
+      [ -f "$shards/manifest.json" ] || {
+        work=$(mktemp -d) && mkdir -p "$(dirname "$shards")" &&
+        python shards/synth.py --out "$work/release" --images "${IMAGES:-800}" --sizes 427,640 &&
+        python shards/pack.py --refer "$work/release" --dataset synthetic --split-by unc \
+          --images "$work/release/images" --out "$work/packed" --workers "$(nproc)" | tail -n 1 &&
+        mv "$work/packed/synthetic" "$shards"; rm -rf "$work"; } ;;
+    model_only)
+      bench eager_model_only 150 --model-only
+      bench fused_model_only 150 --model-only --fused ;;
+    rows)
+      bench eager 180
+      bench fused 180 --fused ;;
+    compiled)  # model-only: what compiling gains is the model's, and the loader can hide it
+      bench compile_model_only 300 --model-only --compile
+      bench all_model_only 300 --model-only --fused --compile model.vision.fused_qkv=true \
+        model.head.channels_last=true model.head.single_key_gate=true ;;
+    loaders)
+      limited 180 "$out/bench_loaders.txt" python shards/bench_loaders.py --shards "$shards" --repeats 2 \
+        --batch-size "$batch" --json "$out/bench_loaders.json"
+      tail -n 8 "$out/bench_loaders.txt" ;;
+    profile)
+      limited 180 "$out/profile.txt" python launch/bench.py --preset "$preset" --batch "$batch" --shards "$shards" \
+        --mode train --steps 3 --warmup 2 --profile --out "$out/bench_profile.json" "data.workers=$workers"
+      head -n 35 "$out/profile.txt" ;;
+    *) echo "unknown stage '$stage' (tests kernels shards model_only rows loaders profile compiled)"; exit 2 ;;
+  esac
+done
+[ -f "$out/rows.md" ] && cat "$out/rows.md"
+exit 0

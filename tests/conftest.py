@@ -1,6 +1,11 @@
-"""Test-session set-up that must happen before any test module imports Triton, and shared fixtures."""
+"""Test-session set-up that must happen before any test module imports Triton, the ``gpu`` marker and shared
+fixtures (the synthetic release and its shards, a probe image and a tiny Segmenter)."""
 
 import os
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +15,60 @@ import torch
 # decorated: set it before any module (ours or a library's) imports and decorates one.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` (all that need CUDA; ``pytest -m gpu`` runs them) skip cleanly without a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic REFER release (24 images, about 70 objects), written once per session."""
+    from dcris.data.synth import make_synthetic_release
+
+    return make_synthetic_release(tmp_path_factory.mktemp("release"), images=24, seed=3)
+
+
+@pytest.fixture(scope="session")
+def release_as(release: Path) -> Callable[..., Path]:
+    """Copies the synthetic release's annotations under another data set name, as REFER lays them out.
+
+    ``release_as(root, name, split_by, ref_offset=0, splits=None, edit=None)`` writes ``root/name/instances.json``
+    and ``root/name/refs(split_by).p``: the synthetic refs with ``ref_offset`` added to every ref_id, splits
+    renamed by the ``splits`` mapping, and ``edit(refs, instances)`` applied last. The JPEGs stay in
+    ``release/images``. Returns ``root``.
+    """
+
+    def make(
+        root: Path,
+        name: str,
+        split_by: str,
+        ref_offset: int = 0,
+        splits: dict[str, str] | None = None,
+        edit: Callable[[list[dict], dict], None] | None = None,
+    ) -> Path:
+        import json
+
+        (root / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(release / "synthetic" / "instances.json", root / name / "instances.json")
+        refs = pickle.loads((release / "synthetic" / "refs(unc).p").read_bytes())
+        refs = [
+            dict(r, ref_id=r["ref_id"] + ref_offset, split=(splits or {}).get(r["split"], r["split"])) for r in refs
+        ]
+        if edit is not None:
+            instances = json.loads((root / name / "instances.json").read_text())
+            edit(refs, instances)
+            (root / name / "instances.json").write_text(json.dumps(instances))
+        (root / name / f"refs({split_by}).p").write_bytes(pickle.dumps(refs))
+        return root
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +106,8 @@ def tiny_segmenter(probe):
 
 
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory: pytest.TempPathFactory):
-    """A small synthetic REFER release packed into shards (about 40 train objects; val and testA)."""
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic release (24 images) packed into shards: train, val, testA and testB."""
     from dcris.data import pack, synth
 
     root = tmp_path_factory.mktemp("synthetic")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from ports import free_port
 
 from dcris.draw import overlay
 from dcris.segmenter import Segmenter
@@ -30,17 +30,11 @@ WAIT_S = 180  # a loaded 2-core machine serves slowly
 LONG = "the small red circle on the left next to the big blue square below the green triangle"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_segmenter, tmp_path_factory):
     """``dcris app`` serving the tiny model from an export folder: (url, export folder)."""
     export = tiny_segmenter.save_pretrained(tmp_path_factory.mktemp("app") / "export")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("app_log") / "server.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     argv = [sys.executable, "-m", "dcris", "app", "--weights", str(export), "--port", str(port), "--device", "cpu"]

@@ -28,7 +28,6 @@ triton = pytest.importorskip("triton")
 dense_branch = importlib.import_module("dcris.kernels.dense_branch")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _randomize(branch: DenseBranch, seed: int) -> DenseBranch:
@@ -112,19 +111,74 @@ def test_param_counts() -> None:
 
 
 def test_eager_paths() -> None:
-    """CPU forward and the 1-D form take the eager path; DCRIS_NO_TRITON forces it."""
+    """The fused path is off by default; the 1-D form, DCRIS_NO_TRITON and SyncBatchNorm force eager."""
     branch = _randomize(DenseBranch(), 0).eval()
     h = torch.randn(2, 128, 5, 3)
-    assert not branch.use_fused(h)
+    assert not branch.fused and not branch.use_fused(h)
     torch.testing.assert_close(branch(h), branch.reference_forward(h))
     text = DenseBranch(64, (32, 4, 16, 4, 16), dims=1)
+    text.fused = True
     assert text(torch.randn(2, 64, 16)).shape == (2, 64, 16)
     assert not text.use_fused(torch.randn(2, 64, 16))
+    branch.fused = True
+    assert branch.use_fused(h.to(DEVICE))  # CUDA, or Triton's interpreter on a CPU
     os.environ["DCRIS_NO_TRITON"] = "1"
     try:
         assert not branch.use_fused(h.to(DEVICE))
     finally:
         del os.environ["DCRIS_NO_TRITON"]
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(branch))
+    assert not synced.use_fused(h.to(DEVICE))  # statistics over all ranks: the kernels compute local ones
+
+
+@pytest.fixture
+def fresh_first_call(monkeypatch: pytest.MonkeyPatch):
+    """Forgets which input kinds were checked and any earlier failure, for this test only."""
+    ref = importlib.import_module("dcris.kernels.dense_branch_ref")
+    monkeypatch.setattr(ref, "_checked_kinds", set())
+    monkeypatch.setattr(ref, "_fused_failure", [])
+    return ref
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong"])
+def test_a_failing_first_fused_call_falls_back_to_eager(fresh_first_call, monkeypatch, failure: str) -> None:
+    """A kernel that raises or computes something else: one warning, the eager result, statistics stepped once."""
+
+    def broken(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
+        for mod in branch.modules():  # a half-run kernel may already have touched the statistics
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.add_(1.0)
+        if failure == "raises":
+            raise RuntimeError("PTX compile failed\nsecond line")
+        return torch.zeros_like(h)
+
+    monkeypatch.setattr(dense_branch, "fused_dense_branch", broken)
+    branch = _randomize(DenseBranch(), 1).train()
+    branch.fused = True
+    eager = copy.deepcopy(branch)
+    h = _make_input((2, 128, 5, 4), torch.float32, False, 2)
+    with pytest.warns(RuntimeWarning, match="failed its first call") as caught:
+        out = branch(h)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    torch.testing.assert_close(out, eager.reference_forward(h))
+    for (name, got), want in zip(branch.named_buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(got, want, msg=name)
+    assert fresh_first_call._fused_failure and not branch.use_fused(h)  # off for the rest of the process
+
+
+def test_a_passing_first_fused_call_keeps_the_fused_path(fresh_first_call, monkeypatch, recwarn) -> None:
+    """The real kernel passes its check (interpreter on a CPU) and is used from then on, checked once."""
+    calls = []
+    real = dense_branch.fused_dense_branch
+    monkeypatch.setattr(dense_branch, "fused_dense_branch", lambda h, b: calls.append(1) or real(h, b))
+    branch = _randomize(DenseBranch(), 3).eval()
+    branch.fused = True
+    h = _make_input((2, 128, 5, 4), torch.float32, False, 4)
+    with torch.no_grad():
+        _assert_close(branch(h), branch.reference_forward(h), 1e-5, "first call")
+        _assert_close(branch(h), branch.reference_forward(h), 1e-5, "second call")
+    assert len(calls) == 2 and (h.device.type, torch.float32, False) in fresh_first_call._checked_kinds
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_input_checks() -> None:
@@ -210,18 +264,19 @@ def test_bf16_small() -> None:
     _bf16_check((2, 128, 7, 5), 6, check_grads=torch.cuda.is_available())
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dispatch_cuda(dtype: torch.dtype) -> None:
     """DenseBranch.forward takes the fused path on CUDA and matches the reference."""
     branch = _randomize(DenseBranch(), 7).cuda().eval()
+    branch.fused = True
     h = _make_input((4, 128, 32, 32), dtype, False, 8)
     assert branch.use_fused(h)
     with torch.no_grad():
         _assert_close(branch(h), branch.reference_forward(h), 1e-5 if dtype == torch.float32 else 1e-2, "output")
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("hw", [32, 37])
 def test_real_size_fp32(hw: int) -> None:
     ref = _randomize(DenseBranch(), 9).cuda()
@@ -236,6 +291,6 @@ def test_real_size_fp32(hw: int) -> None:
     _compare_training(fused, ref, out, out_ref, dh, dh_ref, 1e-5)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_real_size_bf16() -> None:
     _bf16_check((32, 128, 32, 32), 11)

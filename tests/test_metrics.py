@@ -1,17 +1,30 @@
-"""SPEC 5 metrics against hand-computed values, the inverse letterbox, and the exact cross-rank reduction."""
+"""SPEC 5 metrics against hand-computed values and the released code's OpenCV inverse warp, exact reduction."""
 
 from __future__ import annotations
 
 import os
+import warnings
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+from released_geometry import (
+    natural_image,
+    object_mask,
+    released_image,
+    released_mask,
+    released_matrices,
+    released_prediction,
+)
 
-from dcris.data.letterbox import letterbox_geometry, letterbox_mask, unletterbox
-from dcris.metrics import IOU_SCALE, IoUAccumulator, masks_from_logits
+from dcris.config import preset
+from dcris.data.letterbox import letterbox_mask, unletterbox
+from dcris.metrics import IOU_SCALE, PREC_THRESHOLDS, IoUAccumulator, masks_from_logits
 
 
 def _mask(rows: list[str]) -> np.ndarray:
@@ -57,26 +70,155 @@ def test_random_masks_match_numpy() -> None:
 @pytest.mark.parametrize(("height", "width"), [(30, 60), (61, 23), (50, 50)])
 def test_inverse_letterbox_maps_canvas_prediction_back(height: int, width: int) -> None:
     size = 112
-    # 1 exactly on the letterboxed image, 0 on the border: the inverse must crop exactly the image
-    _, new_h, new_w, top, left = letterbox_geometry(height, width, size)
-    canvas = torch.zeros(size, size)
-    canvas[top : top + new_h, left : left + new_w] = 1.0
-    back = unletterbox(canvas, height, width)
-    assert back.shape == (height, width)
-    torch.testing.assert_close(back, torch.ones(height, width), atol=1e-5, rtol=0)
     # a known object: a rectangle in the original image, letterboxed, predicted at the model's 4 x S/14, mapped back
     orig = np.zeros((height, width), dtype=np.uint8)
     orig[height // 4 : 3 * height // 4, width // 5 : 4 * width // 5] = 1
     soft = torch.from_numpy(letterbox_mask(orig, size))[None, None]  # (1, 1, S, S)
     logits_size = 4 * size // 14  # 32 for a 112 canvas, as the model's 128 for 448
-    small = torch.nn.functional.interpolate(soft, size=logits_size, mode="area").clamp(1e-4, 1 - 1e-4)
+    small = F.interpolate(soft, size=logits_size, mode="area").clamp(1e-4, 1 - 1e-4)
     (pred,) = masks_from_logits(torch.logit(small), [(height, width)], size)
+    assert pred.shape == (height, width) and pred.dtype == torch.bool
     pred = pred.numpy()
     # threshold 0.35 on a coarse map grows the object a little, but it stays centred on the original
     assert IoUAccumulator().add(pred, orig) > 0.8
     assert (pred & (orig > 0)).sum() > 0.97 * orig.sum()
     for axis in (0, 1):
         assert abs(np.nonzero(pred)[axis].mean() - np.nonzero(orig)[axis].mean()) < 1.0
+
+
+def _object_logits(rng: np.random.Generator, masks: list[np.ndarray], size: int) -> torch.Tensor:
+    """(B, 1, 4S/14, 4S/14) logits of a plausible prediction of each mask: letterboxed, pooled, noisy."""
+    rows = []
+    for mask in masks:
+        soft = torch.from_numpy(released_mask(mask, size)).float()[None, None]  # (1, 1, S, S)
+        prob = F.interpolate(soft, size=4 * size // 14, mode="area")
+        rows.append(8 * (prob - 0.5) + torch.from_numpy(rng.normal(0, 0.3, prob.shape)).float())
+    return torch.cat(rows)  # (B, 1, 4S/14, 4S/14)
+
+
+SIZES = [(480, 640), (640, 427), (333, 501), (150, 97), (97, 1000), (7, 5)]
+
+
+def test_inverse_warp_matches_the_released_code() -> None:
+    rng = np.random.default_rng(0)
+    size = 448
+    logits = _object_logits(rng, [object_mask(rng, h, w) for h, w in SIZES], size)
+    # the released evaluation: sigmoid, bicubic (align_corners) to S, cv2.warpAffine(mat_inv), > 0.35
+    prob = F.interpolate(torch.sigmoid(logits), size=(size, size), mode="bicubic", align_corners=True)[:, 0].numpy()
+    ours = masks_from_logits(logits, SIZES, size)
+    differing = total = 0
+    for i, (h, w) in enumerate(SIZES):
+        _, mat_inv = released_matrices(h, w, size)
+        warped = cv2.warpAffine(prob[i], mat_inv, (w, h), flags=cv2.INTER_CUBIC, borderValue=0.0)
+        # the unthresholded maps agree to float rounding (OpenCV 4 samples at 1/32 pixel, and so do we)
+        np.testing.assert_allclose(unletterbox(torch.from_numpy(prob[i]), h, w).numpy(), warped, rtol=0, atol=2e-6)
+        released = released_prediction(prob[i], h, w)
+        assert ours[i].shape == released.shape and released.any() and not released.all()
+        differing += int((ours[i].numpy() != released).sum())
+        total += released.size
+    print(f"inverse warp vs OpenCV: {differing} of {total} thresholded pixels differ")
+    assert differing <= 1e-5 * total
+
+
+def _numpy_sums(preds: list[np.ndarray], masks: list[np.ndarray]) -> dict:
+    """The accumulator's fields, sample by sample in numpy (the metric's definition, SPEC 5)."""
+    sums = dict(intersection=0, union=0, iou_sum=0, count=0, prec_hits=[0] * len(PREC_THRESHOLDS))
+    for pred, mask in zip(preds, masks, strict=True):
+        inter, union = int(np.logical_and(pred, mask).sum()), int(np.logical_or(pred, mask).sum())
+        iou = inter / union
+        sums["intersection"] += inter
+        sums["union"] += union
+        sums["iou_sum"] += round(iou * IOU_SCALE)
+        sums["count"] += 1
+        sums["prec_hits"] = [n + (iou > t) for n, t in zip(sums["prec_hits"], PREC_THRESHOLDS, strict=True)]
+    return sums
+
+
+def _fields(acc: IoUAccumulator) -> dict:
+    return {k: getattr(acc, k) for k in ("intersection", "union", "iou_sum", "count", "prec_hits")}
+
+
+def test_add_logits_matches_per_sample_numpy() -> None:
+    rng = np.random.default_rng(3)
+    size = 112
+    acc, per_sample = IoUAccumulator(), IoUAccumulator()
+    preds, masks = [], []
+    for _ in range(3):  # batches of objects of different sizes
+        sizes = [(int(h), int(w)) for h, w in rng.integers(20, 160, size=(5, 2))]
+        batch_masks = [object_mask(rng, h, w) for h, w in sizes]
+        # predictions of these objects, but of other objects for the first two: IoUs spread over [0, 1]
+        logits = _object_logits(rng, [object_mask(rng, h, w) for h, w in sizes[:2]] + batch_masks[2:], size)
+        acc.add_logits(logits, batch_masks, sizes, size)
+        preds += [pred.numpy() for pred in masks_from_logits(logits, sizes, size)]
+        masks += batch_masks
+    expected = _numpy_sums(preds, masks)
+    assert _fields(acc) == expected
+    for pred, mask in zip(preds, masks, strict=True):
+        iou = np.logical_and(pred, mask).sum() / np.logical_or(pred, mask).sum()
+        assert per_sample.add(pred, mask) == iou
+    assert acc == per_sample
+    assert 0 < expected["prec_hits"][-1] < expected["prec_hits"][0] < expected["count"]  # the data tests thresholds
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_add_logits_on_the_gpu_syncs_once() -> None:
+    rng = np.random.default_rng(5)
+    size = 448
+    masks = [object_mask(rng, h, w) for h, w in SIZES]
+    logits = _object_logits(rng, masks, size).cuda()
+    IoUAccumulator().add_logits(logits, masks, SIZES, size)  # warm-up: the weight tables reach the device once
+    acc = IoUAccumulator()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            acc.add_logits(logits, masks, SIZES, size)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    preds = [pred.cpu().numpy() for pred in masks_from_logits(logits, SIZES, size)]
+    assert _fields(acc) == _numpy_sums(preds, masks)
+    # the GPU's bicubic upsampling rounds a little differently from the CPU's: at most a few pixels flip
+    on_cpu = masks_from_logits(logits.cpu(), SIZES, size)
+    differing = sum(int((pred != cpu.numpy()).sum()) for pred, cpu in zip(preds, on_cpu, strict=True))
+    assert differing <= 1e-5 * sum(h * w for h, w in SIZES)
+
+
+class _ImageLogits(torch.nn.Module):
+    """A stand-in model whose logits follow the image (pooled red channel), to follow predict's geometry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = preset("tiny-dcris").model
+        self.gain = torch.nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        size = 4 * images.shape[-1] // 14
+        return self.gain * F.interpolate(images[:, :1], size=(size, size), mode="area")  # (B, 1, 4S/14, 4S/14)
+
+
+def test_predict_mask_matches_the_released_pipeline() -> None:
+    from dcris.predict import predict_mask  # here: the spawned workers above import this module, and it is slow
+
+    rng = np.random.default_rng(6)
+    model = _ImageLogits()
+    size = model.cfg.image_size
+    differing = total = 0
+    for h, w in [(240, 320), (301, 97), (40, 60)]:
+        rgb = natural_image(rng, h, w)
+        ours = predict_mask(model, Image.fromarray(rgb), "the thing on the left")
+        with torch.no_grad():
+            logits = model(torch.from_numpy(released_image(rgb, size))[None], torch.zeros(1, 17, dtype=torch.long))
+        prob = F.interpolate(torch.sigmoid(logits), size=(size, size), mode="bicubic", align_corners=True)
+        released = released_prediction(prob[0, 0].numpy(), h, w)
+        assert ours.shape == (h, w) and released.any() and not released.all()
+        differing += int((ours != released).sum())
+        total += released.size
+    print(f"predict vs the released pipeline: {differing} of {total} pixels differ")
+    assert differing <= 1e-3 * total  # the input canvases differ only by OpenCV's fixed-point rounding
 
 
 def _reduce_worker(rank: int, world: int, port: int, preds: list, masks: list, out: dict) -> None:
@@ -97,9 +239,10 @@ def test_all_reduce_is_exact() -> None:
     single = IoUAccumulator()
     for p, m in zip(preds, masks, strict=True):
         single.add(p, m)
-    from dcris.train_setup import _free_port
+    from ports import free_port
 
     out = mp.Manager().dict()
-    mp.spawn(_reduce_worker, args=(2, _free_port(), preds, masks, out), nprocs=2)
+    mp.spawn(_reduce_worker, args=(2, free_port(), preds, masks, out), nprocs=2)
     assert out[0] == out[1] == single.result()  # bit-identical, whatever the split and order
-    assert single.iou_sum % 1 == 0 and single.iou_sum <= single.count * IOU_SCALE
+    ious = [np.logical_and(p, m).sum() / np.logical_or(p, m).sum() for p, m in zip(preds, masks, strict=True)]
+    assert single.iou_sum == sum(round(iou * IOU_SCALE) for iou in ious)

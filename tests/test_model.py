@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Dinov2WithRegistersModel
 
-from dcris.config import PRESETS, preset
+from dcris.adapters import TextAdapter
+from dcris.config import PRESETS, Config, preset
 from dcris.model import build_model, is_trainable_key
 from dcris.params import main as params_main
 from dcris.text import TextEncoder, build_text_encoder
-from dcris.vision import VisionEncoder, hf_vision_config, load_vision_backbone
+from dcris.vision import VisionEncoder, dinov2_position_embeddings, hf_vision_config, load_vision_backbone
 
 
 def random_tokens(batch: int, length: int = 17, vocab: int = 49408, seed: int = 0) -> torch.Tensor:
@@ -92,20 +96,46 @@ def test_bf16_autocast_forward_backward():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
+def shrunk(cfg: Config) -> Config:
+    """The preset's layout (depths, adapter layers, taps, text form) at tiny widths and a 56 px input."""
+    m = cfg.model
+    m.image_size, m.vision.pretrained_size = 56, 70  # 4x4 patches from a stored 5x5 grid: interpolated
+    m.vision.width, m.vision.heads = 32, 2
+    m.text.width, m.text.heads, m.text.embed_dim, m.text.positions = 32, 2, 32, m.text.context_length
+    a = m.adapters
+    a.vision_hidden, a.text_hidden = max(16, a.vision_hidden // 8), max(16, a.text_hidden // 4)  # multiples of 16
+    a.cross_width, a.cross_heads = 16, 2
+    h = m.head
+    h.width, h.decoder_layers, h.decoder_heads, h.ffn_dim, h.projector_dim = 32, 1, 2, 32, 16
+    return cfg
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_builds(name: str):
-    cfg = preset(name)
-    with torch.device("meta"):
-        model = build_model(cfg.model, pretrained=False)
+def test_every_preset_runs_forward_and_backward_at_tiny_width(name: str):
+    """Each preset's own layout (block counts, adapter placement, text form) trains one step at tiny width."""
+    cfg = shrunk(preset(name))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False).train()
     assert len(model.vision.adapters) == len(cfg.model.adapters.vision_layers)
     assert len(model.text.adapters) == len(cfg.model.adapters.text_layers)
+    images = torch.randn(2, 3, 56, 56)
+    logits = model(images, random_tokens(2, cfg.model.text.context_length))
+    assert logits.shape == (2, 1, 16, 16)
+    model.loss(logits, (torch.rand(2, 1, 56, 56) > 0.5).float()).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
 
 
 # ---------------------------------------------------------------------------------------------- weight loading
 
 
 def test_vision_weights_round_trip_and_match_transformers_forward(tmp_path):
-    """A tiny DINOv2 saved with save_pretrained loads through the real loader and reproduces HF's forward."""
+    """A tiny DINOv2 saved with save_pretrained loads through the real loader and reproduces HF's forward.
+
+    At the size the position embedding was stored for nothing is resized, so every block must agree with
+    transformers; at another size only the resize differs (see the next test), so the token embedding must equal
+    transformers' patch embedding plus DINOv2's resized position embedding.
+    """
     cfg = preset("tiny-dcris").model
     torch.manual_seed(1)
     reference = Dinov2WithRegistersModel(hf_vision_config(cfg.vision)).eval()
@@ -120,11 +150,12 @@ def test_vision_weights_round_trip_and_match_transformers_forward(tmp_path):
     for (k, a), b in zip(reference.state_dict().items(), backbone.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     encoder = VisionEncoder(cfg.vision, cfg.adapters, cfg.text.width, backbone).eval()
-    images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    size = cfg.vision.pretrained_size
+    images = torch.randn(2, 3, size, size)
     with torch.no_grad():
         maps = encoder(images, torch.randn(2, 17, cfg.text.width))
         out = reference(pixel_values=images, output_hidden_states=True)
-    grid = cfg.image_size // cfg.vision.patch_size
+    grid = size // cfg.vision.patch_size
     prefix = 1 + cfg.vision.num_registers
 
     def as_map(t):
@@ -133,6 +164,77 @@ def test_vision_weights_round_trip_and_match_transformers_forward(tmp_path):
     expected = [out.hidden_states[i + 1] for i in cfg.vision.taps] + [out.last_hidden_state]
     for got, want in zip(maps, expected, strict=True):
         torch.testing.assert_close(got, as_map(want), rtol=1e-5, atol=1e-5)
+
+    small = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    side = cfg.image_size // cfg.vision.patch_size
+    emb = reference.embeddings
+    with torch.no_grad():
+        tokens, _ = encoder.embed(small)
+        patches = emb.patch_embeddings(small) + dinov2_position_embeddings(emb.position_embeddings, (side, side))[:, 1:]
+    torch.testing.assert_close(tokens[:, prefix:], patches)
+    torch.testing.assert_close(tokens[:, 0], (emb.cls_token[0] + emb.position_embeddings[:, 0]).expand(2, -1))
+    torch.testing.assert_close(tokens[:, 1:prefix], emb.register_tokens.expand(2, -1, -1))
+
+
+def _keys_cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel (a = -0.75, PyTorch's and OpenCV's bicubic) at distances ``t``."""
+    t = np.abs(t)
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+
+def _dinov2_resize_by_hand(grid: np.ndarray, out: int, offset: float = 0.1) -> np.ndarray:
+    """DINOv2's resize of an (M, M, C) grid written out: output pixel i samples the input at
+    (i + 0.5) * M / (out + offset) - 0.5, four taps of Keys' cubic, indices clamped at the border."""
+    m = grid.shape[0]
+    weights = np.zeros((out, m))
+    for i in range(out):
+        src = (i + 0.5) * m / (out + offset) - 0.5
+        base = math.floor(src)
+        for k in range(base - 1, base + 3):
+            weights[i, min(max(k, 0), m - 1)] += _keys_cubic(np.array(src - k))
+    return np.einsum("ym,xn,mnc->yxc", weights, weights, grid)
+
+
+def test_position_embedding_follows_dinov2_formula_on_a_smooth_field():
+    """37x37 -> 32x32 (518 px -> 448 px): DINOv2's scale factor (32 + 0.1) / 37, no antialiasing (SPEC 2)."""
+    m, n, dim = 37, 32, 6
+    yy, xx = np.meshgrid(np.arange(m) / m, np.arange(m) / m, indexing="ij")
+    rng = np.random.default_rng(0)
+    freq, phase = rng.uniform(0.5, 3.0, (2, dim)), rng.uniform(0, 2 * np.pi, dim)
+    field = np.sin(2 * np.pi * (yy[..., None] * freq[0] + xx[..., None] * freq[1]) + phase)  # (M, M, C), smooth
+    cls_embedding = rng.normal(size=(1, dim))
+    stored = torch.tensor(np.concatenate([cls_embedding, field.reshape(-1, dim)])[None], dtype=torch.float32)
+    got = dinov2_position_embeddings(stored, (n, n))
+    assert got.shape == (1, 1 + n * n, dim)
+    torch.testing.assert_close(got[0, 0], stored[0, 0])  # the cls embedding is kept
+    want = torch.tensor(_dinov2_resize_by_hand(field, n).reshape(-1, dim), dtype=torch.float32)
+    torch.testing.assert_close(got[0, 1:], want, rtol=1e-5, atol=1e-5)
+    # transformers' own resize (exactly n x n, antialiased) is measurably different on the same field
+    hf = F.interpolate(stored[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2), size=(n, n), mode="bicubic",
+                       antialias=True).permute(0, 2, 3, 1).reshape(-1, dim)  # fmt: skip
+    assert (hf - want).abs().max() > 0.01 * want.abs().max()
+    assert dinov2_position_embeddings(stored, (m, m)) is stored  # the stored size is used as it is
+
+
+def test_released_text_adapter_carries_twice_the_start_token():
+    """Released form: position 0 goes into the up-projection as 2 * h[0]; later positions as branches + h."""
+    torch.manual_seed(4)
+    adapter = TextAdapter(64, 16, released=True).eval()
+    with torch.no_grad():  # random BatchNorm statistics, so no branch is silently the identity
+        for bn in (m for m in adapter.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        out = adapter(x)
+        h = torch.relu(adapter.down(x))  # (3, 17, 16)
+        torch.testing.assert_close(out[:, 0], adapter.up(2 * h[:, 0]))
+        rest = adapter.dense.reference_forward(h[:, 1:].transpose(1, 2)).transpose(1, 2)  # branches + h
+        torch.testing.assert_close(out[:, 1:], adapter.up(rest))
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
@@ -216,8 +318,17 @@ def test_params_command_reports_the_paper_counts(capsys, args: list[str], adapte
     counts = json.loads(capsys.readouterr().out)
     assert counts["adapter_params"] == adapters
     assert counts["head_params"] == head
-    assert 149_970_000 <= counts["frozen_params"] <= 150_011_649
+    assert counts["frozen_params"] == 150_011_649  # DINOv2-B/14 reg 86,583,552 + CLIP text 63,428,097 (SPEC 3)
     assert counts["adapter_percent"] == pytest.approx(100 * adapters / counts["frozen_params"])
+
+
+def test_params_of_the_released_mixed_data_layout(capsys):
+    """DETRIS-L*: DA at 1..23 and TA at 1..11, both 384 wide; the cross-attention stays 128 wide (released code)."""
+    assert params_main(["--preset", "detris-l-mixed", "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["adapter_params"] == 33_331_360
+    assert (counts["vision_adapter_params"], counts["text_adapter_params"]) == (27_638_640, 5_692_720)
+    assert (counts["head_params"], counts["frozen_params"]) == (23_195_649, 367_800_833)
 
 
 def test_params_table_da_only_and_ta_only(capsys):
@@ -226,11 +337,10 @@ def test_params_table_da_only_and_ta_only(capsys):
     assert params_main(["--preset", "dcris-b", "--vision-layers", "none", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["adapter_params"] == 6 * 66_112
     assert params_main(["--preset", "dcris-b"]) == 0
-    assert "2,694,048 (1.80% of frozen)" in capsys.readouterr().out
+    assert "2,694,048 (1.80% of backbone)" in capsys.readouterr().out
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_forward_never_syncs_with_the_host():
     """bf16 training step at the real input size with CUDA's sync debug mode set to raise on any sync."""
     cfg = preset("tiny-dcris")

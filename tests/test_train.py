@@ -11,12 +11,25 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from dcris.checkpoint import load_weights
 from dcris.cli import main as cli_main
 from dcris.config import ConfigError, load_config, preset
+from dcris.data import build_loader
+from dcris.errors import UserError
+from dcris.evaluate import evaluate
 from dcris.export import load_exported, save_export
+from dcris.metrics import PREC_THRESHOLDS, masks_from_logits
 from dcris.model import build_model
-from dcris.train_setup import batch_layout, deepspeed_config
+from dcris.train_setup import (
+    AUTOCAST_DTYPES,
+    batch_layout,
+    build_engine,
+    convert_sync_batchnorm,
+    deepspeed_config,
+    use_sync_batchnorm,
+)
 from dcris.trainer import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +50,17 @@ def test_batch_layout_and_deepspeed_config() -> None:
     assert batch_layout(cfg.train, 4) == (8, 2)
     ds = deepspeed_config(cfg, 4, json.loads(Path(ZERO2).read_text()))
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 4
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    # mixed precision is autocast over fp32 weights: DeepSpeed's 16-bit weight modes stay off
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bf16", "lower_precision_safe_modules": []}
+    assert "data_types" not in ds
+    cfg.train.precision = "fp32"
+    assert not deepspeed_config(cfg, 4, {})["torch_autocast"]["enabled"]
+    cfg.train.precision, cfg.train.grad_clip = "fp16", 1.0
+    with pytest.raises(ConfigError, match="grad_clip"):
+        deepspeed_config(cfg, 4, json.loads(Path(ZERO2).read_text()))
+    with pytest.raises(ConfigError, match="bf16.enabled"):
+        deepspeed_config(cfg, 4, {"bf16": {"enabled": True}})
     with pytest.raises(ConfigError, match="train_batch_size"):
         deepspeed_config(cfg, 4, {"train_batch_size": 32})
     with pytest.raises(ConfigError, match="optimizer"):
@@ -46,18 +69,163 @@ def test_batch_layout_and_deepspeed_config() -> None:
         batch_layout(cfg.train, 3)
 
 
+@torch.no_grad()
+def _split_loss(model: torch.nn.Module, shards: Path) -> float:
+    """Mean loss over the train split, BatchNorm on batch statistics as in training, dropout seeded."""
+    model.train()
+    torch.manual_seed(1)
+    losses = [
+        (model.loss(model(b["image"], b["tokens"]), b["mask"]).item(), len(b["image"]))
+        for b in build_loader(shards, "train", train=True, batch_size=8, image_size=112, loader="torch", workers=0)
+    ]
+    return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+
+
 def test_training_loss_falls(shards: Path, tmp_path: Path) -> None:
     log = _train(
         shards, tmp_path / "run", "train.max_steps=16", "train.log_every_steps=4", "train.lr=0.003",
-        "train.keep_checkpoints=1",
+        "train.keep_checkpoints=1", "data.eval_splits=val,testA",
     )  # fmt: skip
     assert [r["step"] for r in log] == [4, 8, 12, 16]
-    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    # The loss over the whole train split, before (the trainer's seeded init) and after: the logged window means
+    # of 4-image batches swing with a few hard batches (single steps range from 0.2 to 3), so they cannot show it.
+    torch.manual_seed(0)  # train.seed, as the trainer seeds the model's init
+    initial = build_model(preset("tiny-dcris").model, pretrained=True)
+    trained = load_exported(tmp_path / "run" / "export")
+    assert _split_loss(trained, shards) < 0.7 * _split_loss(initial, shards)
     assert (tmp_path / "run" / "config.json").is_file()
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step00000016"
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))  # DeepSpeed's monitor
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step*")] == ["step00000016"]  # older pruned
+    # val at the epoch end (11 steps an epoch), then after the last step the data.eval_splits as well
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], list(e["results"])) for e in evaluations] == [(11, ["val"]), (16, ["val", "testA"])]
+
+
+def test_checkpoint_holds_no_frozen_weights_and_loads_like_the_export(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _train(shards, run, "train.max_steps=3", "train.precision=fp32")
+    tag = run / "checkpoints" / "step00000003"
+    saved = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    model = build_model(preset("tiny-dcris").model, pretrained=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = set(model.state_dict()) - frozen - trainable  # the BatchNorm statistics
+    assert frozen and buffers and not frozen & set(saved)
+    assert set(saved) == trainable | buffers
+    # fp32 weights + fp32 master copy, Adam's two moments, and some bytes of pickling: no room for the backbones
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen_bytes = 4 * sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    size = sum(f.stat().st_size for f in tag.iterdir())
+    assert size < 16 * n_trainable + 2**18 < frozen_bytes
+    # the folder rebuilds the frozen parts from the config and takes the fp32 master weights: as the export
+    from_folder, from_export = load_weights(run / "checkpoints"), load_exported(run / "export")
+    exported = from_export.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in from_folder.state_dict().items())
+    options = dict(image_size=112, batch_size=8, loader="torch", workers=0)
+    folder_metrics = evaluate(from_folder, str(shards), ["val"], **options)
+    assert folder_metrics == evaluate(from_export, str(shards), ["val"], **options)
+    # a config that builds other frozen weights (here: another seed for the random backbones) is refused
+    config = json.loads((tag / "config.json").read_text())
+    config["train"]["seed"] += 1
+    (tag / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="frozen weights"):
+        load_weights(run / "checkpoints")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_weights_state_and_statistics_fp32(
+    precision: str, shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deepspeed.runtime import torch_autocast
+    from deepspeed.utils import safe_get_full_fp32_param
+
+
+    # DeepSpeed keeps the autocast dtype of the newest engine in module globals: put them back afterwards
+    for name in ("TORCH_AUTOCAST_INITIALIZED", "TORCH_AUTOCAST_DTYPE"):
+        monkeypatch.setattr(torch_autocast, name, getattr(torch_autocast, name))
+    cfg = preset("tiny-dcris")
+    cfg.train.precision, cfg.train.lr, cfg.train.output_dir = precision, 3e-3, str(tmp_path)
+    cfg.train.micro_batch = cfg.train.global_batch = 4
+    setup = build_engine(cfg, json.loads(Path(ZERO2).read_text()), ZERO2)
+    engine = setup.engine
+    batch = next(iter(build_loader(shards, "train", train=True, batch_size=4, image_size=112, loader="torch")))
+    image, tokens, mask = (batch[k].to(setup.device) for k in ("image", "tokens", "mask"))
+    norms = [m for m in engine.module.modules() if isinstance(m, _BatchNorm)]
+    initial = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    engine.train()
+    losses = []
+    for _ in range(6):
+        logits = engine(image, tokens)
+        assert logits.dtype == AUTOCAST_DTYPES[precision]  # the forward ran under autocast
+        loss = engine.module.loss(logits, mask)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    for m, (mean, var) in zip(norms, initial, strict=True):
+        assert m.running_mean.dtype == m.running_var.dtype == torch.float32
+        assert not torch.equal(m.running_mean, mean) and not torch.equal(m.running_var, var)
+        assert m.num_batches_tracked == 6
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    # the working weights are the fp32 master weights (the export writes the former)
+    assert all(torch.equal(p, safe_get_full_fp32_param(p)) for p in engine.module.parameters() if p.requires_grad)
+    moments = [v for state in engine.optimizer.optimizer.state.values() for k, v in state.items() if k != "step"]
+    assert moments and all(v.dtype == torch.float32 for v in moments)
+    scaler = engine.optimizer.torch_autocast_gradscaler  # fp16 scales the loss, as the released code's GradScaler
+    assert (scaler is not None and scaler.get_scale() <= 2**16) if precision == "fp16" else scaler is None
+
+
+def test_sync_batchnorm_conversion_keeps_eval_outputs() -> None:
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-detris").model, pretrained=False)  # 2-D (vision, head) and 1-D (text) norms
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    with torch.no_grad():  # statistics and affine parameters other than their init
+        for m in norms:
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.normal_()
+            m.bias.normal_()
+    model.eval()
+    images, tokens = torch.randn(2, 3, 112, 112), torch.randint(1, 400, (2, 17))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(images, tokens)
+    assert convert_sync_batchnorm(model) == len(norms) > 0
+    assert all(type(m) is torch.nn.SyncBatchNorm for m in model.modules() if isinstance(m, _BatchNorm))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(images, tokens), expected)
+    assert use_sync_batchnorm(2, torch.device("cuda", 0)) and not use_sync_batchnorm(1, torch.device("cuda", 0))
+    assert not use_sync_batchnorm(2, torch.device("cpu"))  # torch's SyncBatchNorm has no CPU kernels
+
+
+def test_evaluate_equals_per_sample_metrics(shards: Path) -> None:
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-dcris").model, pretrained=False).eval()
+    with torch.no_grad():  # a logit scale that puts the 0.35 threshold inside the predictions
+        model.head.proj.txt.weight.mul_(30)
+    batch_size = 3  # partial last batches
+    got = evaluate(model, str(shards), ["val"], image_size=112, batch_size=batch_size, loader="torch", workers=0)["val"]
+    ious, inter, union = [], 0, 0
+    with torch.no_grad():
+        for batch in build_loader(shards, "val", train=False, batch_size=batch_size, image_size=112, loader="torch"):
+            logits = model(batch["image"], batch["tokens"])
+            sizes = [tuple(s) for s in batch["orig_size"].tolist()]
+            for pred, truth in zip(masks_from_logits(logits, sizes, 112), batch["orig_mask"], strict=True):
+                pred, truth = pred.numpy(), truth.astype(bool)
+                i, u = int((pred & truth).sum()), int((pred | truth).sum())
+                ious.append(i / u if u else 0.0)
+                inter, union = inter + i, union + u
+    assert got["count"] == len(ious) == json.loads((shards / "manifest.json").read_text())["splits"]["val"]["sentences"]
+    assert 0.0 < min(ious) < max(ious) < 1.0  # the predictions are neither empty nor everything
+    assert got["miou"] == pytest.approx(np.mean(ious), abs=1e-12)
+    assert got["oiou"] == inter / union
+    for t in PREC_THRESHOLDS:
+        assert got[f"prec@{t}"] == np.mean(np.array(ious) > t)
 
 
 def test_resume_matches_uninterrupted_run(shards: Path, tmp_path: Path) -> None:
@@ -82,7 +250,6 @@ def test_resume_matches_uninterrupted_run(shards: Path, tmp_path: Path) -> None:
 
 
 def test_overfit_one_batch_to_high_iou(shards: Path) -> None:
-    from dcris.data import build_loader
 
     torch.manual_seed(0)
     cfg = preset("tiny-dcris")
@@ -143,9 +310,15 @@ def test_bad_config_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, s
     bad_ds.write_text(json.dumps({"train_batch_size": 64}))
     argv = ["train", "--deepspeed", str(bad_ds), "--preset", "tiny-dcris", f"data.shards={shards}", run]
     _one_error_line(capsys, argv, "train_batch_size")
+    zero3 = ["train", "--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--preset", "tiny-dcris", run]
+    _one_error_line(capsys, [*zero3, f"data.shards={shards}", "train.precision=fp16"], "fp16 needs ZeRO stage 0-2")
+    _one_error_line(capsys, ["train", "--preset", "tiny-dcris", "train.eval_batch_size=0", run], "eval_batch_size")
+    _one_error_line(capsys, ["train", "--preset", "tiny-dcris", f"data.shards={shards}", "train.eval_splits=nope", run],
+                    "split 'nope'")  # fmt: skip
     _one_error_line(
         capsys, ["eval", "--weights", str(tmp_path / "none.safetensors"), "--shards", str(shards)], "weights"
     )
+    _one_error_line(capsys, ["eval", "--weights", "w", "--shards", str(shards), "--batch-size", "0"], "--batch-size")
 
 
 def test_bad_predict_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -158,8 +331,6 @@ def test_bad_predict_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(image)
     base = ["predict", "--weights", str(weights), "--out", str(tmp_path / "o.png")]
     _one_error_line(capsys, [*base, "--image", str(tmp_path / "not_an_image.jpg"), "--text", "a cat"], "cannot read")
-    long_text = "the small red circle on the left next to the big blue square below the green triangle"
-    _one_error_line(capsys, [*base, "--image", str(image), "--text", long_text], "too long")
     assert cli_main([*base, "--image", str(image), "--text", "the red circle"]) == 0
     assert (tmp_path / "o.png").is_file() and (tmp_path / "o_mask.png").is_file()
 

@@ -1,10 +1,11 @@
 """Data: letterbox geometry, packed-shard loaders (DALI and PyTorch) and the batch contract (SPEC 4).
 
 Batches are dicts. Training: ``image`` float32 (B, 3, S, S) CLIP-normalised, ``mask`` float32 (B, 1, S, S) in
-[0, 1], ``tokens`` int64 (B, 17) -- one random sentence per object -- and ``ref_id`` (B,) int64. Evaluation
-(one item per (object, sentence)) adds ``sent_idx`` (B,) and ``orig_size`` (B, 2) = (h, w), both int64, and
-``orig_mask``: a list of B uint8 (h, w) numpy arrays in {0, 1}. image, mask and tokens are on ``device``;
-the ids and sizes stay on the CPU. How ranks split the data is in :mod:`dcris.data.common`.
+[0, 1], ``tokens`` int64 (B, L) -- one random sentence per object, L the shards' context length (17, or 22 for
+G-Ref umd) -- and ``ref_id`` (B,) int64. Evaluation (one item per (object, sentence)) adds ``sent_idx`` (B,)
+and ``orig_size`` (B, 2) = (h, w), both int64, and ``orig_mask``: a list of B uint8 (h, w) numpy arrays in
+{0, 1}. image, mask and tokens are on ``device``; the ids and sizes stay on the CPU. How ranks split the
+data is in :mod:`dcris.data.common`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,30 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from dcris.data.common import ShardLoader, num_samples
+from dcris.data.common import ShardLoader, num_samples, shards_context_length
 from dcris.data.letterbox import CLIP_MEAN, CLIP_STD
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "build_loader", "dali_available", "num_samples"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "build_loader",
+    "dali_available",
+    "loader_kind",
+    "num_samples",
+    "shards_context_length",
+]
 
 
 def dali_available() -> bool:
     """Whether NVIDIA DALI is installed (it is imported only when a DALI loader is built)."""
     return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def loader_kind(loader: str) -> str:
+    """The loader that ``loader`` ("dali", "torch" or "auto": DALI when it is installed) names: dali or torch."""
+    if loader not in ("auto", "dali", "torch"):
+        raise ValueError(f"unknown loader {loader!r}: use 'dali', 'torch' or 'auto'")
+    return "dali" if loader == "dali" or (loader == "auto" and dali_available()) else "torch"
 
 
 def build_loader(shards_dir: str | Path, split: str, *, loader: str = "auto", **options: Any) -> ShardLoader:
@@ -33,14 +49,13 @@ def build_loader(shards_dir: str | Path, split: str, *, loader: str = "auto", **
         loader: "dali", "torch" or "auto" (DALI when it is installed).
         **options: The keyword arguments of :class:`~dcris.data.common.ShardLoader` (``train``, ``batch_size``,
             ``image_size``, ``rank``, ``world_size``, ``seed``, ``workers``, ``device``, ``epoch``,
-            ``shuffle_buffer``); with DALI, a GPU ``device`` is also where the JPEGs are decoded.
+            ``shuffle_buffer``, ``context_length``); with DALI, a GPU ``device`` is also where the JPEGs are
+            decoded. Give ``context_length`` (the model's) so shards of another length stop with one line.
 
     Returns:
         A :class:`~dcris.data.common.ShardLoader`; ``len()`` is its number of batches per epoch.
     """
-    if loader not in ("auto", "dali", "torch"):
-        raise ValueError(f"unknown loader {loader!r}: use 'dali', 'torch' or 'auto'")
-    if loader == "dali" or (loader == "auto" and dali_available()):
+    if loader_kind(loader) == "dali":
         from dcris.data.dali_loader import DaliShardLoader as impl
     else:
         from dcris.data.torch_loader import TorchShardLoader as impl

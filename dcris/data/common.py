@@ -8,19 +8,21 @@ Each loader (DALI, PyTorch) only turns shard samples into *object batches* -- on
 
     image        float32 (B, 3, S, S), letterboxed and CLIP-normalised, on the loader's device
     mask         float32 (B, 1, S, S) in [0, 1], on the device
-    tokens_all   int64 (B, K, 17): every sentence of the object, zero rows past its count, on the device
+    tokens_all   int64 (B, K, L): every sentence of the object, zero rows past its count, on the device
     meta         int64 (B, 7) on the CPU: sample_index, ref_id, image_id, ann_id, height, width, num_sentences
     orig_mask    evaluation only: list of B uint8 (h, w) arrays in {0, 1}
 
 :class:`ShardLoader` turns those into the batches trainers see (the contract in ``dcris.data``): training
 picks one sentence per object, evaluation emits one item per (object, sentence) and re-batches.
 
-Sharding across ranks (exact, the same in both loaders): the split's samples, in shard order, are cut into
-``world_size`` contiguous ranges, rank r reading ``[r * N // W, (r + 1) * N // W)`` -- the split NVIDIA DALI's
-readers make for ``shard_id``/``num_shards``. For evaluation every sample is read once over all ranks.
-Training rotates the ranges by the epoch (rank r reads range ``(r + epoch) % W``) so every rank sees all data
-over W epochs, and yields ``(N // W) // batch_size`` full batches on every rank, so ranks never disagree on
-the number of steps.
+Sharding across ranks (exact, the same in both loaders): the split's shards are put in the epoch's order -- the
+manifest's order for evaluation, for training a permutation drawn from (seed, epoch), the same on every rank,
+so every epoch cuts the data differently and a resumed epoch reads exactly what it read before -- and their
+samples are cut into ``world_size`` contiguous ranges, rank r reading ``[r * N // W, (r + 1) * N // W)``: the
+split NVIDIA DALI's readers make for ``shard_id``/``num_shards``. For evaluation every sample is read once over
+all ranks, in order. Training yields ``(N // W) // batch_size`` full batches on every rank, so ranks never
+disagree on the number of steps. (The packer shuffled every split once, so any range mixes images and, for a
+mixed split, data sets.)
 """
 
 from __future__ import annotations
@@ -44,6 +46,27 @@ def read_manifest(shards_dir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"no manifest.json in {shards_dir}: pack the data with shards/pack.py first")
     return json.loads(path.read_text())
+
+
+def shards_context_length(shards_dir: str | Path) -> int:
+    """Tokens per sentence in a shards folder (``context_length`` of its manifest): what a model must read."""
+    return int(read_manifest(shards_dir)["context_length"])
+
+
+def check_context_length(model_length: int, shards_length: int, shards_dir: str | Path) -> None:
+    """Stops, in one line naming both lengths and the folder, when a model reads another length than the shards."""
+    if model_length != shards_length:
+        raise UserError(
+            f"the model reads {model_length}-token sentences but the shards in {shards_dir} hold {shards_length}-token "
+            f"rows: repack with --context-length {model_length}, or use a model of context length {shards_length}"
+        )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a host-to-GPU copy goes from pinned memory without blocking the host."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def split_info(manifest: dict, split: str, shards_dir: str | Path) -> dict:
@@ -101,9 +124,11 @@ class ShardLoader:
         seed: Seed of the shuffle and of the sentence choice.
         workers: Decoding threads / processes.
         device: Where image, mask and tokens are put.
-        epoch: Epoch to iterate (changes order, sentence choice and the rank's range when training);
-            :meth:`set_epoch` changes it.
+        epoch: Epoch to iterate (when training, it changes the shard order, hence the rank's range, the order
+            within it and the sentence choice).
         shuffle_buffer: Samples in the training shuffle buffer.
+        context_length: Tokens per sentence the model reads; when given, shards of another length are a user
+            error (one line naming both lengths).
     """
 
     def __init__(
@@ -121,6 +146,7 @@ class ShardLoader:
         device: str | torch.device = "cpu",
         epoch: int = 0,
         shuffle_buffer: int = 1000,
+        context_length: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -138,35 +164,27 @@ class ShardLoader:
         self.device = torch.device(device)
         self.epoch = epoch
         self.shuffle_buffer = shuffle_buffer
-        self.context_length = manifest["context_length"]
+        self.context_length = int(manifest["context_length"])
+        if context_length is not None:
+            check_context_length(context_length, self.context_length, shards_dir)
+        # The most sentences any object of the split has: the K of tokens_all.
+        self.max_sentences = max((c for s in self.info["shards"] for c in s["sentence_counts"]), default=1)
 
-    @property
-    def shard_paths(self) -> list[tuple[str, str]]:
-        """(tar, idx) paths of the split's shards (``SHARDS/SPLIT/NNNNNN.{tar,idx}``), in order.
-
-        The manifest records them relative to the shards directory, e.g. ``train/000000.tar``.
-        """
-        return [(str(self.shards_dir / s["tar"]), str(self.shards_dir / s["idx"])) for s in self.info["shards"]]
-
-    @property
-    def max_sentences(self) -> int:
-        """The most sentences any object of the split has."""
-        return max(c for s in self.info["shards"] for c in s["sentence_counts"])
-
-    @property
-    def range_index(self) -> int:
-        """Which of the ``world_size`` contiguous ranges this rank reads in this epoch."""
-        return (self.rank + self.epoch) % self.world_size if self.train else self.rank
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration yields."""
-        self.epoch = epoch
+    def epoch_shards(self) -> list[dict]:
+        """The split's shard entries (manifest ``shards``) in this epoch's order (module docstring), each with
+        ``tar`` and ``idx`` made full paths (the manifest records them relative to the shards folder)."""
+        root = self.shards_dir
+        shards = [dict(s, tar=str(root / s["tar"]), idx=str(root / s["idx"])) for s in self.info["shards"]]
+        if self.train:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(shards))
+            shards = [shards[i] for i in order.tolist()]
+        return shards
 
     def __len__(self) -> int:
         """Batches this rank yields in one epoch."""
         if self.train:
             return (self.info["objects"] // self.world_size) // self.batch_size
-        start, end = rank_range(self.info["objects"], self.range_index, self.world_size)
+        start, end = rank_range(self.info["objects"], self.rank, self.world_size)
         counts = [c for s in self.info["shards"] for c in s["sentence_counts"]][start:end]
         return -(-sum(counts) // self.batch_size)
 
@@ -188,7 +206,7 @@ class ShardLoader:
             meta = batch["meta"]
             choice = [sentence_index(self.seed, self.epoch, int(m[0]), int(m[6])) for m in meta]  # one per object
             rows = torch.arange(len(choice), device=batch["tokens_all"].device)
-            tokens = batch["tokens_all"][rows, torch.tensor(choice, device=rows.device)]  # (B, 17)
+            tokens = batch["tokens_all"][rows, torch.tensor(choice, device=rows.device)]  # (B, L)
             yield dict(image=batch["image"], mask=batch["mask"], tokens=tokens, ref_id=meta[:, 1])
             if step + 1 == steps:
                 return
@@ -204,7 +222,7 @@ class ShardLoader:
             items = dict(
                 image=batch["image"][obj.to(batch["image"].device)],
                 mask=batch["mask"][obj.to(batch["mask"].device)],
-                tokens=tokens_all[obj.to(tokens_all.device), sent.to(tokens_all.device)],  # (P, 17)
+                tokens=tokens_all[obj.to(tokens_all.device), sent.to(tokens_all.device)],  # (P, L)
                 ref_id=meta[obj, 1],
                 sent_idx=sent,
                 orig_size=meta[obj][:, 4:6],  # (P, 2): h, w

@@ -1,25 +1,38 @@
-"""Letterbox geometry of SPEC 4 and its inverse of SPEC 5, in one place.
+"""Letterbox geometry of SPEC 4 and its inverse of SPEC 5: one affine map per image, as the released code.
 
-Every loader (DALI and PyTorch), the evaluation and prediction code take the geometry from here, so the
-image, the mask and the inverse warp cannot disagree.
+The released weights were trained and scored with OpenCV's ``warpAffine`` and this map, so the PyTorch loader,
+the evaluation and prediction take the geometry from here (the DALI loader computes the same map in its graph):
 
-Coordinate convention (shared by DALI's resize, PIL's resize and ``F.interpolate(align_corners=False)``):
-continuous coordinates in which pixel (row i, column j) covers ``[j, j+1) x [i, i+1)`` and has its centre at
-``(j + 0.5, i + 0.5)``. The affine matrices below act on such ``(x, y)`` coordinates; to map a pixel index,
-add 0.5 before and subtract 0.5 after.
+- ``scale = min(S / h, S / w)``, left unrounded; the image spans ``w * scale`` x ``h * scale`` canvas pixels,
+  offset by the fractional ``((S - w * scale) / 2, (S - h * scale) / 2)``;
+- the 2x3 matrix maps the original corners (0, 0), (w, 0), (0, h) to those of that span (the corner points are
+  float32, as the released code passes them to ``cv2.getAffineTransform``);
+- image: bicubic (a = -0.75), no antialiasing, border the CLIP mean colour; mask: bilinear, border 0, rounded
+  to multiples of 1/255 as the released code's uint8 warp; evaluation: bicubic back with the inverse matrix,
+  border 0.
+
+Coordinates follow OpenCV: pixel (row i, column j) has its centre at (x, y) = (j, i). The warps sample where
+OpenCV 4 (the released code's 4.8) samples: each source coordinate is rounded to 1/32 pixel in fixed point
+(``INTER_BITS = 5``). They are written in torch, separably (the maps never rotate), and run on any device.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Literal
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # RGB, in [0, 1]
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# The border colour of the letterboxed uint8 image: the CLIP mean, so it normalises to (about) zero.
+# The border colour of the letterboxed uint8 image: the CLIP mean as OpenCV casts it to uint8 (rounded).
 CLIP_MEAN_UINT8 = tuple(int(round(255 * m)) for m in CLIP_MEAN)
+
+_CUBIC_A = -0.75  # OpenCV's (and PyTorch's) bicubic coefficient
+_AB_SCALE = 1024  # OpenCV 4 warpAffine: fixed-point unit of the matrix terms (AB_BITS = 10) ...
+_TAB_SIZE = 32  # ... and of the rounded source coordinate (INTER_BITS = 5)
 
 
 def normalize_image(canvas: torch.Tensor) -> torch.Tensor:
@@ -29,45 +42,140 @@ def normalize_image(canvas: torch.Tensor) -> torch.Tensor:
     return (canvas.float() / 255 - mean) / std
 
 
-def letterbox_geometry(height: int, width: int, size: int = 448) -> tuple[float, int, int, int, int]:
-    """Geometry of the letterbox of an image into a ``size`` x ``size`` canvas.
+def _corners(height: int, width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The corner points (0, 0), (w, 0), (0, h) of the original and where they land on the canvas, float32."""
+    scale = min(size / height, size / width)
+    new_w, new_h = width * scale, height * scale
+    left, top = (size - new_w) / 2, (size - new_h) / 2
+    src = np.array([[0, 0], [width, 0], [0, height]], dtype=np.float32)
+    dst = np.array([[left, top], [new_w + left, top], [left, new_h + top]], dtype=np.float32)
+    return src, dst
 
-    Args:
-        height: Original image height in pixels.
-        width: Original image width in pixels.
-        size: Side of the square canvas.
 
-    Returns:
-        ``(scale, new_h, new_w, pad_top, pad_left)``: scale = min(size/h, size/w); the resized image is
-        ``new_h`` x ``new_w`` with ``new = round(dim * scale)`` (half up) and is pasted centred at
-        ``(pad_top, pad_left)``.
+def _axis_aligned_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2x3 matrix taking three corner points src (origin, +x, +y) to dst, in float64.
+
+    ``cv2.getAffineTransform`` of the same points gives this matrix (to rounding: it solves a 6x6 system).
     """
-    longest = max(height, width)
-    # scale = size / longest; integer round-half-up so DALI's integer graph computes exactly the same sizes.
-    new_h = (2 * height * size + longest) // (2 * longest)
-    new_w = (2 * width * size + longest) // (2 * longest)
-    return size / longest, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
+    src, dst = src.astype(np.float64), dst.astype(np.float64)
+    sx = (dst[1, 0] - dst[0, 0]) / (src[1, 0] - src[0, 0])
+    sy = (dst[2, 1] - dst[0, 1]) / (src[2, 1] - src[0, 1])
+    return np.array([[sx, 0.0, dst[0, 0] - sx * src[0, 0]], [0.0, sy, dst[0, 1] - sy * src[0, 1]]])
 
 
 def forward_affine(height: int, width: int, size: int = 448) -> np.ndarray:
-    """2x3 matrix mapping original (x, y) to canvas (x, y), pixel-edge continuous coordinates (module doc).
-
-    The per-axis factors are ``new_w / width`` and ``new_h / height`` (the resize actually applied), which
-    differ from ``scale`` by the rounding of the new size.
-    """
-    _, new_h, new_w, pad_top, pad_left = letterbox_geometry(height, width, size)
-    return np.array([[new_w / width, 0.0, pad_left], [0.0, new_h / height, pad_top]], dtype=np.float64)
+    """2x3 float64 matrix mapping original (x, y) to canvas (x, y): the released code's ``mat``."""
+    return _axis_aligned_affine(*_corners(height, width, size))
 
 
 def inverse_affine(height: int, width: int, size: int = 448) -> np.ndarray:
-    """2x3 matrix mapping canvas (x, y) back to original (x, y); the inverse of :func:`forward_affine`."""
-    _, new_h, new_w, pad_top, pad_left = letterbox_geometry(height, width, size)
-    sx, sy = width / new_w, height / new_h
-    return np.array([[sx, 0.0, -pad_left * sx], [0.0, sy, -pad_top * sy]], dtype=np.float64)
+    """2x3 float64 matrix mapping canvas (x, y) back to original (x, y): the released code's ``mat_inv``."""
+    src, dst = _corners(height, width, size)
+    return _axis_aligned_affine(dst, src)
+
+
+def _cubic_weights(t: torch.Tensor) -> torch.Tensor:
+    """(n,) fractions in [0, 1) -> (n, 4) weights of the taps at -1, 0, 1, 2 (Keys' cubic, a = -0.75)."""
+    a = _CUBIC_A
+    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    return torch.stack([w0, w1, w2, 1 - w0 - w1 - w2], dim=-1)
+
+
+@functools.cache
+def _weight_table(cubic: bool, device: torch.device) -> torch.Tensor:
+    """(32, K) float32 tap weights for each 1/32-pixel source fraction, K = 4 (cubic) or 2 (linear)."""
+    frac = torch.arange(_TAB_SIZE, dtype=torch.float64) / _TAB_SIZE
+    table = _cubic_weights(frac) if cubic else torch.stack([1 - frac, frac], dim=-1)
+    return table.float().to(device)
+
+
+def _axis_taps(
+    scale: float, offset: float, out_len: int, in_len: int, cubic: bool, rows: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source taps (out_len, K) and their weights (out_len, K) along one axis (K: see :func:`_weight_table`).
+
+    Output pixel i samples the source at ``scale * i + offset``, computed as OpenCV 4's warpAffine does, in
+    units of 1/1024 rounded half to even, then rounded to 1/32 pixel: down the rows the whole coordinate is
+    rounded at once, across the columns the two terms are rounded separately. Taps outside the source get
+    weight 0: the caller subtracts the border value first, so they contribute exactly the border.
+    """
+    i = torch.arange(out_len, dtype=torch.float64, device=device)
+    half_step = _AB_SCALE // _TAB_SIZE // 2  # makes the final shift round to nearest
+    if rows:
+        fixed = torch.round((i * scale + offset) * _AB_SCALE).long() + half_step
+    else:
+        fixed = torch.round(i * scale * _AB_SCALE).long() + (round(offset * _AB_SCALE) + half_step)
+    fixed = fixed >> 5  # source coordinate in 1/32 pixel
+    weights = _weight_table(cubic, device)[fixed & (_TAB_SIZE - 1)]
+    taps = (fixed >> 5)[:, None] + torch.arange(weights.shape[1], device=device) - int(cubic)  # from -1 if cubic
+    inside = (taps >= 0) & (taps < in_len)
+    return taps.clamp(0, in_len - 1), torch.where(inside, weights, 0.0)
+
+
+def warp_affine(
+    src: torch.Tensor,
+    matrix: np.ndarray,
+    out_size: tuple[int, int],
+    interpolation: Literal["cubic", "linear"],
+    border: float | tuple[float, ...] = 0.0,
+) -> torch.Tensor:
+    """``cv2.warpAffine(src, matrix, (w, h), flags, borderValue=border)`` of OpenCV 4, for axis-aligned maps.
+
+    Args:
+        src: (..., H, W) map on any device; the leading dimensions (e.g. channels) are warped alike.
+        matrix: 2x3 matrix from source to output (x, y), without rotation or shear.
+        out_size: Output ``(h, w)``.
+        interpolation: "cubic" (OpenCV's INTER_CUBIC) or "linear" (INTER_LINEAR).
+        border: Value outside the source; one per leading index for (C, H, W) maps.
+
+    Returns:
+        float32 (..., h, w) on the device of ``src``, not rounded.
+    """
+    if interpolation not in ("cubic", "linear"):
+        raise ValueError(f"interpolation must be 'cubic' or 'linear', got {interpolation!r}")
+    if abs(matrix[0, 1]) > 1e-12 or abs(matrix[1, 0]) > 1e-12:  # cv2.getAffineTransform leaves ~1e-17 there
+        raise ValueError(f"only axis-aligned maps are supported, got {matrix.tolist()}")
+    # OpenCV inverts the matrix the same way for every map (this order of operations, in float64).
+    det = 1.0 / (matrix[0, 0] * matrix[1, 1])
+    sx, sy = float(matrix[1, 1] * det), float(matrix[0, 0] * det)
+    tx, ty = float(-sx * matrix[0, 2]), float(-sy * matrix[1, 2])
+    cubic = interpolation == "cubic"
+    taps_y, wy = _axis_taps(sy, ty, out_size[0], src.shape[-2], cubic, True, src.device)
+    taps_x, wx = _axis_taps(sx, tx, out_size[1], src.shape[-1], cubic, False, src.device)
+    # a scalar border stays a Python number: no host-to-device copy on the evaluation path
+    if not isinstance(border, float | int):
+        border = torch.tensor(border, dtype=torch.float32).view(-1, 1, 1).to(src.device)
+    # Spatial dimensions first, so each pass gathers whole contiguous rows.
+    shifted = (src.float() - border).movedim((-2, -1), (0, 1))  # (H, W, ...)
+    rows = _resample_leading(shifted, taps_y, wy)  # (h, W, ...)
+    out = _resample_leading(rows.transpose(0, 1).contiguous(), taps_x, wx)  # (w, h, ...)
+    return out.transpose(0, 1).movedim((0, 1), (-2, -1)) + border  # (..., h, w)
+
+
+def _resample_leading(src: torch.Tensor, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(H, ...) -> (n, ...): ``out[i] = sum_k weights[i, k] * src[taps[i, k]]``."""
+    weights = weights.view(*weights.shape, *[1] * (src.ndim - 1))  # (n, K, 1, ...)
+    out = src.index_select(0, taps[:, 0]) * weights[:, 0]
+    for k in range(1, taps.shape[1]):
+        out += src.index_select(0, taps[:, k]) * weights[:, k]
+    return out
+
+
+def _round_uint8(values: torch.Tensor) -> torch.Tensor:
+    """Round half up and saturate to uint8, as OpenCV's fixed-point warps end."""
+    return values.add(0.5).floor_().clamp_(0, 255).to(torch.uint8)
+
+
+def letterbox_pixels(pixels: torch.Tensor, size: int = 448) -> torch.Tensor:
+    """Letterbox of a uint8 RGB image (3, h, w) on any device into a uint8 (3, size, size) canvas."""
+    matrix = forward_affine(pixels.shape[-2], pixels.shape[-1], size)
+    return _round_uint8(warp_affine(pixels, matrix, (size, size), "cubic", CLIP_MEAN_UINT8))
 
 
 def letterbox_image(image: Image.Image, size: int = 448) -> np.ndarray:
-    """Reference letterbox of an image: bicubic resize, centred on a CLIP-mean canvas.
+    """Letterbox of an image: bicubic onto a CLIP-mean canvas (module docstring).
 
     Args:
         image: A PIL image in any mode (converted to RGB).
@@ -76,48 +184,35 @@ def letterbox_image(image: Image.Image, size: int = 448) -> np.ndarray:
     Returns:
         uint8 array (size, size, 3), not yet normalised.
     """
-    _, new_h, new_w, pad_top, pad_left = letterbox_geometry(image.height, image.width, size)
-    resized = image.convert("RGB").resize((new_w, new_h), Image.BICUBIC)
-    canvas = np.empty((size, size, 3), dtype=np.uint8)
-    canvas[:] = CLIP_MEAN_UINT8
-    canvas[pad_top : pad_top + new_h, pad_left : pad_left + new_w] = np.asarray(resized)
-    return canvas
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, h, w)
+    return letterbox_pixels(pixels, size).permute(1, 2, 0).contiguous().numpy()
 
 
 def letterbox_mask(mask: np.ndarray, size: int = 448) -> np.ndarray:
-    """Reference letterbox of a binary mask: bilinear resize kept soft, zero border.
+    """Letterbox of a binary mask: bilinear, zero border, soft in multiples of 1/255 (module docstring).
 
     Args:
-        mask: uint8 array (h, w) with values in {0, 1}.
+        mask: array (h, w), nonzero inside the object (uint8 in {0, 1} from the loaders).
         size: Side of the canvas.
 
     Returns:
         float32 array (size, size) in [0, 1].
     """
-    height, width = mask.shape
-    _, new_h, new_w, pad_top, pad_left = letterbox_geometry(height, width, size)
-    # Mode "F" resizes in float, so the edge stays soft instead of being rounded to {0, 1}.
-    resized = Image.fromarray(mask.astype(np.float32), mode="F").resize((new_w, new_h), Image.BILINEAR)
-    canvas = np.zeros((size, size), dtype=np.float32)
-    canvas[pad_top : pad_top + new_h, pad_left : pad_left + new_w] = np.clip(np.asarray(resized), 0.0, 1.0)
-    return canvas
+    matrix = forward_affine(*mask.shape, size)
+    warped = warp_affine(torch.from_numpy(mask != 0).float() * 255, matrix, (size, size), "linear")
+    return (_round_uint8(warped).float() / 255).numpy()
 
 
-def unletterbox(prob_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse letterbox used by evaluation (SPEC 5): crop the valid region, resize bicubic to h x w.
+def unletterbox(canvas_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse letterbox of evaluation (SPEC 5): bicubic back to the original h x w, border 0.
 
     Args:
-        prob_map: (..., size, size) map on the canvas (probabilities or logits).
+        canvas_map: (..., S, S) map on the canvas (probabilities), on any device.
         height: Original image height.
         width: Original image width.
 
     Returns:
-        (..., height, width) map at the original resolution (bicubic may overshoot [0, 1] slightly).
+        float32 (..., height, width) on the same device (bicubic may overshoot [0, 1] slightly).
     """
-    size = prob_map.shape[-1]
-    _, new_h, new_w, pad_top, pad_left = letterbox_geometry(height, width, size)
-    lead = prob_map.shape[:-2]
-    valid = prob_map[..., pad_top : pad_top + new_h, pad_left : pad_left + new_w]
-    flat = valid.reshape(-1, 1, new_h, new_w).float()  # (N, 1, new_h, new_w)
-    out = F.interpolate(flat, size=(height, width), mode="bicubic", align_corners=False)
-    return out.reshape(*lead, height, width)  # (..., h, w)
+    matrix = inverse_affine(height, width, canvas_map.shape[-1])
+    return warp_affine(canvas_map, matrix, (height, width), "cubic")

@@ -5,16 +5,21 @@ packing serves every image size)::
 
     KEY.jpg         the COCO JPEG, bytes unchanged (not re-encoded)
     KEY.mask.png    the object's mask at the original resolution, 8-bit gray, 0 or 255
-    KEY.tokens.npy  int32 (num_sentences, 17) in ``np.save`` format: CLIP tokens of every sentence
-    KEY.json        ref_id, ann_id, image_id, file_name, height, width, category_id, sentences (text), sent_ids
-                    and sample_index
+    KEY.tokens.npy  int32 (num_sentences, L) in ``np.save`` format: CLIP tokens of every sentence, L the context
+                    length (``--context-length``; by default 22 for G-Ref umd, 17 otherwise, as the released configs)
+    KEY.json        dataset, ref_id, ann_id, image_id, file_name, height, width, category_id, sentences (stripped
+                    text), sent_ids (paired with sentences) and sample_index
     KEY.meta        int64 little-endian (7,): sample_index, ref_id, image_id, ann_id, height, width,
                     num_sentences -- the same numbers in a form the DALI pipeline reads without parsing JSON
+
+Every split is shuffled once with a fixed seed (``--seed``) before it is cut into shards, so any contiguous
+range of samples (what a rank reads) mixes images and, with ``--mix``, data sets.
 
 Output layout (shard paths in the manifest are relative to ``OUT/NAME``, e.g. ``train/000000.tar``)::
 
     OUT/NAME/manifest.json               per split: objects, sentences, shards (tar, idx, samples, sentences,
-                                         sha256, sentence_counts), skipped [{ref_id, reason}], dropped
+                                         sha256, sentence_counts), skipped [{ref_id, reason}], blank_sentences
+                                         [{ref_id, sent_id}], dropped; count_check against the published counts
     OUT/NAME/SPLIT/NNNNNN.tar            the shards, --shard-size objects each
     OUT/NAME/SPLIT/NNNNNN.idx            their DALI index files
     OUT/NAME/SPLIT/NNNNNN.done.json      one marker per finished shard (with its sha256): what makes a rerun resume
@@ -35,6 +40,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +48,45 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from dcris.tokenizer import tokenize
+from dcris.data.release_counts import count_differences, published_counts
+from dcris.tokenizer import CONTEXT_LENGTH, tokenize
 
-FORMAT = "dcris-shards/2"
+FORMAT = "dcris-shards/3"
 STANDARD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # used by --mix
 SPLIT_ORDER = {s: k for k, s in enumerate(("train", "val", "test", "testA", "testB", "testC"))}  # manifest order
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
+# The released configs' word_len: G-Ref umd 22; RefCOCO, RefCOCO+, G-Ref google and the mix (DETRIS_large_mixed) 17.
+CONTEXT_LENGTHS = {("refcocog", "umd"): 22}
 
 
 class PackError(Exception):
     """Bad input found before any work: the message is shown as one line."""
+
+
+def default_context_length(dataset: str | None, split_by: str | None) -> int:
+    """Tokens per sentence the released configs use for a data set and split-by (SPEC 2); the mix gets 17."""
+    return CONTEXT_LENGTHS.get((dataset, split_by), CONTEXT_LENGTH)
+
+
+def output_name(args: argparse.Namespace) -> str:
+    """The folder under ``--out`` the packer writes: the data set's name, or ``mix`` for ``--mix``."""
+    return (args.dataset or "mix") if args.mix else args.dataset
+
+
+def split_key(split: str) -> tuple[int, str]:
+    """Sort key putting splits in the usual order (train, val, test, testA, testB, ...)."""
+    return SPLIT_ORDER.get(split, len(SPLIT_ORDER)), split
+
+
+@dataclass
+class _Plan:
+    """Everything read and checked before packing starts."""
+
+    name: str  # output folder name
+    objects: dict[str, list[dict]]  # per split, in packing (shuffled) order
+    manifest_fields: dict  # mix, split_by
+    dropped: dict[str, int] = field(default_factory=dict)  # per split: objects held out by --mix
+    count_differences: list[str] | None = None  # None: no published counts to compare with
 
 
 def _load_refs(root: Path, dataset: str, split_by: str) -> list[dict]:
@@ -62,7 +97,7 @@ def _load_refs(root: Path, dataset: str, split_by: str) -> list[dict]:
         with open(path, "rb") as f:
             refs = pickle.load(f)
     except Exception as e:  # a truncated or foreign pickle can raise almost anything
-        raise PackError(f"malformed refs file {path}: {type(e).__name__}: {e}") from None
+        raise PackError(f"malformed refs file {path}: {type(e).__name__}") from None
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise PackError(f"malformed refs file {path}: expected a list of ref dicts")
     for r in refs:
@@ -84,20 +119,35 @@ def _load_instances(root: Path, dataset: str) -> tuple[dict[int, dict], dict[int
         for im in images.values():
             im["file_name"], im["height"], im["width"]  # noqa: B018 -- presence check
     except (ValueError, KeyError, TypeError) as e:
-        raise PackError(f"malformed annotation file {path}: {type(e).__name__}: {e}") from None
+        raise PackError(f"malformed annotation file {path}: {type(e).__name__}: {str(e)[:80]}") from None
     return images, annotations
 
 
-def _object_record(ref: dict, key: str, index: int, images: dict, annotations: dict) -> dict:
-    """What a worker needs to pack one object (plain data, cheap to pickle)."""
+def _release_counts(refs: list[dict]) -> dict[str, dict[str, int]]:
+    """Objects and sentences per split of a refs file, as published counts count them (blank sentences too)."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in refs:
+        split = counts.setdefault(str(r["split"]), dict(objects=0, sentences=0))
+        split["objects"] += 1
+        split["sentences"] += len(r["sentences"])
+    return counts
+
+
+def _object_record(ref: dict, dataset: str, key: str, images: dict, annotations: dict) -> dict:
+    """What a worker needs to pack one object (plain data, cheap to pickle); ``index`` is set once shuffled.
+
+    Sentences are stored stripped (as the released data preparation does); blank ones are dropped together with
+    their ``sent_id`` and listed in ``blank_sent_ids``.
+    """
     image = images.get(int(ref["image_id"]))
     if image is None:
         raise PackError(f"ref {ref['ref_id']} names image {ref['image_id']}, absent from instances.json")
     ann = annotations.get(int(ref["ann_id"]))
     category_id = ref.get("category_id", None if ann is None else ann.get("category_id"))
+    pairs = [(str(s.get("sent") or "").strip(), s.get("sent_id")) for s in ref["sentences"]]
     return dict(
         key=key,
-        index=index,
+        dataset=dataset,
         ref_id=int(ref["ref_id"]),
         image_id=int(ref["image_id"]),
         ann_id=int(ref["ann_id"]),
@@ -106,47 +156,61 @@ def _object_record(ref: dict, key: str, index: int, images: dict, annotations: d
         width=int(image["width"]),
         category_id=None if category_id is None else int(category_id),
         segmentation=None if ann is None else ann.get("segmentation"),
-        sentences=[s.get("sent", "") for s in ref["sentences"]],
-        sent_ids=[s.get("sent_id") for s in ref["sentences"]],
+        sentences=[text for text, _ in pairs if text],
+        sent_ids=[sent_id for text, sent_id in pairs if text],
+        blank_sent_ids=[sent_id for text, sent_id in pairs if not text],
     )
 
 
-def _plan(args: argparse.Namespace) -> tuple[str, dict[str, list[dict]], dict, dict[str, int]]:
-    """Read and check all inputs.
+def _shuffled(objects: list[dict], seed: int) -> list[dict]:
+    """The objects in a fixed random order, numbered by their position (``index``, the sample index)."""
+    order = np.random.default_rng(seed).permutation(len(objects))
+    return [dict(objects[i], index=position) for position, i in enumerate(order.tolist())]
 
-    Returns:
-        The output name, the objects of each split, manifest fields, and per split the number of objects
-        dropped because their image is held out (``--mix``).
-    """
+
+def _plan_mix(args: argparse.Namespace, root: Path) -> _Plan:
+    names = [n.strip() for n in args.mix.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STANDARD_SPLIT_BY]
+    if unknown:
+        raise PackError(f"--mix: unknown dataset {unknown[0]!r} (known: {', '.join(STANDARD_SPLIT_BY)})")
+    if args.splits not in (None, ["train"]):
+        raise PackError("--mix packs the train split only; drop --splits")
+    loaded = [(n, _load_refs(root, n, STANDARD_SPLIT_BY[n]), *_load_instances(root, n)) for n in names]
+    # Images of any held-out split must not be trained on (the released code's plain concat allows it).
+    held_out = {int(r["image_id"]) for _, refs, _, _ in loaded for r in refs if r["split"] != "train"}
+    objects, dropped, differences = [], 0, []
+    for d, (name, refs, images, anns) in enumerate(loaded):
+        # Each source release is checked whole: a wrong refs file shows in any of its splits.
+        found = count_differences(name, STANDARD_SPLIT_BY[name], _release_counts(refs), "in the release")
+        differences += [f"{name}: {line}" for line in found or []]
+        for r in sorted(refs, key=lambda r: int(r["ref_id"])):
+            if r["split"] != "train":
+                continue
+            if int(r["image_id"]) in held_out:
+                dropped += 1
+                continue
+            objects.append(_object_record(r, name, f"d{d}r{r['ref_id']}", images, anns))
+    return _Plan(
+        name=output_name(args),
+        objects={"train": _shuffled(objects, args.seed)},
+        manifest_fields=dict(mix=names, split_by={n: STANDARD_SPLIT_BY[n] for n in names}),
+        dropped={"train": dropped},
+        count_differences=differences,
+    )
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    """Read and check all inputs; the objects of each split come shuffled with ``args.seed``."""
     root, image_dir = Path(args.refer), Path(args.images)
     if not image_dir.is_dir():
         raise PackError(f"image folder not found: {image_dir}")
     if args.mix:
-        names = [n.strip() for n in args.mix.split(",") if n.strip()]
-        unknown = [n for n in names if n not in STANDARD_SPLIT_BY]
-        if unknown:
-            raise PackError(f"--mix: unknown dataset {unknown[0]!r} (known: {', '.join(STANDARD_SPLIT_BY)})")
-        if args.splits not in (None, ["train"]):
-            raise PackError("--mix packs the train split only; drop --splits")
-        loaded = [(n, _load_refs(root, n, STANDARD_SPLIT_BY[n]), *_load_instances(root, n)) for n in names]
-        # Images of any held-out split must not be trained on (the released code's plain concat allows it).
-        held_out = {int(r["image_id"]) for _, refs, _, _ in loaded for r in refs if r["split"] != "train"}
-        objects, dropped = [], 0
-        for d, (_, refs, images, annotations) in enumerate(loaded):
-            for r in refs:
-                if r["split"] != "train":
-                    continue
-                if int(r["image_id"]) in held_out:
-                    dropped += 1
-                    continue
-                objects.append(_object_record(r, f"d{d}r{r['ref_id']}", len(objects), images, annotations))
-        extras = dict(mix=names, split_by={n: STANDARD_SPLIT_BY[n] for n in names})
-        return args.dataset or "mix", {"train": objects}, extras, {"train": dropped}
+        return _plan_mix(args, root)
     if not args.dataset or not args.split_by:
         raise PackError("give --dataset and --split-by, or --mix")
     refs = _load_refs(root, args.dataset, args.split_by)
     images, annotations = _load_instances(root, args.dataset)
-    available = sorted({str(r["split"]) for r in refs}, key=lambda s: (SPLIT_ORDER.get(s, len(SPLIT_ORDER)), s))
+    available = sorted({str(r["split"]) for r in refs}, key=split_key)
     splits = args.splits or available
     for split in splits:
         if split not in available:
@@ -156,11 +220,14 @@ def _plan(args: argparse.Namespace) -> tuple[str, dict[str, list[dict]], dict, d
     by_split: dict[str, list[dict]] = {}
     for split in splits:
         chosen = sorted((r for r in refs if r["split"] == split), key=lambda r: int(r["ref_id"]))
-        if split == "train":
-            # Shuffle once at pack time so a streaming shuffle buffer sees mixed images (fixed seed: reproducible).
-            np.random.default_rng(0).shuffle(chosen)
-        by_split[split] = [_object_record(r, f"r{r['ref_id']}", i, images, annotations) for i, r in enumerate(chosen)]
-    return args.dataset, by_split, dict(mix=None, split_by=args.split_by), {}
+        records = [_object_record(r, args.dataset, f"r{r['ref_id']}", images, annotations) for r in chosen]
+        by_split[split] = _shuffled(records, args.seed)
+    return _Plan(
+        name=output_name(args),
+        objects=by_split,
+        manifest_fields=dict(mix=None, split_by=args.split_by),
+        count_differences=count_differences(args.dataset, args.split_by, _release_counts(refs), "in the release"),
+    )
 
 
 def _read_image(path: Path, height: int, width: int) -> bytes:
@@ -173,30 +240,38 @@ def _read_image(path: Path, height: int, width: int) -> bytes:
             im.load()  # a full decode: truncated files fail here, not in the loader
             size = im.size
     except Exception as e:  # PIL raises several types for bad files
-        raise ValueError(f"image corrupt ({type(e).__name__}: {e})") from None
+        raise ValueError(f"image corrupt ({type(e).__name__})") from None
     if size != (width, height):
         raise ValueError(f"image is {size[0]}x{size[1]}, annotation says {width}x{height}")
     return data
 
 
+def _rle_parts(segmentation: object, height: int, width: int) -> list[dict]:
+    """COCO RLEs of a segmentation given as polygons, one RLE, or a list of RLEs (refclef style, as REFER's
+    ``getMask`` reads them); counts may be compressed (str/bytes) or uncompressed (list of run lengths)."""
+    from pycocotools import mask as mask_utils
+
+    parts = segmentation if isinstance(segmentation, list) else [segmentation]
+    if all(isinstance(p, dict) for p in parts):
+        return [p if isinstance(p["counts"], (str, bytes)) else mask_utils.frPyObjects(p, height, width) for p in parts]
+    if all(isinstance(p, list) for p in parts):  # polygons [x0, y0, x1, y1, ...]
+        return mask_utils.frPyObjects(parts, height, width)
+    raise TypeError("neither polygons nor RLE")
+
+
 def _render_mask(segmentation: object, height: int, width: int) -> np.ndarray:
-    """uint8 (h, w) mask in {0, 1} from COCO polygons or RLE; ValueError when there is no mask."""
+    """uint8 (h, w) mask in {0, 1}, the union of the segmentation's parts; ValueError (a short reason) if none."""
     from pycocotools import mask as mask_utils
 
     if not segmentation:
         raise ValueError("no mask")
     try:
-        if isinstance(segmentation, list):  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-        elif isinstance(segmentation["counts"], list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:  # compressed RLE
-            rle = segmentation
-        mask = mask_utils.decode(rle)
-    except Exception as e:  # pycocotools rejects malformed input with assorted errors
-        raise ValueError(f"no mask (unreadable segmentation: {e})") from None
-    if mask.ndim == 3:  # (h, w, n) for a list of RLEs
-        mask = mask.max(axis=2)
+        mask = mask_utils.decode(_rle_parts(segmentation, height, width))  # (h, w, parts)
+    except Exception as e:  # pycocotools rejects malformed input with assorted errors (their text quotes the input)
+        raise ValueError(f"no mask (unreadable segmentation: {type(e).__name__})") from None
+    if mask.shape[:2] != (height, width):
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
+    mask = mask.max(axis=2)
     if not mask.any():
         raise ValueError("no mask (empty)")
     return mask.astype(np.uint8)
@@ -204,8 +279,7 @@ def _render_mask(segmentation: object, height: int, width: int) -> np.ndarray:
 
 def _encode_object(obj: dict, image_dir: Path, context_length: int) -> dict:
     """The webdataset sample of one object; ValueError names the reason to skip it."""
-    sentences = [s for s in obj["sentences"] if s and s.strip()]
-    if not sentences:
+    if not obj["sentences"]:
         raise ValueError("no sentences")
     if obj["segmentation"] is None:
         raise ValueError("annotation missing")
@@ -213,12 +287,17 @@ def _encode_object(obj: dict, image_dir: Path, context_length: int) -> dict:
     mask = _render_mask(obj["segmentation"], obj["height"], obj["width"])
     png = io.BytesIO()
     Image.fromarray(mask * 255).save(png, format="PNG", compress_level=1)
-    tokens = tokenize(sentences, context_length).numpy().astype("<i4")  # (K, 17)
+    tokens = tokenize(obj["sentences"], context_length).numpy().astype("<i4")  # (K, L)
     npy = io.BytesIO()
     np.save(npy, tokens, allow_pickle=False)
-    meta = [obj["index"], obj["ref_id"], obj["image_id"], obj["ann_id"], obj["height"], obj["width"], len(sentences)]
-    fields = ("ref_id", "ann_id", "image_id", "file_name", "height", "width", "category_id", "sent_ids")
-    info = {k: obj[k] for k in fields} | {"sentences": sentences, "sample_index": obj["index"]}
+    num_sentences = len(obj["sentences"])
+    meta = [obj["index"], obj["ref_id"], obj["image_id"], obj["ann_id"], obj["height"], obj["width"], num_sentences]
+    fields = ("dataset", "ref_id", "ann_id", "image_id", "file_name", "height", "width", "category_id")
+    info = {k: obj[k] for k in fields} | {
+        "sentences": obj["sentences"],
+        "sent_ids": obj["sent_ids"],
+        "sample_index": obj["index"],
+    }
     return {
         "__key__": obj["key"],
         "jpg": jpeg,
@@ -239,8 +318,8 @@ def _sha256(path: Path) -> str:
 
 def _fingerprint(objects: list[dict], context_length: int) -> str:
     """Identifies a shard's planned content, so a marker from a different plan is not trusted."""
-    text = json.dumps([FORMAT, context_length, [(o["key"], o["file_name"], o["sentences"]) for o in objects]])
-    return hashlib.sha256(text.encode()).hexdigest()
+    planned = [(o["key"], o["index"], o["file_name"], o["sentences"], o["sent_ids"]) for o in objects]
+    return hashlib.sha256(json.dumps([FORMAT, context_length, planned]).encode()).hexdigest()
 
 
 def _done_marker(out_dir: Path, stem: str, fingerprint: str) -> dict | None:
@@ -315,44 +394,66 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=1000, help="objects per shard")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="packing processes")
     parser.add_argument("--mix", help="comma-separated datasets whose train splits are packed together")
-    parser.add_argument("--context-length", type=int, default=17, help="tokens per sentence")
+    parser.add_argument(
+        "--context-length", type=int,
+        help="tokens per sentence (default: 22 for refcocog with --split-by umd, else 17, as the released configs)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle applied to every split")
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.workers < 1:
         parser.error("--shard-size and --workers must be at least 1")
+    if args.context_length is not None and not 3 <= args.context_length <= 77:
+        parser.error("--context-length must be 3 to 77 (start and end token included; CLIP has 77 positions)")
     return args
+
+
+def _report_counts(name: str, differences: list[str] | None) -> None:
+    """The comparison with the published counts: one line when they match, a warning block when not."""
+    if differences is None:
+        print(f"{name}: no published counts to compare with")
+    elif not differences:
+        print(f"{name}: the counts match the published release (SPEC 4)")
+    else:
+        lines = "\n".join(f"  {line}" for line in differences)
+        print(
+            f"WARNING: {name} differs from the published release (SPEC 4); results on these shards are not "
+            f"comparable with published ones:\n{lines}\n  Check the annotation files (README, Download) and the "
+            "skipped objects and blank sentences in manifest.json.",
+            file=sys.stderr,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0, or exits with one ``error: ...`` line on bad input."""
     args = _parse_args(argv)
     try:
-        name, by_split, extras, dropped = _plan(args)
+        plan = _plan(args)
     except PackError as e:
         sys.exit(f"error: {e}")
-    out_dir = Path(args.out) / name
+    context_length = args.context_length or default_context_length(args.dataset, None if args.mix else args.split_by)
+    out_dir = Path(args.out) / plan.name
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
-    for split, objects in by_split.items():
+    for split, objects in plan.objects.items():
         (out_dir / split).mkdir(exist_ok=True)
         for k in range(0, max(len(objects), 1), args.shard_size):
             chunk = objects[k : k + args.shard_size]
             stem = f"{split}/{k // args.shard_size:06d}"  # OUT/NAME/SPLIT/NNNNNN.{tar,idx,done.json}
-            fingerprint = _fingerprint(chunk, args.context_length)
             jobs.append(
                 dict(
                     split=split,
                     stem=stem,
                     objects=chunk,
-                    fingerprint=fingerprint,
+                    fingerprint=_fingerprint(chunk, context_length),
                     out_dir=str(out_dir),
                     image_dir=args.images,
-                    context_length=args.context_length,
+                    context_length=context_length,
                 )
             )
-    total = sum(len(objects) for objects in by_split.values())
+    total = sum(len(objects) for objects in plan.objects.values())
     results: dict[str, dict] = {}
     jobs_by_stem = {j["stem"]: j for j in jobs}
-    with tqdm(total=total, unit="obj", desc=f"packing {name}") as bar:
+    with tqdm(total=total, unit="obj", desc=f"packing {plan.name}") as bar:
         pool = multiprocessing.Pool(args.workers) if args.workers > 1 and len(jobs) > 1 else None
         for done in pool.imap_unordered(_pack_shard, jobs) if pool else map(_pack_shard, jobs):
             results[done["stem"]] = done
@@ -362,9 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         if pool:
             pool.close()
             pool.join()
-    manifest = dict(format=FORMAT, dataset=name, context_length=args.context_length, **extras, splits={})
-    resumed = sum(d["resumed"] for d in results.values())
-    for split in by_split:
+    manifest = dict(
+        format=FORMAT, dataset=plan.name, context_length=context_length, shuffle_seed=args.seed,
+        **plan.manifest_fields, splits={},
+    )  # fmt: skip
+    for split, objects in plan.objects.items():
         shard_done = [results[j["stem"]] for j in jobs if j["split"] == split]
         manifest["splits"][split] = dict(
             objects=sum(d["samples"] for d in shard_done),
@@ -375,14 +478,30 @@ def main(argv: list[str] | None = None) -> int:
                 if d["tar"]
             ],
             skipped=[dict(ref_id=s["ref_id"], reason=s["reason"]) for d in shard_done for s in d["skipped"]],
-            dropped=dropped.get(split, 0),
+            blank_sentences=[dict(ref_id=o["ref_id"], sent_id=i) for o in objects for i in o["blank_sent_ids"]],
+            dropped=plan.dropped.get(split, 0),
         )
+    differences = plan.count_differences
+    if differences == [] and not args.mix:
+        # The release matches: what was packed must too (skipped objects and blank sentences would show here).
+        packed = {s: dict(objects=i["objects"], sentences=i["sentences"]) for s, i in manifest["splits"].items()}
+        differences = count_differences(args.dataset, args.split_by, packed, "packed", splits=list(packed))
+    manifest["count_check"] = dict(
+        published=published_counts(args.dataset, args.split_by) if not args.mix else None,
+        match=None if differences is None else not differences,
+        differences=differences or [],
+    )
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     for split, info in manifest["splits"].items():
         print(
             f"{split}: {info['objects']} objects, {info['sentences']} sentences, {len(info['shards'])} shards, "
-            f"{len(info['skipped'])} skipped, {info['dropped']} dropped"
+            f"{len(info['skipped'])} skipped, {len(info['blank_sentences'])} blank sentences dropped, "
+            f"{info['dropped']} dropped"
         )
-    print(f"wrote {out_dir / 'manifest.json'} ({resumed} of {len(jobs)} shards were already complete)")
+    _report_counts(plan.name, differences)
+    resumed = sum(d["resumed"] for d in results.values())
+    print(
+        f"wrote {out_dir / 'manifest.json'} ({context_length}-token sentences; "
+        f"{resumed} of {len(jobs)} shards were already complete)"
+    )
     return 0
-

@@ -89,13 +89,16 @@ def _render(objects: list[dict], height: int, width: int, rng: random.Random) ->
     return image
 
 
-def make_synthetic_release(out_dir: str | Path, images: int = 200, seed: int = 0) -> Path:
+def make_synthetic_release(
+    out_dir: str | Path, images: int = 200, seed: int = 0, sizes: tuple[int, int] = (160, 320)
+) -> Path:
     """Write the synthetic release (layout in the module docstring).
 
     Args:
         out_dir: Root directory; ``synthetic/`` and ``images/`` are created in it.
         images: Number of images.
         seed: Seed of every random choice.
+        sizes: Range of each image side in pixels (COCO's photos are 427-640: ``(427, 640)``).
 
     Returns:
         The release root ``out_dir``.
@@ -109,7 +112,7 @@ def make_synthetic_release(out_dir: str | Path, images: int = 200, seed: int = 0
     coco_images, annotations, refs = [], [], []
     sent_id = 0
     for image_id in range(1, images + 1):
-        height, width = rng.randint(160, 320), rng.randint(160, 320)
+        height, width = rng.randint(*sizes), rng.randint(*sizes)
         objects = _place_objects(rng, height, width)
         file_name = f"synthetic_{image_id:06d}.jpg"
         _render(objects, height, width, rng).save(root / "images" / file_name, quality=92)
@@ -165,10 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="release root to write")
     parser.add_argument("--images", type=int, default=200, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--sizes", default="160,320", help="MIN,MAX pixels of each image side (COCO-like: 427,640)")
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be at least 1")
-    root = make_synthetic_release(args.out, args.images, args.seed)
+    try:
+        low, high = (int(v) for v in args.sizes.split(","))
+    except ValueError:
+        parser.error(f"--sizes takes MIN,MAX in pixels, e.g. 427,640; got {args.sizes!r}")
+    if not 16 <= low <= high:
+        parser.error(f"--sizes needs 16 <= MIN <= MAX; got {args.sizes}")
+    root = make_synthetic_release(args.out, args.images, args.seed, sizes=(low, high))
     refs = pickle.loads((root / "synthetic" / "refs(unc).p").read_bytes())
     print(f"wrote {args.images} images and {len(refs)} refs to {root}")
     return 0

@@ -1,11 +1,11 @@
-"""The PyTorch loader: webdataset tar reading + PIL letterbox (the reference the DALI loader is tested against).
+"""The PyTorch loader: tar reading through the DALI index + PIL letterbox (the reference the DALI loader is tested
+against).
 
 It reads the ``jpg``, ``mask.png``, ``tokens.npy`` (``np.load``) and ``meta`` fields of each sample (the shard
-format is described in ``shards/pack.py``).
-
-DataLoader workers decode and stack chunks of the rank's range (see :class:`_RankParts`); for training each worker
-shuffles through a buffer, on top of the order the packer shuffled once; the main process normalises on the
-device.
+format is described in ``shards/pack.py``) straight from their offsets in the tar, which the shard's ``.idx``
+file lists, so each DataLoader worker reads only its own share of the rank's range (see :class:`_RankParts`).
+For training each worker visits its chunks in a seeded random order and shuffles through a buffer, on top of
+the order the packer shuffled once; the main process normalises on the device.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from dcris.data.common import ShardLoader, concat_rows, rank_range, take_rows
+from dcris.data.common import ShardLoader, concat_rows, rank_range, take_rows, to_device
 from dcris.data.letterbox import letterbox_image, letterbox_mask, normalize_image
+
+FIELDS = ("jpg", "mask.png", "tokens.npy", "meta")  # what the loader reads of each sample
 
 
 def decode_sample(sample: dict[str, Any], image_size: int, context_length: int, keep_orig: bool) -> dict[str, Any]:
@@ -54,11 +56,11 @@ def _stack(samples: list[dict[str, Any]], max_sentences: int) -> dict[str, Any]:
     """Stack decoded samples (one tensor per field: cheap to hand from a worker to the main process)."""
     tokens_all = torch.zeros(len(samples), max_sentences, samples[0]["tokens"].shape[1], dtype=torch.long)
     for i, s in enumerate(samples):
-        tokens_all[i, : len(s["tokens"])] = s["tokens"]  # (K, 17) into (K_max, 17)
+        tokens_all[i, : len(s["tokens"])] = s["tokens"]  # (K, L) into (K_max, L)
     part = dict(
         image=torch.stack([s["image"] for s in samples]),  # (B, S, S, 3) uint8
         mask=torch.stack([s["mask"] for s in samples]),  # (B, 1, S, S)
-        tokens_all=tokens_all,  # (B, K_max, 17)
+        tokens_all=tokens_all,  # (B, K_max, L)
         meta=torch.stack([s["meta"] for s in samples]),  # (B, 7)
     )
     if "orig_mask" in samples[0]:
@@ -66,11 +68,73 @@ def _stack(samples: list[dict[str, Any]], max_sentences: int) -> dict[str, Any]:
     return part
 
 
+def read_index(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Where each sample of a shard lies in its tar, from the shard's DALI index file.
+
+    The index (wds2idx, format v1.2) is a header line, then a line per sample listing ``ext offset size name``
+    for each of its fields, ``offset`` being where the field's bytes start in the tar.
+
+    Returns:
+        Per sample, its key and ``{ext: (offset, size)}``.
+    """
+    with open(path) as f:
+        lines = f.read().splitlines()
+    samples = []
+    for line in lines[1:]:
+        parts = line.split()
+        fields = {parts[k]: (int(parts[k + 1]), int(parts[k + 2])) for k in range(0, len(parts), 4)}
+        samples.append((parts[3].split(".", 1)[0], fields))
+    return samples
+
+
+def read_samples(
+    tar: str, index: list[tuple[str, dict[str, tuple[int, int]]]], lo: int, hi: int
+) -> Iterator[dict[str, Any]]:
+    """Samples ``lo`` to ``hi - 1`` of a shard (raw bytes per field), read as one contiguous piece of the tar."""
+    entries = index[lo:hi]
+    spans = [span for _, fields in entries for span in fields.values()]
+    begin, end = min(o for o, _ in spans), max(o + n for o, n in spans)
+    with open(tar, "rb") as f:
+        f.seek(begin)
+        data = f.read(end - begin)
+    for key, fields in entries:
+        sample: dict[str, Any] = {"__key__": key}
+        for ext in FIELDS:
+            offset, size = fields[ext]
+            sample[ext] = data[offset - begin : offset - begin + size]
+        yield sample
+
+
+def chunk_segments(sizes: list[int], start: int, end: int, chunk: int) -> list[list[tuple[int, int, int]]]:
+    """``[start, end)`` of the concatenated shards cut into chunks of ``chunk`` samples (the last may be short).
+
+    Args:
+        sizes: Samples of each shard, in reading order.
+        start: First sample (counted over the concatenation).
+        end: One past the last sample.
+        chunk: Samples per chunk.
+
+    Returns:
+        Per chunk, its pieces ``(shard position, first, end)``, sample numbers within that shard.
+    """
+    firsts = [int(f) for f in np.cumsum([0, *sizes])]  # (S + 1,) first sample of every shard, then the total
+    chunks = []
+    for lo in range(start, end, chunk):
+        hi = min(lo + chunk, end)
+        first_shard = int(np.searchsorted(firsts, lo, side="right")) - 1  # the shard holding sample lo
+        last_shard = int(np.searchsorted(firsts, hi, side="left"))  # one past the shard holding sample hi - 1
+        shards = range(first_shard, last_shard)
+        chunks.append([(k, max(lo, firsts[k]) - firsts[k], min(hi, firsts[k + 1]) - firsts[k]) for k in shards])
+    return chunks
+
+
 class _RankParts(torch.utils.data.IterableDataset):
     """Stacked parts of up to batch_size decoded samples of one rank's range.
 
-    The range is cut into chunks of batch_size consecutive samples and worker w of n decodes chunks w, w + n,
-    ...: in evaluation the DataLoader's round-robin over workers then returns the chunks in order.
+    The range is cut into chunks of batch_size consecutive samples and worker w of n reads and decodes only chunks
+    w, w + n, ...: in evaluation (no shuffle, one part per chunk) the DataLoader's round-robin over workers then
+    returns the chunks in order; in training each worker takes its chunks in a random order drawn from (seed,
+    epoch, rank, worker) and shuffles their samples through a buffer.
     """
 
     def __init__(self, loader: TorchShardLoader) -> None:
@@ -80,39 +144,33 @@ class _RankParts(torch.utils.data.IterableDataset):
         ld = self.loader
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        start, end = rank_range(ld.info["objects"], ld.range_index, ld.world_size)
-        # First global sample index of every shard, to read only the shards that overlap the range.
-        firsts = np.cumsum([0] + [s["samples"] for s in ld.info["shards"]])
-        urls = [
-            (url, int(first))
-            for (url, _), first, last in zip(ld.shard_paths, firsts[:-1], firsts[1:], strict=True)
-            if first < end and last > start
-        ]
+        shards = ld.epoch_shards()
+        start, end = rank_range(ld.info["objects"], ld.rank, ld.world_size)
+        mine = chunk_segments([s["samples"] for s in shards], start, end, ld.batch_size)[worker::num_workers]
         rng = random.Random(f"{ld.seed}-{ld.epoch}-{ld.rank}-{worker}")  # str seeds are stable across runs
         if ld.train:
-            rng.shuffle(urls)
-        samples = self._select(urls, start, end, ld.batch_size, worker, num_workers)
+            rng.shuffle(mine)
+        samples = self._read(shards, mine)
         if ld.train:
             samples = wds.shuffle(ld.shuffle_buffer, min(ld.shuffle_buffer, 100), rng=rng)(samples)
-        chunk = []
+        part = []
         for sample in samples:
-            chunk.append(decode_sample(sample, ld.image_size, ld.context_length, keep_orig=not ld.train))
-            if len(chunk) == ld.batch_size:
-                yield _stack(chunk, ld.max_sentences)
-                chunk = []
-        if chunk:
-            yield _stack(chunk, ld.max_sentences)
+            part.append(decode_sample(sample, ld.image_size, ld.context_length, keep_orig=not ld.train))
+            if len(part) == ld.batch_size:
+                yield _stack(part, ld.max_sentences)
+                part = []
+        if part:
+            yield _stack(part, ld.max_sentences)
 
     @staticmethod
-    def _select(
-        urls: list[tuple[str, int]], start: int, end: int, chunk: int, worker: int, num_workers: int
-    ) -> Iterator[dict[str, Any]]:
-        """Raw samples of the chunks of the range assigned to this worker, read shard by shard."""
-        for url, first in urls:
-            for offset, sample in enumerate(wds.tarfile_samples([{"url": url}])):
-                position = first + offset - start
-                if 0 <= position < end - start and (position // chunk) % num_workers == worker:
-                    yield sample
+    def _read(shards: list[dict], chunks: list[list[tuple[int, int, int]]]) -> Iterator[dict[str, Any]]:
+        """Raw samples of the given chunks, in order; each shard's index is read once, when first needed."""
+        indices: dict[int, list[tuple[str, dict[str, tuple[int, int]]]]] = {}
+        for pieces in chunks:
+            for k, lo, hi in pieces:
+                if k not in indices:
+                    indices[k] = read_index(shards[k]["idx"])
+                yield from read_samples(shards[k]["tar"], indices[k], lo, hi)
 
 
 def _as_is(part: dict[str, Any]) -> dict[str, Any]:
@@ -121,15 +179,22 @@ def _as_is(part: dict[str, Any]) -> dict[str, Any]:
 
 
 class TorchShardLoader(ShardLoader):
-    """webdataset + PIL implementation of :class:`~dcris.data.common.ShardLoader`."""
+    """Tar + PIL implementation of :class:`~dcris.data.common.ShardLoader`."""
 
     def object_batches(self) -> Iterator[dict[str, Any]]:
         loader = torch.utils.data.DataLoader(
-            _RankParts(self), batch_size=None, num_workers=self.workers, collate_fn=_as_is
+            _RankParts(self),
+            batch_size=None,
+            num_workers=self.workers,
+            collate_fn=_as_is,
+            pin_memory=self.device.type == "cuda",  # pinned parts cross to the GPU without blocking the host
         )
         pending: dict[str, Any] | None = None
-        # Workers' parts may be short (ends of their streams); regroup them into full batches.
+        # Parts are full batches except at the ends of the workers' streams; regroup those into full batches.
         for part in loader:
+            if pending is None and len(part["meta"]) == self.batch_size:
+                yield self._to_device(part)  # the usual case: no copy, the pinned tensors go as they are
+                continue
             pending = part if pending is None else concat_rows(pending, part)
             while pending is not None and len(pending["meta"]) >= self.batch_size:
                 yield self._to_device(take_rows(pending, torch.arange(self.batch_size)))
@@ -140,8 +205,8 @@ class TorchShardLoader(ShardLoader):
 
     def _to_device(self, part: dict[str, Any]) -> dict[str, Any]:
         """Object batch: normalised image, mask and tokens on the device (uint8 crosses the bus, not float)."""
-        image = part["image"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+        image = to_device(part["image"], self.device).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
         part["image"] = normalize_image(image)
-        part["mask"] = part["mask"].to(self.device, non_blocking=True)
-        part["tokens_all"] = part["tokens_all"].to(self.device, non_blocking=True)
+        part["mask"] = to_device(part["mask"], self.device)
+        part["tokens_all"] = to_device(part["tokens_all"], self.device)
         return part

@@ -1,0 +1,301 @@
+"""Whole-model throughput as training and evaluation really run (SPEC 7's anchors): ``launch/bench.py``.
+
+Training steps go through the trainer's own engine (:func:`dcris.train_setup.build_engine`: the same model,
+precision, Adam, ZeRO stage and SyncBatchNorm decision as ``deepspeed launch/train.py --deepspeed
+ds_configs/zero2.json``), fed by the real loader (DALI decoding on the GPU when DALI is installed) from packed
+shards of full-size JPEGs. Inference runs evaluation's own code path (:func:`dcris.evaluate.evaluate`: loader,
+autocast forward, inverse letterbox and metrics) at its batch size. ``--model-only`` feeds synthetic tensors
+instead, so the loader's share shows as the difference.
+
+Each step is timed on its own (the device synchronised around it); the record has the median and interquartile
+range, images/s from the median, peak memory, and MFU: the FLOPs of one step counted by
+``torch.utils.flop_counter`` divided by the step time and by the peak of a large dense matrix product measured
+on the same device in the same dtype. Without ``--shards`` a synthetic release of COCO-sized images (427-640 px)
+is generated and packed first. On a CPU the same code runs at tiny width in seconds (the tests do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import itertools
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dcris.attention import xformers_available
+from dcris.config import Config, load_config
+from dcris.data import loader_kind, shards_context_length
+from dcris.provenance import git_commit
+from dcris.train_setup import build_engine, precision_dtype, rank_device, read_deepspeed_json
+
+ZERO2 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
+COCO_SIZES = (427, 640)  # short and long side range of the generated images: COCO train2014's common sizes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
+    """FLOP/s of a large dense square matrix product on ``device`` in ``dtype`` (median of 5), the MFU unit."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    seconds = statistics.median(time_steps(lambda: a @ b, 5, 2, device))
+    return 2 * size**3 / seconds
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (matrix products and convolutions, forward and backward) by torch's counter."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _summary(times: list[float], batch: int, flops_per_step: int, peak: float) -> dict[str, float]:
+    q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    return dict(
+        step_ms_median=1e3 * median,
+        step_ms_iqr=1e3 * (q3 - q1),
+        images_per_s=batch / median,
+        gflop_per_sample=flops_per_step / batch / 1e9,
+        mfu=flops_per_step / median / peak,
+    )
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+def _synthetic_batch(cfg: Config, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    size, length = cfg.model.image_size, cfg.model.text.context_length
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 49406, (batch, length), generator=g)
+    tokens[:, 0], tokens[:, 10], tokens[:, 11:] = 49406, 49407, 0  # start, 9 words, end, padding
+    return dict(
+        image=torch.randn(batch, 3, size, size, generator=g).to(device),
+        tokens=tokens.to(device),
+        mask=(torch.rand(batch, 1, size, size, generator=g) > 0.5).float().to(device),
+    )
+
+
+def _train_batches(cfg: Config, setup: Any, model_only: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training micro-batches: the trainer's loader epoch after epoch, or one synthetic batch again."""
+    from dcris.trainer import train_loader
+
+    if model_only:
+        yield from itertools.repeat(_synthetic_batch(cfg, cfg.train.micro_batch, setup.device))
+    for epoch in itertools.count():
+        yield from train_loader(cfg, setup.rank, setup.world_size, setup.device, epoch)
+
+
+def profile_table(step: Callable[[], Any], device: torch.device, rows: int = 25) -> str:
+    """torch.profiler's table of one call of ``step``: the top operators and kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def bench_training(cfg: Config, steps: int, warmup: int, model_only: bool, profile: bool = False) -> dict[str, Any]:
+    """Times optimizer steps of the trainer's engine (ZeRO-2 config, ``train.micro_batch`` images, no accum)."""
+    cfg.train.global_batch = cfg.train.micro_batch  # one rank, one micro-batch per optimizer step
+    if not model_only:  # as the trainer: the sentence length of the shards
+        cfg.model.text.context_length = shards_context_length(cfg.data.shards)
+    setup = build_engine(cfg, read_deepspeed_json(ZERO2), str(ZERO2))
+    engine, device = setup.engine, setup.device
+    batches = _train_batches(cfg, setup, model_only)
+
+    def step() -> None:
+        batch = next(batches)
+        logits = engine(batch["image"].to(device), batch["tokens"].to(device))  # the engine autocasts
+        engine.backward(engine.module.loss(logits, batch["mask"].to(device)))
+        engine.step()
+
+    flops = count_flops(step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(step, steps, warmup, device)
+    peak = matmul_peak(device, precision_dtype(cfg.train))
+    out = dict(_summary(times, cfg.train.micro_batch, flops, peak), peak_memory_gib=_peak_memory_gib(device))
+    if profile:
+        out["profile"] = profile_table(step, device)
+    return out
+
+
+def bench_inference(cfg: Config, batch: int, steps: int, warmup: int, model_only: bool) -> dict[str, Any]:
+    """Times evaluation's own loop (loader, autocast forward, inverse letterbox, metrics) on ``data.eval_splits[0]``,
+    or autocast forwards of synthetic tensors with ``model_only``."""
+    from dcris.evaluate import evaluate
+    from dcris.model import build_model
+
+    device = rank_device(0)
+    model = build_model(cfg.model, pretrained=True).to(device).eval()
+    dtype = precision_dtype(cfg.train)
+    if model_only:
+        inputs = _synthetic_batch(cfg, batch, device)
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+        @torch.no_grad()
+        def step() -> None:
+            with autocast:
+                model(inputs["image"], inputs["tokens"])
+
+        flops = count_flops(step)
+        times = time_steps(step, steps, warmup, device)
+        images = batch
+    else:
+        split = cfg.data.eval_splits[0]
+
+        def step() -> None:
+            evaluate(model, cfg.data.shards, [split], image_size=cfg.model.image_size, batch_size=batch,
+                     workers=cfg.data.workers, loader=cfg.data.loader, device=device, dtype=dtype)  # fmt: skip
+
+        from dcris.data import num_samples
+
+        images = num_samples(cfg.data.shards, split, train=False)
+        flops = count_flops(step)
+        times = time_steps(step, max(1, steps // 10), min(warmup, 1), device)  # a whole split per timed call
+    peak = matmul_peak(device, precision_dtype(cfg.train))
+    return dict(_summary(times, images, flops, peak), peak_memory_gib=_peak_memory_gib(device))
+
+
+def _version(package: str) -> str | None:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        return importlib.metadata.version(package)
+    return None
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers come from: the device, the library versions, the attention kernel and the commit."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return dict(
+        device=gpu or f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        dali=_version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda130"),
+        deepspeed=_version("deepspeed"),
+        attention="xformers" if xformers_available() else "sdpa",
+        commit=git_commit(),
+    )
+
+
+def markdown_row(record: dict[str, Any]) -> str:
+    """The BENCHMARKS.md row of a record."""
+    c = record["config"]
+    switches = ", ".join(k for k in ("fused", "compile", "model_only") if c[k]) or "eager"
+    if not c["model_only"]:
+        switches += f" ({c['loader']} loader)"
+    cells = [record["env"]["device"], c["preset"], str(c["batch"]), c["precision"], switches]
+    for mode in ("train", "infer"):
+        r = record.get(mode)
+        if r is None:
+            cells += ["-"] * 4
+            continue
+        step = f"{r['step_ms_median']:.1f} ± {r['step_ms_iqr']:.1f}"
+        cells += [f"{r['images_per_s']:.1f}", step, f"{100 * r['mfu']:.1f}%", f"{r['peak_memory_gib']:.1f}"]
+    return "| " + " | ".join(cells) + f" | {record['env']['commit'][:8]} |"
+
+
+def _prepare_shards(cfg: Config, workdir: Path, images: int) -> None:
+    """A synthetic release of COCO-sized images, packed (what ``data.shards`` points at when none is given)."""
+    from dcris.data import pack, synth
+
+    release = workdir / "release"
+    synth.make_synthetic_release(release, images=images, seed=0, sizes=COCO_SIZES)
+    pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images",
+               str(release / "images"), "--out", str(workdir / "shards"), "--workers", "2"])  # fmt: skip
+    cfg.data.shards = str(workdir / "shards" / "synthetic")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="launch/bench.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="dcris-b", help="preset (tiny-dcris runs in seconds on a CPU)")
+    parser.add_argument("--batch", type=int, default=32, help="images per step (training and inference)")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--fused", action="store_true", help="fused Triton dense branch (model.adapters.fused_dense)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the vision blocks and head")
+    parser.add_argument("--model-only", action="store_true", help="synthetic tensors instead of the loader")
+    parser.add_argument("--mode", choices=("train", "infer", "both"), default="both")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps (inference: a tenth, whole splits)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--shards", help="packed shards (default: a generated synthetic release of COCO-sized JPEGs)")
+    parser.add_argument("--images", type=int, default=400, help="images of the generated release")
+    parser.add_argument("--profile", action="store_true", help="add a profiler table of one training step")
+    parser.add_argument("--out", default="bench.json", help="JSON record to write")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch and --steps must be at least 1, --warmup at least 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``launch/bench.py``: prints the record and its BENCHMARKS.md row, writes the JSON."""
+    args = parse_args(argv)
+    overrides = [
+        f"train.precision={args.precision}", f"train.micro_batch={args.batch}", f"train.global_batch={args.batch}",
+        f"model.adapters.fused_dense={args.fused}", f"model.compile={args.compile}",
+        "model.vision.weights=", "model.text.weights=",  # random weights, as SPEC 7's anchors were measured
+        *args.overrides,
+    ]  # fmt: skip
+    cfg = load_config(preset_name=args.preset, overrides=overrides)
+    with tempfile.TemporaryDirectory(prefix="dcris-bench-") as tmp:
+        if not args.model_only:
+            if args.shards:
+                cfg.data.shards = args.shards
+            else:
+                _prepare_shards(cfg, Path(tmp), args.images)
+        cfg.train.output_dir = str(Path(tmp) / "run")
+        record: dict[str, Any] = dict(
+            config=dict(preset=args.preset, batch=args.batch, precision=args.precision, fused=args.fused,
+                        compile=args.compile, model_only=args.model_only, image_size=cfg.model.image_size,
+                        loader=loader_kind(cfg.data.loader),
+                        shards=args.shards or "generated COCO-sized synthetic release"),
+            env=environment(),
+        )  # fmt: skip
+        if args.mode in ("train", "both"):
+            record["train"] = bench_training(cfg, args.steps, args.warmup, args.model_only, args.profile)
+        if args.mode in ("infer", "both"):
+            record["infer"] = bench_inference(cfg, args.batch, args.steps, args.warmup, args.model_only)
+    record["markdown"] = markdown_row(record)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    shown = {k: v for k, v in record.items() if k != "markdown"}
+    if "train" in shown and "profile" in shown["train"]:
+        print(shown["train"].pop("profile"))
+    print(json.dumps(shown, indent=2))
+    print(record["markdown"])
+    return 0

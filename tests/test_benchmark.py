@@ -1,0 +1,39 @@
+"""launch/bench.py at tiny width on the CPU: the trainer's engine and loader, evaluation's loop, the record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dcris import benchmark
+
+
+def test_matmul_peak_and_flop_counter_are_consistent():
+    """The FLOP counter counts 2 n^3 for an n x n product; the measured peak is a positive rate."""
+    import torch
+
+    a = torch.randn(64, 64)
+    assert benchmark.count_flops(lambda: a @ a) == 2 * 64**3
+    assert benchmark.matmul_peak(torch.device("cpu"), torch.float32, size=128) > 0
+
+
+@pytest.mark.parametrize("model_only", [False, True])
+def test_bench_records_training_and_inference_at_tiny_width(tmp_path: Path, model_only: bool):
+    out = tmp_path / "bench.json"
+    argv = ["--preset", "tiny-dcris", "--batch", "4", "--steps", "3", "--warmup", "1", "--images", "12",
+            "--precision", "fp32", "--out", str(out), "data.loader=torch", "data.workers=0"]  # fmt: skip
+    # the model-only run also takes every speed switch that needs no GPU through the trainer's engine
+    switches = ["model.vision.fused_qkv=true", "model.head.channels_last=true", "model.head.single_key_gate=true"]
+    assert benchmark.main(argv + (["--model-only", *switches] if model_only else [])) == 0
+    record = json.loads(out.read_text())
+    for mode in ("train", "infer"):
+        r = record[mode]
+        assert r["images_per_s"] > 0 and r["step_ms_median"] > 0 and r["step_ms_iqr"] >= 0
+        assert 0 < r["mfu"] < 1 and r["gflop_per_sample"] > 0 and r["peak_memory_gib"] > 0
+    # the training step counts forward and backward: more work per sample than inference's forward
+    assert record["train"]["gflop_per_sample"] > record["infer"]["gflop_per_sample"]
+    assert record["env"]["torch"] and record["env"]["commit"]
+    assert record["markdown"].startswith("| CPU") and record["markdown"].count("|") == 15
+    assert record["config"]["model_only"] is model_only

@@ -1,0 +1,124 @@
+"""Speed switches give today's outputs (fp32): fused q/k/v GEMM, channels-last head, single-key sentence gate,
+torch.compile of the vision blocks and the head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from dcris.config import ModelConfig, preset
+from dcris.model import DCRIS, build_model
+from dcris.vision import vision_block
+
+
+def _inputs(cfg: ModelConfig, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
+    tokens = torch.zeros(batch, cfg.text.context_length, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, torch.randint(1, 49000, (batch, 5), generator=g), 49407
+    masks = (torch.rand(batch, 1, cfg.image_size, cfg.image_size, generator=g) > 0.5).float()
+    return images, tokens, masks
+
+
+def _randomised(cfg: ModelConfig) -> DCRIS:
+    """tiny-detris with random BatchNorm statistics and LayerScales, so every branch counts."""
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+        for layer in model.vision.backbone.encoder.layer:
+            layer.layer_scale1.lambda1.uniform_(0.5, 1.5)
+            layer.layer_scale2.lambda1.uniform_(0.5, 1.5)
+    return model
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, name: str = "") -> None:
+    """max |got - want| <= rtol * max |want| + 1e-6: relative to the tensor's scale, as the kernel tests measure
+    (the floor is for gradients that are zero up to rounding, e.g. conv biases right before a BatchNorm)."""
+    error, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert error <= rtol * scale + 1e-6, f"{name}: max |diff| {error:.3g} > {rtol:g} x max |value| {scale:.3g}"
+
+
+def _step(model: DCRIS, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Eval logits, then one training forward/backward: (eval logits, train logits, gradients by name)."""
+    images, tokens, masks = _inputs(cfg)
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(images, tokens)
+    torch.manual_seed(5)  # the same dropout draws on both sides
+    model.train()
+    logits = model(images, tokens)
+    model.loss(logits, masks).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return eval_logits, logits.detach(), grads
+
+
+@pytest.mark.parametrize("switch", ["vision.fused_qkv", "head.channels_last", "head.single_key_gate"])
+def test_switch_gives_the_same_outputs_and_gradients(switch: str):
+    base_cfg = preset("tiny-detris").model
+    base = _randomised(base_cfg)
+    cfg = preset("tiny-detris").model
+    section, key = switch.split(".")
+    setattr(getattr(cfg, section), key, True)
+    switched = build_model(cfg, pretrained=False)
+    result = switched.load_state_dict(base.state_dict(), strict=True)  # same keys with the switch on
+    assert not result.missing_keys and not result.unexpected_keys
+    assert set(switched.state_dict()) == set(base.state_dict())
+    want, got = _step(base, base_cfg), _step(switched, cfg)
+    _assert_close(got[0], want[0], 1e-5, "eval logits")
+    _assert_close(got[1], want[1], 1e-5, "train logits")
+    assert got[2].keys() == want[2].keys()
+    for name, grad in want[2].items():
+        _assert_close(got[2][name], grad, 1e-4, name)
+
+
+def test_fused_qkv_state_dict_round_trips_through_the_separate_layout():
+    cfg = preset("tiny-dcris").model
+    cfg.vision.fused_qkv = True
+    model = build_model(cfg, pretrained=False)
+    attn = model.vision.backbone.encoder.layer[2].attention
+    assert not hasattr(attn, "q_proj") and attn.qkv.weight.shape == (3 * 64, 64)
+    state = model.state_dict()
+    k_proj = state["vision.backbone.encoder.layer.2.attention.k_proj.weight"]
+    torch.testing.assert_close(k_proj, attn.qkv.weight[64:128])
+    assert "vision.backbone.encoder.layer.2.attention.qkv.weight" not in state
+    unfused = build_model(preset("tiny-dcris").model, pretrained=False)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in unfused.parameters())
+
+
+def test_compile_switch_compiles_the_vision_blocks_and_the_head():
+    cfg = preset("tiny-dcris").model
+    cfg.compile = True
+    model = build_model(cfg, pretrained=False)
+    assert model.vision._block_fn is not vision_block
+    assert model.head._compiled_call_impl is not None
+
+
+def test_compiled_blocks_and_head_give_the_same_outputs_without_graph_breaks():
+    """A graph per block kind, not per block, and one for the head; no graph break anywhere.
+
+    Block kinds: with or without a DA, and in training whether the input already carries gradients (blocks
+    before the first DA see frozen inputs): at most 2 in eval and 4 in training, whatever the depth.
+
+    Compiled with the aot_eager backend: the graphs and their autograd are torch.compile's, the kernels eager
+    (inductor's CPU code generation takes minutes on a small CPU; the GPU check runs the default backend).
+    """
+    cfg = preset("tiny-detris").model
+    base = _randomised(cfg)
+    compiled = _randomised(cfg)
+    compiled.load_state_dict(base.state_dict())
+    compiled.vision._block_fn = torch.compile(vision_block, backend="aot_eager", dynamic=False)
+    compiled.head.compile(backend="aot_eager", dynamic=False)
+    torch._dynamo.reset()
+    counters.clear()
+    want, got = _step(base, cfg), _step(compiled, cfg)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= (2 + 1) + (4 + 1)  # (block kinds + head) in eval and training
+    _assert_close(got[0], want[0], 1e-5, "eval logits")
+    _assert_close(got[1], want[1], 1e-5, "train logits")
+    for name, grad in want[2].items():
+        _assert_close(got[2][name], grad, 1e-4, name)
