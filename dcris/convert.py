@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -149,6 +150,11 @@ def detect_preset(released: dict[str, torch.Tensor]) -> str:
     raise UserError(f"the checkpoint fits no released layout ({', '.join(RELEASED_PRESETS)}): {misfits[closest]}")
 
 
+def backbone_paths(folder: Path) -> tuple[Path, Path]:
+    """Where :func:`write_backbones` puts the vision folder and the text file under ``folder``."""
+    return folder / "dinov2", folder / "clip_text.safetensors"
+
+
 def write_backbones(state: dict[str, torch.Tensor], cfg: Config, folder: Path) -> tuple[Path, Path]:
     """Writes the checkpoint's own frozen backbones in the formats the loaders read.
 
@@ -162,7 +168,7 @@ def write_backbones(state: dict[str, torch.Tensor], cfg: Config, folder: Path) -
 
     from dcris.vision import hf_vision_config
 
-    vision_dir, text_file = folder / "dinov2", folder / "clip_text.safetensors"
+    vision_dir, text_file = backbone_paths(folder)
     backbone = Dinov2WithRegistersModel(hf_vision_config(cfg.model.vision))
     prefix = "vision.backbone."
     backbone.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backbones", metavar="DIR",
         help="also write the checkpoint's own frozen backbones to DIR (DIR/dinov2, DIR/clip_text.safetensors) and "
-        "record them in the export, so that it loads with no hub at all",
+        "record them in the export, so that it loads with no hub at all; a DIR inside the export folder is recorded "
+        "relative to it",
     )  # fmt: skip
     args = parser.parse_args(argv)
     released = read_released_checkpoint(args.checkpoint)
@@ -199,10 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg.model.text.context_length = args.context_length
     validate(cfg)
     state = convert_detris_state_dict(released, cfg)
+    into_export: Callable[[Path], None] | None = None
     if args.backbones:
-        vision_dir, text_file = write_backbones(state, cfg, Path(args.backbones).resolve())
+        folder, out = Path(args.backbones).resolve(), Path(args.out).resolve()
+        if folder.is_relative_to(out):  # written into the new export folder, before it replaces an earlier one
+
+            def into_export(new_folder: Path) -> None:
+                write_backbones(state, cfg, new_folder / folder.relative_to(out))
+
+        else:
+            write_backbones(state, cfg, folder)
+        vision_dir, text_file = backbone_paths(folder)
         cfg.model.vision.weights, cfg.model.text.weights = str(vision_dir), str(text_file)
+    save_export(state, cfg, args.out, extra=into_export)
+    if args.backbones:
         print(f"wrote the frozen backbones: {vision_dir} and {text_file}")
-    save_export(state, cfg, args.out)
     print(f"converted {len(released)} released tensors -> {args.out} ({cfg.preset})")
     return 0

@@ -9,7 +9,9 @@
 Rule for the frozen backbones: a backbone whose weights are named in the config (``model.vision.weights``,
 ``model.text.weights``) is reloaded from that name and is not in the file; a backbone without a name was
 randomly initialised (tiny presets, tests, the demo), so its frozen weights are stored in the file too and the
-export reloads to identical predictions either way.
+export reloads to identical predictions either way. A backbone path inside the export folder (``dcris
+convert-detris --backbones`` into it) is recorded relative to the folder and read back against it, so the folder
+can be moved or copied whole; any other path is recorded as it is (absolute, as convert-detris writes them).
 
 :class:`ExportedWeights` is huggingface_hub's ``ModelHubMixin`` over (config, tensors, metrics): its
 ``save_pretrained`` writes the folder and the card, ``from_pretrained`` reads a local folder or a Hub id (from
@@ -20,8 +22,10 @@ config in its metadata) still loads.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,37 +131,51 @@ class ExportedWeights(
         cfg: The resolved config the model is rebuilt from.
         tensors: The exported state-dict entries (:func:`exported_keys`).
         results: Per-split evaluation results (``IoUAccumulator.result()``), or None.
+        folder: The folder the export is written to, when ``save_pretrained`` writes it elsewhere first (see
+            :func:`save_export`): backbone paths inside it are recorded relative to it. Default: where it is written.
     """
 
-    def __init__(self, cfg: Config, tensors: dict[str, torch.Tensor], results: dict[str, dict] | None = None) -> None:
-        self.cfg, self.tensors, self.results = cfg, tensors, results
+    def __init__(
+        self,
+        cfg: Config,
+        tensors: dict[str, torch.Tensor],
+        results: dict[str, dict] | None = None,
+        folder: Path | None = None,
+    ) -> None:
+        self.cfg, self.tensors, self.results, self.folder = cfg, tensors, results, folder
 
     @classmethod
     def from_state(
-        cls, state: dict[str, torch.Tensor], cfg: Config, results: dict[str, dict] | None = None
+        cls,
+        state: dict[str, torch.Tensor],
+        cfg: Config,
+        results: dict[str, dict] | None = None,
+        folder: Path | None = None,
     ) -> ExportedWeights:
         """The exported tensors of a full model state dict, float tensors as float32, on the CPU."""
         tensors = {
             k: (state[k].float() if state[k].is_floating_point() else state[k]).detach().cpu().contiguous()
             for k in exported_keys(cfg, list(state))
         }
-        return cls(cfg, tensors, results)
+        return cls(cfg, tensors, results, folder)
 
     # ------------------------------------------------------------------------------------- writing
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save_file(self.tensors, str(save_directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-        payload = {"format": FORMAT, "config": to_dict(self.cfg), "metrics": self.results}
+        recorded = backbones_relative_to(self.cfg, self.folder or save_directory)
+        payload = {"format": FORMAT, "config": to_dict(recorded), "metrics": self.results}
         (save_directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """The model card (README.md): the mixin's card data and template, filled from the config."""
         from dcris.params import parameter_report  # builds the architecture on the meta device
 
-        m = self.cfg.model
+        weights = Path(self.cfg.model.vision.weights)
+        m = backbones_relative_to(self.cfg, self.folder).model if self.folder else self.cfg.model  # as recorded
         counts = parameter_report(self.cfg)
         data = ModelCardData(**self._hub_mixin_info.model_card_data.to_dict())
-        if m.vision.weights and not Path(m.vision.weights).exists():  # a Hub id, not a local folder
+        if m.vision.weights and not (weights.is_absolute() or weights.exists()):  # a Hub id, not a local folder
             data.base_model = m.vision.weights
         vision = f"`{m.vision.weights}`"
         text = f"open_clip `{m.text.model_name}` text tower, weights `{m.text.weights}`"
@@ -225,7 +243,8 @@ class ExportedWeights(
                 model_id, WEIGHTS_FILE, revision=revision, cache_dir=cache_dir, force_download=force_download,
                 local_files_only=local_files_only, token=token,
             )  # fmt: skip
-        return cls(from_dict(config["config"]), _read_tensors(weights), config.get("metrics"))
+        cfg = backbones_resolved_in(from_dict(config["config"]), Path(weights).parent)
+        return cls(cfg, _read_tensors(weights), config.get("metrics"))
 
     @classmethod
     def load(cls, path_or_id: str | Path, allow_download: bool = False) -> ExportedWeights:
@@ -292,10 +311,43 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read exported weights {path!r}: {exc}") from None
 
 
+def _map_backbones(cfg: Config, change: Callable[[Path], str]) -> Config:
+    """A copy of ``cfg`` with each backbone weights name (not the empty one) passed through ``change``."""
+    out = copy.deepcopy(cfg)
+    for backbone in (out.model.vision, out.model.text):
+        if backbone.weights:
+            backbone.weights = change(Path(backbone.weights))
+    return out
+
+
+def backbones_relative_to(cfg: Config, folder: Path) -> Config:
+    """``cfg`` as an export in ``folder`` records it: absolute backbone paths inside the folder made relative to it;
+    other paths, Hub ids and open_clip tags unchanged."""
+    root = Path(folder).resolve()
+
+    def relative(weights: Path) -> str:
+        inside = weights.is_absolute() and weights.resolve().is_relative_to(root)
+        return weights.resolve().relative_to(root).as_posix() if inside else str(weights)
+
+    return _map_backbones(cfg, relative)
+
+
+def backbones_resolved_in(cfg: Config, folder: Path) -> Config:
+    """``cfg`` as read from an export in ``folder``: relative backbone paths found inside the folder made absolute;
+    anything else (absolute paths, Hub ids, open_clip tags) unchanged."""
+
+    def resolved(weights: Path) -> str:
+        inside = not weights.is_absolute() and (folder / weights).exists()
+        return str((folder / weights).resolve()) if inside else str(weights)
+
+    return _map_backbones(cfg, resolved)
+
+
 def _replace_folder(tmp: Path, path: Path) -> None:
-    """Moves the finished folder ``tmp`` to ``path``, replacing an earlier export there (and nothing else)."""
+    """Moves the finished folder ``tmp`` to ``path``, replacing an earlier export there: a folder that holds
+    nothing the new export does not write (and nothing else)."""
     if path.exists():
-        ours = {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}
+        ours = {p.name for p in tmp.iterdir()}
         if not path.is_dir() or not {p.name for p in path.iterdir()} <= ours:
             raise UserError(f"{str(path)!r} exists and is not a dcris export folder: not overwriting it")
         old = path.with_name(path.name + ".old")
@@ -308,7 +360,11 @@ def _replace_folder(tmp: Path, path: Path) -> None:
 
 
 def save_export(
-    state: dict[str, torch.Tensor], cfg: Config, path: str | Path, metrics: dict[str, dict] | None = None
+    state: dict[str, torch.Tensor],
+    cfg: Config,
+    path: str | Path,
+    metrics: dict[str, dict] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Writes the export folder (module docstring) of a full model state dict.
 
@@ -317,6 +373,8 @@ def save_export(
         cfg: The run's resolved config.
         path: Output folder (created; an earlier export there is replaced).
         metrics: Per-split evaluation results for the config and the model card, when known.
+        extra: Writes more files into the new folder (given as its argument) before it replaces ``path``, e.g.
+            the backbones of ``dcris convert-detris``; their paths in ``cfg`` are under ``path``.
 
     Returns:
         The written folder.
@@ -330,7 +388,9 @@ def save_export(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    ExportedWeights.from_state(state, cfg, metrics).save_pretrained(tmp)
+    ExportedWeights.from_state(state, cfg, metrics, folder=path).save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
     _replace_folder(tmp, path)  # a reader never sees a half-written export
     return path
 
@@ -343,7 +403,7 @@ def read_export_config(path: str | Path) -> Config:
         payload = json.loads(config.read_text()) if config.is_file() else {}
         if payload.get("format") != FORMAT:
             raise UserError(f"{str(path)!r} is not a dcris export folder (no {CONFIG_FILE} of format {FORMAT!r})")
-        return from_dict(payload["config"])
+        return backbones_resolved_in(from_dict(payload["config"]), path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

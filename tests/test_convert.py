@@ -231,6 +231,46 @@ def test_converted_checkpoint_with_its_own_backbones_segments_offline(tmp_path):
     assert got.shape == (45, 70) and np.array_equal(got, want)
 
 
+def test_backbones_inside_the_export_folder_are_recorded_relative_to_it(tmp_path):
+    """convert-detris --backbones EXPORT/backbones: the config names them relative to the folder, the folder
+    segments as the original model from wherever it is moved to, and a rerun replaces it, backbones included;
+    --context-length is recorded."""
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from dcris.cli import main
+    from dcris.export import load_exported, read_export_config
+    from dcris.predict import predict_mask
+    from dcris.segmenter import Segmenter
+
+    model = _randomised_tiny_detris()
+    torch.save({"state_dict": to_released(model.state_dict())}, tmp_path / "tiny.pth")
+    export = tmp_path / "tiny"
+    argv = ["convert-detris", str(tmp_path / "tiny.pth"), str(export), "--preset", "tiny-detris",
+            "--backbones", str(export / "backbones")]  # fmt: skip
+    assert main(argv) == 0
+    (export / "backbones" / "clip_text.safetensors").write_bytes(b"spoilt")  # the rerun writes it anew
+    assert main(argv) == 0
+    recorded = json.loads((export / "config.json").read_text())["config"]["model"]
+    assert recorded["vision"]["weights"] == "backbones/dinov2"
+    assert recorded["text"]["weights"] == "backbones/clip_text.safetensors"
+    (tmp_path / "elsewhere").mkdir()
+    moved = Path(shutil.move(export, tmp_path / "elsewhere" / "tiny"))
+    assert read_export_config(moved).model.vision.weights == str((moved / "backbones" / "dinov2").resolve())
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (45, 70, 3), dtype=np.uint8))
+    got = Segmenter.from_pretrained(moved, device="cpu")(image, "the red circle").mask
+    assert got.shape == (45, 70) and np.array_equal(got, predict_mask(model, image, "the red circle"))
+
+    short = tmp_path / "short"
+    assert main(["convert-detris", str(tmp_path / "tiny.pth"), str(short), "--preset", "tiny-detris",
+                 "--context-length", "12"]) == 0  # fmt: skip
+    assert read_export_config(short).model.text.context_length == 12
+    assert load_exported(short).cfg.text.context_length == 12
+
+
 def _fake_hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> None:
     """Puts ``files`` into a Hugging Face hub cache at ``root`` as a download of ``repo_id`` would."""
     import shutil
