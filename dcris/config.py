@@ -144,7 +144,7 @@ class TrainConfig:
     eval_every_epochs: int = 1  # evaluate eval_splits every N epochs; 0 = only after the last step
     eval_every_steps: int = 0  # evaluate every N optimizer steps as well; 0 = only at eval_every_epochs
     eval_batch_size: int = 32  # evaluation images per forward pass on each rank
-    eval_pictures: int = 8  # pairs of the first of eval_splits drawn to TensorBoard at each evaluation; 0 = none
+    eval_pictures: int = 8  # pairs of the first split of each evaluation drawn to TensorBoard; 0 = none
     log_every_steps: int = 10  # console / TensorBoard interval
     save_every_steps: int = 0  # checkpoint every N steps as well; 0 = only at epoch ends
     keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (older ones deleted); 0 = all
