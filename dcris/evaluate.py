@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if precision != "fp32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    own_group = world > 1 and not dist.is_initialized()  # a group made here is ended here, and no other
     if world > 1:  # launched by torchrun / deepspeed: shard the samples, reduce the sums
         rank, _, world = init_distributed()
     model = load_weights(args.weights, device, args.overrides)
@@ -205,6 +206,6 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             sheet.save(folder / f"contact_sheet_{split}.png")
             print(f"wrote {folder / f'contact_sheet_{split}.png'}")
-    if dist.is_initialized():
+    if own_group:
         dist.destroy_process_group()
     return 0
