@@ -94,11 +94,15 @@ def split_sheet(segmenter: Segmenter, shards: str | Path, split: str, ranked: li
 def contact_sheets(
     model: DCRIS, recorder: IoURecorder, shards: str | Path, splits: list[str], count: int, rank: int = 0
 ) -> dict[str, Image.Image]:
-    """One contact sheet per split on rank 0 (empty elsewhere); every rank must call it when distributed."""
-    rankings = {split: recorder.ranked(split) for split in splits}  # a collective: before the rank test
-    if rank != 0 or count <= 0:
+    """One contact sheet per split on rank 0 (empty elsewhere); every rank must call it when distributed.
+
+    Every rank predicts the same pairs: under ZeRO-3 each forward pass gathers the parameters (a collective).
+    """
+    rankings = {split: recorder.ranked(split) for split in splits}  # a collective
+    if count <= 0:
         return {}
     segmenter = Segmenter(model)
-    return {
+    sheets = {
         split: split_sheet(segmenter, shards, split, ranking, count) for split, ranking in rankings.items() if ranking
     }
+    return sheets if rank == 0 else {}

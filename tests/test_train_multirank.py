@@ -63,6 +63,12 @@ def test_zero3_on_two_ranks_trains_evaluates_and_exports(shards: Path, tmp_path:
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["results"]
     manifest = json.loads((shards / "manifest.json").read_text())["splits"]
     assert {split: r["count"] for split, r in final.items()} == {s: manifest[s]["sentences"] for s in ("val", "testA")}
+    # the contact sheet: every rank predicted its pairs (each ZeRO-3 forward is a collective), rank 0 drew it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [image.step for image in events.Images("eval/val/pictures")] == [3]
     # one process scoring the export agrees: the padding batches counted nothing
     model = load_exported(run / "export")
     single = evaluate(model, str(shards), ["val", "testA"], image_size=112, batch_size=4, loader="torch", workers=0)
