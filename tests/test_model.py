@@ -218,6 +218,29 @@ def test_position_embedding_follows_dinov2_formula_on_a_smooth_field():
     assert dinov2_position_embeddings(stored, (m, m)) is stored  # the stored size is used as it is
 
 
+def test_frozen_position_embedding_is_resized_once_and_follows_its_weights(monkeypatch: pytest.MonkeyPatch):
+    from dcris import vision
+
+    cfg = preset("tiny-dcris").model
+    cfg.image_size = 56  # a 4x4 grid from the stored one: the resize runs
+    encoder = build_model(cfg, pretrained=False).vision
+    resize, resizes = dinov2_position_embeddings, []
+    monkeypatch.setattr(vision, "dinov2_position_embeddings", lambda e, g: resizes.append(g) or resize(e, g))
+    stored = encoder.backbone.embeddings.position_embeddings
+    first = encoder.position_embedding((4, 4))
+    torch.testing.assert_close(first, resize(stored, (4, 4)), rtol=0, atol=0)
+    assert encoder.position_embedding((4, 4)) is first and len(resizes) == 1  # frozen: computed once
+    encoder.position_embedding((5, 5))
+    assert len(resizes) == 2  # another grid
+    new = encoder.backbone.embeddings.state_dict()
+    new["position_embeddings"] = torch.randn_like(stored)
+    encoder.backbone.embeddings.load_state_dict(new)  # new weights in place: the cache must not serve the old
+    torch.testing.assert_close(encoder.position_embedding((5, 5)), resize(new["position_embeddings"], (5, 5)))
+    stored.requires_grad_(True)  # trained (full-tune): resized every call, and the gradient reaches it
+    encoder.position_embedding((4, 4)).sum().backward()
+    assert stored.grad is not None and stored.grad.abs().sum() > 0
+
+
 def test_released_text_adapter_carries_twice_the_start_token():
     """Released form: position 0 goes into the up-projection as 2 * h[0]; later positions as branches + h."""
     torch.manual_seed(4)
