@@ -91,28 +91,27 @@ def run(out_path: Path | None) -> int:
     for training in (False, True):
         branch.train(training)
         variants = _variants(branch)
+        mode = "train" if training else "infer"
         for bsz in _BATCHES:
             for hw in _SIZES:
                 h = torch.randn(bsz, 128, hw, hw, device="cuda", dtype=torch.bfloat16).relu()
                 gout = torch.randn_like(h)
+                case = f"{mode:<9}{bsz:>4}{f'{hw}x{hw}':>7} "
                 eager_ms = None
                 for name, fwd in variants.items():
                     try:
                         ms, peak = _measure(_case(fwd, h, gout, training, autocast=name != "triton"))
                     except Exception as e:  # noqa: BLE001 - a variant that cannot run here is a row, not the end
-                        print(f"{'train' if training else 'infer':<9}{bsz:>4}{hw:>5}x{hw} {name:<8} failed: {e!r:.90}")
-                        rows.append(dict(mode="train" if training else "infer", batch=bsz, hw=hw, impl=name,
-                                         error=repr(e)))  # fmt: skip
+                        print(f"{case}{name:<8} failed: {e!r:.90}")
+                        rows.append(dict(mode=mode, batch=bsz, hw=hw, impl=name, error=repr(e)))
                         continue
-                    eager_ms = eager_ms or ms
+                    if name == "eager":
+                        eager_ms = ms
+                    speedup = eager_ms / ms if eager_ms else float("nan")  # no baseline when eager failed
                     gbs = _bytes_moved(h, branch, training) / ms / 1e6
-                    mode = "train" if training else "infer"
-                    size = f"{hw}x{hw}"
-                    print(
-                        f"{mode:<9}{bsz:>4}{size:>7} {name:<8}{ms:>9.3f}{gbs:>9.0f}{eager_ms / ms:>9.2f}x{peak:>10.1f}"
-                    )
+                    print(f"{case}{name:<8}{ms:>9.3f}{gbs:>9.0f}{speedup:>9.2f}x{peak:>10.1f}")
                     rows.append(
-                        dict(mode=mode, batch=bsz, hw=hw, impl=name, ms=ms, gb_per_s=gbs, speedup=eager_ms / ms,
+                        dict(mode=mode, batch=bsz, hw=hw, impl=name, ms=ms, gb_per_s=gbs, speedup=speedup,
                              peak_mb=peak)
                     )  # fmt: skip
     result = dict(
