@@ -20,15 +20,7 @@ from PIL import Image
 
 from dcris.draw import overlay
 from dcris.errors import UserError
-from dcris.model import DCRIS
 from dcris.segmenter import Segmenter, read_image
-from dcris.tokenizer import truncations
-
-
-def predict_mask(model: DCRIS, image: Image.Image, text: str) -> np.ndarray:
-    """The bool mask (h, w) at the image's own resolution for one phrase (cut to the model's context length, as
-    training and evaluation cut theirs; :func:`dcris.tokenizer.truncations` says when that happens)."""
-    return Segmenter(model)(image, text).mask
 
 
 def mask_path(out: str | Path) -> Path:
@@ -89,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     segmenter = Segmenter(load_weights(args.weights, args.device, args.overrides))
     length = segmenter.model.cfg.text.context_length
     for image_path, text, out in pairs:
-        for cut in truncations([text], length):
+        image = read_image(image_path)
+        result = segmenter(image, text)  # a phrase longer than the model reads is cut, as in training
+        if result.truncation is not None:
+            cut = result.truncation
             print(
-                f"warning: {text!r} needs {cut.tokens_needed} tokens, the model reads {length}: "
-                f"using {cut.kept!r}",
+                f"warning: {text!r} needs {cut.tokens_needed} tokens, the model reads {length}: using {cut.kept!r}",
                 file=sys.stderr,
             )
-        image = read_image(image_path)
-        result = segmenter(image, text)
         write_prediction(image, result.mask, out)
         print(f"{out} ({result.area:.1%} of the image, score {result.score:.2f}), mask {mask_path(out)}")
     return 0

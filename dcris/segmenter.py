@@ -32,7 +32,7 @@ from dcris.errors import UserError
 from dcris.export import ExportedWeights, download_allowed, save_export
 from dcris.metrics import MASK_THRESHOLD, probabilities_from_logits
 from dcris.model import DCRIS
-from dcris.tokenizer import tokenize, truncations
+from dcris.tokenizer import Truncation, tokenize, truncations
 
 ImageInput = Image.Image | np.ndarray | str | Path
 
@@ -51,7 +51,8 @@ class Segmentation:
             inside are doubtful or probability lies outside the mask; 0 for an empty mask.
         seconds: Wall time of the call that produced it, from the raw image to the masks (the phrases of one
             call are one batch and share it).
-        truncated: The phrase needed more tokens than the model reads and was cut (only its start was read).
+        truncation: How the phrase was cut when it needed more tokens than the model reads (only its start was
+            read), else None; ``truncated`` says whether it was.
     """
 
     text: str
@@ -59,11 +60,15 @@ class Segmentation:
     probability: np.ndarray
     score: float
     seconds: float
-    truncated: bool = False
+    truncation: Truncation | None = None
     area: float = field(init=False)  # fraction of the image the mask covers
 
     def __post_init__(self) -> None:
         self.area = float(self.mask.mean()) if self.mask.size else 0.0
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncation is not None
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -174,8 +179,8 @@ class Segmenter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def tokens(self, texts: list[str], truncate: bool) -> tuple[torch.Tensor, list[bool]]:
-        """Token ids (N, L) of the phrases and which of them were cut to fit.
+    def tokens(self, texts: list[str], truncate: bool) -> tuple[torch.Tensor, list[Truncation | None]]:
+        """Token ids (N, L) of the phrases and, per phrase, how it was cut to fit (None when it fits).
 
         Raises:
             UserError: a phrase is empty, or too long while ``truncate`` is False.
@@ -187,8 +192,8 @@ class Segmenter:
         if cuts and not truncate:
             text, needed = cuts[0].text, cuts[0].tokens_needed
             raise UserError(f"text too long: {text!r} needs {needed} tokens, the model reads at most {length}")
-        cut_at = {cut.index for cut in cuts}
-        return tokenize(texts, length), [index in cut_at for index in range(len(texts))]
+        cut_at = {cut.index: cut for cut in cuts}
+        return tokenize(texts, length), [cut_at.get(index) for index in range(len(texts))]
 
     @torch.no_grad()
     def __call__(
@@ -233,7 +238,7 @@ class Segmenter:
             found.append((mask.cpu().numpy(), prob.cpu().numpy(), confidence(prob, mask)))
         seconds = time.perf_counter() - start
         results = [
-            Segmentation(text, mask, prob, score, seconds, truncated)
-            for text, (mask, prob, score), truncated in zip(phrases, found, cut, strict=True)
+            Segmentation(text, mask, prob, score, seconds, truncation)
+            for text, (mask, prob, score), truncation in zip(phrases, found, cut, strict=True)
         ]
         return results[0] if single else results

@@ -203,7 +203,7 @@ def test_converted_checkpoint_with_its_own_backbones_segments_offline(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from dcris.predict import predict_mask
+    from dcris.segmenter import Segmenter
 
     model = _randomised_tiny_detris()
     torch.save({"state_dict": to_released(model.state_dict())}, tmp_path / "tiny.pth")
@@ -227,7 +227,7 @@ def test_converted_checkpoint_with_its_own_backbones_segments_offline(tmp_path):
     dcris("predict", "--weights", str(export), "--image", str(tmp_path / "img.png"), "--text", "the red circle",
           "--out", str(tmp_path / "pred.png"), "--device", "cpu")  # fmt: skip
     got = np.asarray(Image.open(tmp_path / "pred_mask.png")) > 127
-    want = predict_mask(model, Image.open(tmp_path / "img.png").convert("RGB"), "the red circle")
+    want = Segmenter(model)(Image.open(tmp_path / "img.png").convert("RGB"), "the red circle").mask
     assert got.shape == (45, 70) and np.array_equal(got, want)
 
 
@@ -243,7 +243,6 @@ def test_backbones_inside_the_export_folder_are_recorded_relative_to_it(tmp_path
 
     from dcris.cli import main
     from dcris.export import load_exported, read_export_config
-    from dcris.predict import predict_mask
     from dcris.segmenter import Segmenter
 
     model = _randomised_tiny_detris()
@@ -262,7 +261,7 @@ def test_backbones_inside_the_export_folder_are_recorded_relative_to_it(tmp_path
     assert read_export_config(moved).model.vision.weights == str((moved / "backbones" / "dinov2").resolve())
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (45, 70, 3), dtype=np.uint8))
     got = Segmenter.from_pretrained(moved, device="cpu")(image, "the red circle").mask
-    assert got.shape == (45, 70) and np.array_equal(got, predict_mask(model, image, "the red circle"))
+    assert got.shape == (45, 70) and np.array_equal(got, Segmenter(model)(image, "the red circle").mask)
 
     short = tmp_path / "short"
     assert main(["convert-detris", str(tmp_path / "tiny.pth"), str(short), "--preset", "tiny-detris",
