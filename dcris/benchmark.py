@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import itertools
 import json
@@ -62,6 +63,7 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.d
     return times
 
 
+@functools.cache  # measured once per process: training and inference records share it
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
     """FLOP/s of a large dense square matrix product on ``device`` in ``dtype`` (median of 5), the MFU unit."""
     size = size or (8192 if device.type == "cuda" else 1024)
@@ -158,7 +160,7 @@ def bench_training(cfg: Config, steps: int, warmup: int, model_only: bool, profi
 def bench_inference(cfg: Config, batch: int, steps: int, warmup: int, model_only: bool) -> dict[str, Any]:
     """Times evaluation's own loop (loader, autocast forward, inverse letterbox, metrics) on ``data.eval_splits[0]``,
     or autocast forwards of synthetic tensors with ``model_only``."""
-    from dcris.evaluate import evaluate
+    from dcris.evaluate import autocast, evaluate
     from dcris.model import build_model
 
     device = rank_device(0)
@@ -166,11 +168,10 @@ def bench_inference(cfg: Config, batch: int, steps: int, warmup: int, model_only
     dtype = precision_dtype(cfg.train)
     if model_only:
         inputs = _synthetic_batch(cfg, batch, device)
-        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
         @torch.no_grad()
         def step() -> None:
-            with autocast:
+            with autocast(device, dtype):
                 model(inputs["image"], inputs["tokens"])
 
         flops = count_flops(step)
