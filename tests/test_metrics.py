@@ -200,8 +200,8 @@ class _ImageLogits(torch.nn.Module):
         return self.gain * F.interpolate(images[:, :1], size=(size, size), mode="area")  # (B, 1, 4S/14, 4S/14)
 
 
-def test_predict_mask_matches_the_released_pipeline() -> None:
-    from dcris.predict import predict_mask  # here: the spawned workers above import this module, and it is slow
+def test_segmenter_mask_matches_the_released_pipeline() -> None:
+    from dcris.segmenter import Segmenter  # here: the spawned workers above import this module, and it is slow
 
     rng = np.random.default_rng(6)
     model = _ImageLogits()
@@ -209,7 +209,7 @@ def test_predict_mask_matches_the_released_pipeline() -> None:
     differing = total = 0
     for h, w in [(240, 320), (301, 97), (40, 60)]:
         rgb = natural_image(rng, h, w)
-        ours = predict_mask(model, Image.fromarray(rgb), "the thing on the left")
+        ours = Segmenter(model)(Image.fromarray(rgb), "the thing on the left").mask
         with torch.no_grad():
             logits = model(torch.from_numpy(released_image(rgb, size))[None], torch.zeros(1, 17, dtype=torch.long))
         prob = F.interpolate(torch.sigmoid(logits), size=(size, size), mode="bicubic", align_corners=True)
