@@ -3,6 +3,8 @@ torch.compile of the vision blocks and the head."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -122,3 +124,128 @@ def test_compiled_blocks_and_head_give_the_same_outputs_without_graph_breaks():
     _assert_close(got[1], want[1], 1e-5, "train logits")
     for name, grad in want[2].items():
         _assert_close(got[2][name], grad, 1e-4, name)
+
+
+def test_compile_switch_runs_inductor_and_matches_eager(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """``model.compile=true`` through build_model, with torch.compile's default backend (inductor's C++ code on
+    the CPU): the forward equals eager. The smallest layout that still has both compiled parts (two vision blocks,
+    both with a DA, so one block graph, and the head with one decoder layer): inductor compiles every graph with
+    the system C++ compiler, about half a minute per graph on two cores."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache: the compilation really runs
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no compile-worker pool to start
+    cfg = preset("tiny-dcris").model
+    cfg.image_size = 56
+    cfg.vision.depth, cfg.vision.taps, cfg.adapters.vision_layers = 2, [0, 1], [0, 1]
+    cfg.text.layers, cfg.adapters.text_layers, cfg.head.decoder_layers = 1, [0], 1
+    eager = _randomised(cfg).eval()
+    cfg.compile = True
+    compiled = build_model(cfg, pretrained=False).eval()
+    compiled.load_state_dict(eager.state_dict())
+    images, tokens, _ = _inputs(cfg)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        got, want = compiled(images, tokens), eager(images, tokens)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # one block graph, the head
+    assert counters["inductor"]["fxgraph_cache_miss"] == 2  # both went through inductor
+    _assert_close(got, want, 1e-5, "compiled logits")
+
+
+@pytest.fixture
+def fresh_fused_state(monkeypatch: pytest.MonkeyPatch):
+    """The dense branch's once-per-process first-call check and failure record, fresh for this test."""
+    from dcris.kernels import dense_branch_ref
+
+    monkeypatch.setattr(dense_branch_ref, "_checked_kinds", set())
+    monkeypatch.setattr(dense_branch_ref, "_fused_failure", [])
+    return dense_branch_ref
+
+
+def test_fused_dense_switch_reaches_every_dense_branch(fresh_fused_state, monkeypatch: pytest.MonkeyPatch, recwarn):
+    """``model.adapters.fused_dense=true``: every DA's dense branch runs the Triton kernel (its interpreter on a
+    CPU) in the model's forward, and the logits equal the eager model's; the text adapters' 1-D branches stay
+    eager. The fused kernels need power-of-two branch widths >= 16: a DA 64 wide."""
+    pytest.importorskip("triton")
+    from dcris.kernels import dense_branch
+
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py
+    cfg = preset("tiny-detris").model
+    cfg.image_size, cfg.adapters.vision_hidden = 56, 64
+    eager = _randomised(cfg).eval()
+    cfg.adapters.fused_dense = True
+    fused = build_model(cfg, pretrained=False).eval()
+    fused.load_state_dict(eager.state_dict())
+    ran = []
+    real = dense_branch.fused_dense_branch
+    monkeypatch.setattr(dense_branch, "fused_dense_branch", lambda h, branch: ran.append(branch) or real(h, branch))
+    images, tokens, _ = _inputs(cfg)
+    with torch.no_grad():
+        got, want = fused(images, tokens), eager(images, tokens)
+    vision_branches = [a.dense for a in fused.vision.adapters.values()]
+    assert len(vision_branches) == len(cfg.adapters.vision_layers) == 2
+    assert len(ran) == len(vision_branches) and all(any(b is r for r in ran) for b in vision_branches)
+    assert not fresh_fused_state._fused_failure and not [w for w in recwarn if w.category is RuntimeWarning]
+    assert all(not a.dense.use_fused(torch.zeros(1, 16, 5)) for a in fused.text.adapters.values())
+    _assert_close(got, want, 1e-5, "fused-dense logits")
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_no_xformers_variable_forces_sdpa(monkeypatch: pytest.MonkeyPatch, disabled: bool):
+    """With CUDA and a working xformers (faked here), the attention entry point takes xformers unless
+    DCRIS_NO_XFORMERS=1, which leaves torch's scaled_dot_product_attention."""
+    import sys
+    import types
+
+    from dcris import attention as attention_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake = types.ModuleType("xformers.ops")
+    fake.memory_efficient_attention = lambda q, k, v, **_: q
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake)
+    sys.modules["xformers"].ops = fake
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: real_randn(*a, **k))  # the probe's, on the CPU
+    if disabled:
+        monkeypatch.setenv("DCRIS_NO_XFORMERS", "1")
+    else:
+        monkeypatch.delenv("DCRIS_NO_XFORMERS", raising=False)
+    attention_module._xformers_ops.cache_clear()
+    try:
+        found = attention_module._xformers_ops()
+        assert (found is None) if disabled else (found is fake)
+        assert attention_module.xformers_available() is not disabled
+    finally:
+        attention_module._xformers_ops.cache_clear()  # the real probe again for later tests
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("disabled", [False, True])
+def test_which_attention_kernel_runs_on_cuda(monkeypatch: pytest.MonkeyPatch, disabled: bool):
+    """bf16 on CUDA: xformers' memory-efficient kernel when it loads, torch's SDPA under DCRIS_NO_XFORMERS=1,
+    seen in the profiler's op names (not inferred from the switch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dcris import attention as attention_module
+
+    if disabled:
+        monkeypatch.setenv("DCRIS_NO_XFORMERS", "1")
+    else:
+        monkeypatch.delenv("DCRIS_NO_XFORMERS", raising=False)
+    attention_module._xformers_ops.cache_clear()
+    try:
+        if not disabled and not attention_module.xformers_available():
+            pytest.skip("xformers' kernels do not load for this torch")
+        q, k, v = (torch.randn(2, 8, 1029, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            attention_module.attention(q, k, v)
+            torch.cuda.synchronize()
+    finally:
+        attention_module._xformers_ops.cache_clear()
+    names = {e.name for e in prof.events()}
+    sdpa = any("scaled_dot_product" in n for n in names)
+    xformers = any("xformers" in n or "efficient_attention_forward" in n for n in names)
+    assert (sdpa and not xformers) if disabled else (xformers and not sdpa), sorted(names)

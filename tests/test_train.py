@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from dcris.checkpoint import load_weights
 from dcris.cli import main as cli_main
 from dcris.config import ConfigError, load_config, preset
-from dcris.data import build_loader
+from dcris.data import build_loader, dali_available, num_samples
 from dcris.errors import UserError
 from dcris.evaluate import evaluate
 from dcris.export import load_exported, save_export
@@ -31,14 +31,15 @@ from dcris.train_setup import (
     use_sync_batchnorm,
 )
 from dcris.trainer import main as train_main
+from dcris.trainer import train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
 
 
-def _train(shards: Path, out: Path, *overrides: str) -> list[dict]:
+def _train(shards: Path, out: Path, *overrides: str, loader: str = "torch") -> list[dict]:
     argv = ["--deepspeed", ZERO2, "--preset", "tiny-dcris", f"data.shards={shards}", f"train.output_dir={out}",
-            "data.loader=torch", "data.workers=1", "train.micro_batch=4", "train.global_batch=4",
+            f"data.loader={loader}", "data.workers=1", "train.micro_batch=4", "train.global_batch=4",
             *overrides]  # fmt: skip
     assert train_main(argv) == 0
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -81,11 +82,33 @@ def _split_loss(model: torch.nn.Module, shards: Path) -> float:
     return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
 
 
-def test_training_loss_falls(shards: Path, tmp_path: Path) -> None:
+def _record_loader_kinds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(module, loader class) of every loader the trainer and evaluation build from now on."""
+    from dcris import evaluate as evaluate_module
+    from dcris import trainer
+
+    built: list[tuple[str, str]] = []
+    for module in (trainer, evaluate_module):
+
+        def recording(*args, _name=module.__name__, **kwargs):
+            loader = build_loader(*args, **kwargs)
+            built.append((_name, type(loader).__name__))
+            return loader
+
+        monkeypatch.setattr(module, "build_loader", recording)
+    return built
+
+
+def test_training_loss_falls(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default loader (data.loader=auto: DALI where it is installed, as in CI) for training and evaluation."""
+    built = _record_loader_kinds(monkeypatch)
     log = _train(
         shards, tmp_path / "run", "train.max_steps=16", "train.log_every_steps=4", "train.lr=0.003",
-        "train.keep_checkpoints=1", "data.eval_splits=val,testA",
+        "train.keep_checkpoints=1", "data.eval_splits=val,testA", loader="auto",
     )  # fmt: skip
+    default = "DaliShardLoader" if dali_available() else "TorchShardLoader"
+    assert {kind for _, kind in built} == {default}
+    assert {name for name, _ in built} == {"dcris.trainer", "dcris.evaluate"}
     assert [r["step"] for r in log] == [4, 8, 12, 16]
     # The loss over the whole train split, before (the trainer's seeded init) and after: the logged window means
     # of 4-image batches swing with a few hard batches (single steps range from 0.2 to 3), so they cannot show it.
@@ -101,6 +124,43 @@ def test_training_loss_falls(shards: Path, tmp_path: Path) -> None:
     # val at the epoch end (11 steps an epoch), then after the last step the data.eval_splits as well
     evaluations = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(e["step"], list(e["results"])) for e in evaluations] == [(11, ["val"]), (16, ["val", "testA"])]
+
+
+@pytest.mark.skipif(not dali_available(), reason="no DALI")
+def test_dali_and_torch_loaders_give_the_same_training_samples(shards: Path) -> None:
+    """Through the trainer's own loader (trainer.train_loader), on one rank and on two: the loaders read the same
+    objects, with the same sentence (tokens exactly) and the same letterboxed image and mask up to the
+    resamplers' rounding; full-size batches have the same layout (keys, shapes, dtypes, devices, count).
+
+    Batches of one. A rank yields (N // W) // batch samples of its range, so where that drops samples, which ones
+    it drops depends on each loader's own shuffle buffer: only those may differ."""
+    from dcris.data.common import rank_range
+
+    cfg = preset("tiny-dcris")
+    cfg.data.shards, cfg.data.workers, cfg.data.seed, cfg.data.shuffle_buffer = str(shards), 1, 3, 8
+    size, total = cfg.model.image_size, num_samples(shards, "train", train=True)
+    for world, rank in ((1, 0), (2, 1)):
+        samples = {}
+        for kind in ("dali", "torch"):
+            cfg.data.loader, cfg.train.micro_batch = kind, 1
+            batches = list(train_loader(cfg, rank, world, torch.device("cpu"), epoch=1))
+            samples[kind] = {int(b["ref_id"][0]): b for b in batches}
+            assert len(samples[kind]) == len(batches) == total // world  # every object once
+        dali, torch_ = samples["dali"], samples["torch"]
+        start, end = rank_range(total, rank, world)
+        dropped = end - start - total // world
+        assert len(dali.keys() ^ torch_.keys()) <= 2 * dropped, (world, rank)
+        for ref_id in dali.keys() & torch_.keys():
+            a, b = dali[ref_id], torch_[ref_id]
+            assert torch.equal(a["tokens"], b["tokens"]), ref_id
+            assert (a["image"] - b["image"]).abs().max() < 0.06 and (a["mask"] - b["mask"]).abs().max() < 0.03
+            assert (a["image"] - b["image"]).abs().mean() < 1e-3, ref_id  # rounding at a few pixels, no shift
+        layouts = []
+        for kind in ("dali", "torch"):
+            cfg.data.loader, cfg.train.micro_batch = kind, 4
+            batches = list(train_loader(cfg, rank, world, torch.device("cpu"), epoch=1))
+            layouts.append([{k: (tuple(v.shape), v.dtype, v.device.type) for k, v in b.items()} for b in batches])
+        assert layouts[0] == layouts[1] and layouts[0][0]["image"] == ((4, 3, size, size), torch.float32, "cpu")
 
 
 def test_checkpoint_holds_no_frozen_weights_and_loads_like_the_export(shards: Path, tmp_path: Path) -> None:
