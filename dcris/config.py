@@ -140,6 +140,8 @@ class TrainConfig:
     lr_gamma: float = 0.1  # by this factor
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
     precision: str = "bf16"  # autocast dtype of the forward passes: "bf16", "fp16" or "fp32"; weights stay fp32
+    frozen_in_compute_dtype: bool = True  # bf16/fp16: frozen Linear/conv weights stored in it (same step, no casts)
+    compute_dtype_residual: bool = False  # bf16/fp16: frozen LayerNorm/LayerScale/embeddings too, LayerNorm in it
     eval_splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated during training
     eval_every_epochs: int = 1  # evaluate eval_splits every N epochs; 0 = only after the last step
     eval_every_steps: int = 0  # evaluate every N optimizer steps as well; 0 = only at eval_every_epochs

@@ -4,10 +4,12 @@ The batch numbers come from :func:`batch_layout` alone and :func:`deepspeed_conf
 DeepSpeed JSON, so the JSON and the config cannot disagree: ``micro_batch x grad_accum x world = global_batch``.
 :func:`build_engine` is the one place a DeepSpeed engine is made from a Config (the trainer and benchmarks).
 
-Mixed precision (SPEC 6) follows the released code's autocast + GradScaler: weights, gradients, optimizer state
-and BatchNorm running statistics stay fp32, and DeepSpeed's ``torch_autocast`` section runs the forward in bf16
-or fp16 (fp16 with a GradScaler). DeepSpeed's ``bf16``/``fp16`` modes are off: they keep the model itself in 16
-bits, which rounds away BatchNorm statistic updates smaller than about 2% of the stored value.
+Mixed precision (SPEC 6) follows the released code's autocast + GradScaler: trainable weights, gradients,
+optimizer state and BatchNorm running statistics stay fp32, and DeepSpeed's ``torch_autocast`` section runs the
+forward in bf16 or fp16 (fp16 with a GradScaler). The frozen backbones' matmul weights are stored in that dtype
+once (``train.frozen_in_compute_dtype``, :mod:`dcris.precision`): what autocast would cast them to every step.
+DeepSpeed's ``bf16``/``fp16`` modes are off: they keep the model itself in 16 bits, which rounds away BatchNorm
+statistic updates smaller than about 2% of the stored value.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 from dcris.config import Config, ConfigError, TrainConfig
 from dcris.errors import UserError
+from dcris.precision import store_frozen_in
 
 if TYPE_CHECKING:
     from dcris.model import DCRIS
@@ -297,7 +300,9 @@ def build_engine(
     device = rank_device(local_rank)
 
     model = build_training_model(cfg)  # identical on every rank (DeepSpeed also broadcasts rank 0's weights)
-    digest = frozen_digest(model)
+    digest = frozen_digest(model)  # of the fp32 weights as built, before they are stored in the compute dtype
+    if t.frozen_in_compute_dtype or t.compute_dtype_residual:
+        store_frozen_in(model, precision_dtype(t), residual=t.compute_dtype_residual)
     notes = []
     if use_sync_batchnorm(world, device):
         notes.append(f"SyncBatchNorm over {world} ranks ({convert_sync_batchnorm(model)} layers)")
