@@ -214,8 +214,10 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
     try:
         while run.step < end:
             for batch in itertools.islice(batches, s.grad_accum):
-                logits = engine(batch["image"].to(s.device), batch["tokens"].to(s.device))  # autocast inside
-                loss = engine.module.loss(logits, batch["mask"].to(s.device))
+                # asynchronous copies (from pinned memory; a no-op for DALI's device batches): no host sync
+                image, tokens, mask = (batch[k].to(s.device, non_blocking=True) for k in ("image", "tokens", "mask"))
+                logits = engine(image, tokens)  # autocast inside
+                loss = engine.module.loss(logits, mask)
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule every ``grad_accum`` calls
                 meter.add(loss)
