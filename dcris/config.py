@@ -104,7 +104,8 @@ class ModelConfig:
 
     image_size: int = 448  # square letterbox input; a multiple of the patch size
     allow_download: bool = False  # fetch named weights from the hub when not cached locally
-    compile: bool = False  # torch.compile the frozen vision blocks and the head
+    compile: bool = False  # torch.compile the blocks of both encoders (one function each) and the head
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead": CUDA graphs (where BatchNorm allows)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
@@ -431,6 +432,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def validate(cfg: Config) -> None:
     """Checks values that types alone cannot."""
     m = cfg.model
@@ -457,6 +461,8 @@ def validate(cfg: Config) -> None:
             f"train.eval_every_epochs ({cfg.train.eval_every_epochs}) must be >= 0 and "
             f"train.eval_batch_size ({cfg.train.eval_batch_size}) >= 1"
         )
+    if m.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {m.compile_mode!r}")
     if cfg.data.loader not in ("auto", "dali", "torch"):
         raise ConfigError(f"data.loader must be auto, dali or torch, got {cfg.data.loader!r}")
 
