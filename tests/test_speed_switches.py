@@ -177,8 +177,14 @@ def test_compiled_model_trains_under_the_deepspeed_engine(tmp_path, monkeypatch:
         step, setup = training_step(cfg, model_only=True)
         engine = setup.engine
         assert (engine.module.vision._block_fn is vision_block) != compile_
-        recorded = []
-        engine.module.loss = lambda logits, masks, f=engine.module.loss: recorded.append(f(logits, masks)) or recorded[-1]
+        recorded: list[torch.Tensor] = []
+        loss = engine.module.loss
+
+        def recording_loss(logits, masks, loss=loss, recorded=recorded):
+            recorded.append(loss(logits, masks))
+            return recorded[-1]
+
+        engine.module.loss = recording_loss
         for _ in range(2):
             step()
         losses[compile_] = torch.stack(recorded).detach()
