@@ -17,6 +17,7 @@ is generated and packed first. On a CPU the same code runs at tiny width in seco
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import importlib.metadata
@@ -32,13 +33,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcris.attention import xformers_available
 from dcris.config import Config, load_config
 from dcris.data import loader_kind, shards_context_length
 from dcris.provenance import git_commit
-from dcris.train_setup import build_engine, precision_dtype, rank_device, read_deepspeed_json
+from dcris.train_setup import (
+    build_engine,
+    precision_dtype,
+    rank_device,
+    read_deepspeed_json,
+    store_frozen_as_configured,
+)
 
 ZERO2 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
 COCO_SIZES = (427, 640)  # short and long side range of the generated images: COCO train2014's common sizes
@@ -131,12 +139,21 @@ def profile_table(step: Callable[[], Any], device: torch.device, rows: int = 25)
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def bench_training(cfg: Config, steps: int, warmup: int, model_only: bool, profile: bool = False) -> dict[str, Any]:
-    """Times optimizer steps of the trainer's engine (ZeRO-2 config, ``train.micro_batch`` images, no accum)."""
+def deepspeed_base(zero_stage: int | None = None) -> dict[str, Any]:
+    """ds_configs/zero2.json (the trainer's ZeRO settings), with ``zero_optimization.stage`` set when given."""
+    base = read_deepspeed_json(ZERO2)
+    if zero_stage is not None:
+        base["zero_optimization"] = dict(base["zero_optimization"], stage=zero_stage)
+    return base
+
+
+def training_step(cfg: Config, model_only: bool, zero_stage: int | None = None) -> tuple[Callable[[], None], Any]:
+    """One optimizer step of the trainer's engine (``train.micro_batch`` images, no accumulation) as a function,
+    and the engine's set-up."""
     cfg.train.global_batch = cfg.train.micro_batch  # one rank, one micro-batch per optimizer step
     if not model_only:  # as the trainer: the sentence length of the shards
         cfg.model.text.context_length = shards_context_length(cfg.data.shards)
-    setup = build_engine(cfg, read_deepspeed_json(ZERO2), str(ZERO2))
+    setup = build_engine(cfg, deepspeed_base(zero_stage), str(ZERO2))
     engine, device = setup.engine, setup.device
     batches = _train_batches(cfg, setup, model_only)
 
@@ -146,6 +163,59 @@ def bench_training(cfg: Config, steps: int, warmup: int, model_only: bool, profi
         engine.backward(engine.module.loss(logits, batch["mask"].to(device)))
         engine.step()
 
+    return step, setup
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while it is active (forward, backward and optimizer alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# the operators that cast (autocast's and .to()'s) and the one a host read of a device value (.item(), bool(),
+# .tolist()) dispatches: on a GPU each of the latter waits for the device
+CAST_OPERATORS = ("aten._to_copy", "aten.copy_")
+HOST_READ_OPERATOR = "aten._local_scalar_dense"
+
+
+def count_operators(step: Callable[[], Any], warmup: int = 1) -> dict[str, Any]:
+    """The aten operators one call of ``step`` dispatches, after ``warmup`` uncounted calls: the total, the
+    casts, the host reads and the count of each operator (most frequent first)."""
+    for _ in range(warmup):
+        step()
+    with OperatorCounter() as counter:
+        step()
+    counts = dict(counter.counts.most_common())
+    return dict(
+        total=sum(counts.values()),
+        casts=sum(counts.get(op, 0) for op in CAST_OPERATORS),
+        host_reads=counts.get(HOST_READ_OPERATOR, 0),
+        operators=counts,
+    )
+
+
+def operator_table(record: dict[str, Any], rows: int = 15) -> str:
+    """A Markdown table of an operator count: the most frequent operators, then the totals."""
+    lines = ["| operator | calls |", "|---|---|"]
+    lines += [f"| `{op}` | {n} |" for op, n in list(record["operators"].items())[:rows]]
+    lines += [f"| casts ({', '.join(CAST_OPERATORS)}) | {record['casts']} |",
+              f"| host reads ({HOST_READ_OPERATOR}) | {record['host_reads']} |",
+              f"| **all operators** | **{record['total']}** |"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def bench_training(
+    cfg: Config, steps: int, warmup: int, model_only: bool, profile: bool = False, zero_stage: int | None = None
+) -> dict[str, Any]:
+    """Times optimizer steps of the trainer's engine (ZeRO-2 config unless ``zero_stage``, no accumulation)."""
+    step, setup = training_step(cfg, model_only, zero_stage)
+    device = setup.device
     flops = count_flops(step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -164,7 +234,9 @@ def bench_inference(cfg: Config, batch: int, steps: int, warmup: int, model_only
     from dcris.model import build_model
 
     device = rank_device(0)
-    model = build_model(cfg.model, pretrained=True).to(device).eval()
+    model = build_model(cfg.model, pretrained=True)
+    store_frozen_as_configured(model, cfg.train)  # as the training engine holds them
+    model = model.to(device).eval()
     dtype = precision_dtype(cfg.train)
     if model_only:
         inputs = _synthetic_batch(cfg, batch, device)
@@ -216,7 +288,7 @@ def environment() -> dict[str, Any]:
 def markdown_row(record: dict[str, Any]) -> str:
     """The BENCHMARKS.md row of a record."""
     c = record["config"]
-    switches = ", ".join(k for k in ("fused", "compile", "model_only") if c[k]) or "eager"
+    switches = c.get("label") or ", ".join(k for k in ("fused", "compile", "model_only") if c[k]) or "eager"
     if not c["model_only"]:
         switches += f" ({c['loader']} loader)"
     cells = [record["env"]["device"], c["preset"], str(c["batch"]), c["precision"], switches]
@@ -255,6 +327,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shards", help="packed shards (default: a generated synthetic release of COCO-sized JPEGs)")
     parser.add_argument("--images", type=int, default=400, help="images of the generated release")
     parser.add_argument("--profile", action="store_true", help="add a profiler table of one training step")
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count the aten operators of one model-only training step instead of timing",
+    )
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2), help="ZeRO stage (default: zero2.json's)")
+    parser.add_argument("--label", help="the switches cell of the BENCHMARKS.md row (default: from the flags)")
     parser.add_argument("--out", default="bench.json", help="JSON record to write")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
@@ -273,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         *args.overrides,
     ]  # fmt: skip
     cfg = load_config(preset_name=args.preset, overrides=overrides)
+    if args.count_ops:
+        return _count_main(cfg, args)
     with tempfile.TemporaryDirectory(prefix="dcris-bench-") as tmp:
         if not args.model_only:
             if args.shards:
@@ -283,12 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         record: dict[str, Any] = dict(
             config=dict(preset=args.preset, batch=args.batch, precision=args.precision, fused=args.fused,
                         compile=args.compile, model_only=args.model_only, image_size=cfg.model.image_size,
-                        loader=loader_kind(cfg.data.loader),
+                        loader=loader_kind(cfg.data.loader), zero_stage=args.zero_stage, label=args.label,
+                        overrides=args.overrides,
                         shards=args.shards or "generated COCO-sized synthetic release"),
             env=environment(),
         )  # fmt: skip
         if args.mode in ("train", "both"):
-            record["train"] = bench_training(cfg, args.steps, args.warmup, args.model_only, args.profile)
+            record["train"] = bench_training(
+                cfg, args.steps, args.warmup, args.model_only, args.profile, args.zero_stage
+            )
         if args.mode in ("infer", "both"):
             record["infer"] = bench_inference(cfg, args.batch, args.steps, args.warmup, args.model_only)
     record["markdown"] = markdown_row(record)
@@ -299,4 +383,21 @@ def main(argv: list[str] | None = None) -> int:
         print(shown["train"].pop("profile"))
     print(json.dumps(shown, indent=2))
     print(record["markdown"])
+    return 0
+
+
+def _count_main(cfg: Config, args: argparse.Namespace) -> int:
+    """``--count-ops``: prints the operator table of one model-only training step and writes its JSON."""
+    with tempfile.TemporaryDirectory(prefix="dcris-bench-") as tmp:
+        cfg.train.output_dir = str(Path(tmp) / "run")
+        step, _ = training_step(cfg, model_only=True, zero_stage=args.zero_stage)
+        record = dict(
+            config=dict(preset=args.preset, batch=args.batch, precision=args.precision, zero_stage=args.zero_stage,
+                        overrides=args.overrides),
+            env=environment(),
+            train_step_operators=count_operators(step, warmup=max(args.warmup, 1)),
+        )  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    print(operator_table(record["train_step_operators"]))
     return 0

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from dcris.config import Config, apply_overrides, from_dict, to_dict
 from dcris.errors import UserError
-from dcris.export import WEIGHTS_FILE, load_exported, save_export
+from dcris.export import WEIGHTS_FILE, exported_keys, load_exported, save_export
 from dcris.model import DCRIS
 from dcris.train_setup import build_training_model, frozen_digest
 
@@ -144,14 +144,22 @@ def export_engine(engine: Any, cfg: Config, path: str | Path, rank: int, metrics
     the last evaluation's ``metrics`` for the model card.
 
     The model's weights are the fp32 master weights (DeepSpeed's 16-bit modes are never on, see
-    :mod:`dcris.train_setup`); ZeRO-3 partitions are gathered on every rank.
+    :mod:`dcris.train_setup`); ZeRO-3 partitions are gathered on every rank. Frozen tensors the run held in 16
+    bits (:mod:`dcris.precision`) are exported as the config builds them, in fp32, as an fp32 run exports them.
     """
     import deepspeed
 
     module = engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters())):  # ZeRO-3 partitions; a no-op below it
         state = {k: v.detach().clone() for k, v in module.state_dict().items()} if rank == 0 else {}
-    return save_export(state, cfg, path, metrics) if rank == 0 else None
+    if rank != 0:
+        return None
+    reduced = [k for k in exported_keys(cfg, list(state)) if state[k].dtype in (torch.bfloat16, torch.float16)]
+    if reduced:  # only unnamed (random-init) backbones are exported: rebuilding them is cheap and exact
+        with torch.random.fork_rng(devices=[]):
+            built = build_training_model(cfg).state_dict()
+        state.update({k: built[k] for k in reduced})
+    return save_export(state, cfg, path, metrics)
 
 
 def _tag_folder(ckpt_dir: Path) -> Path:

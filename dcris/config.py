@@ -104,7 +104,8 @@ class ModelConfig:
 
     image_size: int = 448  # square letterbox input; a multiple of the patch size
     allow_download: bool = False  # fetch named weights from the hub when not cached locally
-    compile: bool = False  # torch.compile the frozen vision blocks and the head
+    compile: bool = False  # torch.compile the blocks of both encoders (one function each) and the head
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead": CUDA graphs (where BatchNorm allows)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
@@ -140,6 +141,8 @@ class TrainConfig:
     lr_gamma: float = 0.1  # by this factor
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
     precision: str = "bf16"  # autocast dtype of the forward passes: "bf16", "fp16" or "fp32"; weights stay fp32
+    frozen_in_compute_dtype: bool = True  # bf16/fp16: frozen Linear/conv weights stored in it (same step, no casts)
+    compute_dtype_residual: bool = False  # bf16/fp16: frozen LayerNorm/LayerScale/embeddings too, LayerNorm in it
     eval_splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated during training
     eval_every_epochs: int = 1  # evaluate eval_splits every N epochs; 0 = only after the last step
     eval_every_steps: int = 0  # evaluate every N optimizer steps as well; 0 = only at eval_every_epochs
@@ -429,6 +432,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def validate(cfg: Config) -> None:
     """Checks values that types alone cannot."""
     m = cfg.model
@@ -455,6 +461,8 @@ def validate(cfg: Config) -> None:
             f"train.eval_every_epochs ({cfg.train.eval_every_epochs}) must be >= 0 and "
             f"train.eval_batch_size ({cfg.train.eval_batch_size}) >= 1"
         )
+    if m.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {m.compile_mode!r}")
     if cfg.data.loader not in ("auto", "dali", "torch"):
         raise ConfigError(f"data.loader must be auto, dali or torch, got {cfg.data.loader!r}")
 

@@ -94,6 +94,8 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> DCRIS:
     head = SegmentationHead(cfg.head, cfg.vision.width, cfg.text.embed_dim)
     baseline = build_baseline(cfg, text, vision)  # after loading (LoRA re-wraps backbone layers), after the head
     if cfg.compile:  # last: the compiled functions see the final modules (hooks and LoRA layers included)
-        vision.compile_blocks()
-        head.compile(dynamic=False)
+        # regional: one compiled function for all blocks of each encoder, not one graph of the whole model
+        text.compile_blocks(cfg.compile_mode)
+        vision.compile_blocks(cfg.compile_mode)
+        head.compile(dynamic=False, mode=cfg.compile_mode)
     return DCRIS(cfg, text, vision, head, baseline)

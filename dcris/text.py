@@ -22,6 +22,19 @@ from dcris.attention import MultiheadAttention
 from dcris.config import AdapterConfig, ConfigError, TextConfig
 
 
+def text_block(block: nn.Module, adapter: TextAdapter | None, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """One CLIP residual block with its TextAdapter parallel to the MLP (SPEC 2); x (B, L, width) -> same.
+
+    ``x + ls1(attn(ln1(x)))``, then ``x + ls2(mlp(ln2(x)) + scale * TA(x))``: the TA reads the residual stream
+    after attention.
+    """
+    x = x + block.ls_1(block.attn(*(block.ln_1(x),) * 3, causal=True))
+    branch = block.mlp(block.ln_2(x))
+    if adapter is not None:
+        branch = branch + scale * adapter(x)
+    return x + block.ls_2(branch)
+
+
 class TextEncoder(nn.Module):
     """CLIP text tower; returns word features f_t (B, L, width) and the sentence feature f_s (B, embed_dim)."""
 
@@ -44,6 +57,7 @@ class TextEncoder(nn.Module):
         self.adapters = nn.ModuleDict(
             {str(i): TextAdapter(cfg.width, adapters.text_hidden, released=released) for i in adapters.text_layers}
         )
+        self._block_fn = text_block
 
     def _init_like_clip(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -73,15 +87,14 @@ class TextEncoder(nn.Module):
         """Token plus position embeddings of tokens (B, L): the input (B, L, width) of block 0."""
         return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
 
+    def compile_blocks(self, mode: str = "default") -> None:
+        """Runs every block through one ``torch.compile`` d function (blocks of one structure share a graph)."""
+        self._block_fn = torch.compile(text_block, dynamic=False, mode=mode)
+
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Block ``i`` (with its TextAdapter, if any) on the residual stream x (B, L, width)."""
-        block = self.transformer.resblocks[i]
-        x = x + block.ls_1(block.attn(*(block.ln_1(x),) * 3, causal=True))
-        branch = block.mlp(block.ln_2(x))
         adapter = self.adapters[str(i)] if str(i) in self.adapters else None
-        if adapter is not None:
-            branch = branch + self.scale * adapter(x)  # the TA reads the residual stream after attention
-        return x + block.ls_2(branch)
+        return self._block_fn(self.transformer.resblocks[i], adapter, x, self.scale)
 
     def finish(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's output x (B, L, width) to f_t (B, L, width) and f_s (B, embed_dim)."""

@@ -4,10 +4,12 @@ The batch numbers come from :func:`batch_layout` alone and :func:`deepspeed_conf
 DeepSpeed JSON, so the JSON and the config cannot disagree: ``micro_batch x grad_accum x world = global_batch``.
 :func:`build_engine` is the one place a DeepSpeed engine is made from a Config (the trainer and benchmarks).
 
-Mixed precision (SPEC 6) follows the released code's autocast + GradScaler: weights, gradients, optimizer state
-and BatchNorm running statistics stay fp32, and DeepSpeed's ``torch_autocast`` section runs the forward in bf16
-or fp16 (fp16 with a GradScaler). DeepSpeed's ``bf16``/``fp16`` modes are off: they keep the model itself in 16
-bits, which rounds away BatchNorm statistic updates smaller than about 2% of the stored value.
+Mixed precision (SPEC 6) follows the released code's autocast + GradScaler: trainable weights, gradients,
+optimizer state and BatchNorm running statistics stay fp32, and DeepSpeed's ``torch_autocast`` section runs the
+forward in bf16 or fp16 (fp16 with a GradScaler). The frozen backbones' matmul weights are stored in that dtype
+once (``train.frozen_in_compute_dtype``, :mod:`dcris.precision`): what autocast would cast them to every step.
+DeepSpeed's ``bf16``/``fp16`` modes are off: they keep the model itself in 16 bits, which rounds away BatchNorm
+statistic updates smaller than about 2% of the stored value.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 from dcris.config import Config, ConfigError, TrainConfig
 from dcris.errors import UserError
+from dcris.precision import store_frozen_in
 
 if TYPE_CHECKING:
     from dcris.model import DCRIS
@@ -108,7 +111,9 @@ def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source:
     Derived fields (batch sizes, accumulation, clipping, ``torch_autocast``; ``bf16``/``fp16`` always off) may be
     absent or ``"auto"`` in ``base``; a concrete value that differs from the Config is refused, and so is an
     ``optimizer`` or ``scheduler`` section (the optimizer and the LR schedule come from the Config). Unless
-    ``base`` says otherwise, gradients are reduced in fp32 (``lower_precision_safe_modules`` empty), as DDP does.
+    ``base`` says otherwise, gradients are reduced in fp32 (``lower_precision_safe_modules`` empty), as DDP does,
+    and without clipping ZeRO-1/2 skip the gradient norm (``compute_grad_norm`` false: no host read in a step;
+    a non-finite gradient then shows in the logged loss instead of skipping the step).
 
     Raises:
         ConfigError: ``base`` contradicts the Config; the message names the key.
@@ -146,6 +151,10 @@ def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source:
     zero = out.setdefault("zero_optimization", {})
     if t.precision == "fp16" and zero.get("stage", 0) > 0:
         _fp16_with_zero(zero, t, source)
+    elif t.grad_clip == 0 and zero.get("stage", 0) in (1, 2):
+        # the gradient norm serves clipping alone; ZeRO-1/2 would compute it per tensor each step and read it on
+        # the host (a device sync) to skip non-finite steps
+        zero.setdefault("compute_grad_norm", False)
     return out
 
 
@@ -191,6 +200,18 @@ def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
 def precision_dtype(train: TrainConfig) -> torch.dtype:
     """The autocast dtype of the run's forward passes (float32: no autocast); weights stay float32."""
     return AUTOCAST_DTYPES[train.precision]
+
+
+def store_frozen_as_configured(model: torch.nn.Module, train: TrainConfig) -> int:
+    """Stores the frozen backbone tensors in the run's compute dtype as ``train`` says (:mod:`dcris.precision`);
+    the training engine and the benchmark's inference model call it once, after building the model.
+
+    Returns:
+        The number of parameters now in 16 bits.
+    """
+    if not (train.frozen_in_compute_dtype or train.compute_dtype_residual):
+        return 0
+    return store_frozen_in(model, precision_dtype(train), residual=train.compute_dtype_residual)
 
 
 def build_training_model(cfg: Config) -> DCRIS:
@@ -297,7 +318,8 @@ def build_engine(
     device = rank_device(local_rank)
 
     model = build_training_model(cfg)  # identical on every rank (DeepSpeed also broadcasts rank 0's weights)
-    digest = frozen_digest(model)
+    digest = frozen_digest(model)  # of the fp32 weights as built, before they are stored in the compute dtype
+    store_frozen_as_configured(model, t)
     notes = []
     if use_sync_batchnorm(world, device):
         notes.append(f"SyncBatchNorm over {world} ranks ({convert_sync_batchnorm(model)} layers)")

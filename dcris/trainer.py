@@ -38,7 +38,7 @@ from dcris.checkpoint import DIGEST_KEY, export_engine, load_checkpoint, save_ch
 from dcris.config import Config, load_config, to_dict
 from dcris.data import build_loader, shards_context_length
 from dcris.errors import UserError
-from dcris.evaluate import evaluate, split_size
+from dcris.evaluate import autocast, evaluate, split_size
 from dcris.metrics import format_table
 from dcris.pictures import IoURecorder, contact_sheets
 from dcris.train_setup import (
@@ -214,8 +214,10 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
     try:
         while run.step < end:
             for batch in itertools.islice(batches, s.grad_accum):
-                logits = engine(batch["image"].to(s.device), batch["tokens"].to(s.device))  # autocast inside
-                loss = engine.module.loss(logits, batch["mask"].to(s.device))
+                # asynchronous copies (from pinned memory; a no-op for DALI's device batches): no host sync
+                image, tokens, mask = (batch[k].to(s.device, non_blocking=True) for k in ("image", "tokens", "mask"))
+                logits = engine(image, tokens)  # autocast inside
+                loss = engine.module.loss(logits, mask)
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule every ``grad_accum`` calls
                 meter.add(loss)
@@ -282,10 +284,11 @@ def evaluate_run(run: Run, splits: list[str]) -> dict:
             batch_size=cfg.train.eval_batch_size, rank=s.rank, world_size=s.world_size, workers=cfg.data.workers,
             loader=cfg.data.loader, device=s.device, dtype=precision_dtype(cfg.train), on_batch=recorder,
         )  # fmt: skip
-        if recorder:  # the first split's best to worst pairs, drawn to TensorBoard
-            sheets = contact_sheets(
-                s.engine.module, recorder, cfg.data.shards, splits[:1], cfg.train.eval_pictures, s.rank
-            )
+        if recorder:  # the first split's best to worst pairs, drawn to TensorBoard (frozen weights may be 16-bit)
+            with autocast(s.device, precision_dtype(cfg.train)):
+                sheets = contact_sheets(
+                    s.engine.module, recorder, cfg.data.shards, splits[:1], cfg.train.eval_pictures, s.rank
+                )
             for split, sheet in sheets.items():
                 run.log.image(f"eval/{split}/pictures", sheet, run.step)
     scalars = {f"eval/{split}/{k}": v for split, res in results.items() for k, v in res.items() if k != "count"}

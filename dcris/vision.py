@@ -196,9 +196,9 @@ class VisionEncoder(nn.Module):
         self._block_fn = vision_block
         self._position_cache: tuple[tuple, torch.Tensor] | None = None  # (key, resized embedding)
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, mode: str = "default") -> None:
         """Runs every block through one ``torch.compile`` d function (blocks of one structure share a graph)."""
-        self._block_fn = torch.compile(vision_block, dynamic=False)
+        self._block_fn = torch.compile(vision_block, dynamic=False, mode=mode)
 
     def block(self, i: int, x: torch.Tensor, words: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
         """Block ``i`` (with its DenseCrossAdapter attending to ``words``, if it has one) on x (B, N, C)."""

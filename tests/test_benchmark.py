@@ -37,3 +37,23 @@ def test_bench_records_training_and_inference_at_tiny_width(tmp_path: Path, mode
     assert record["env"]["torch"] and record["env"]["commit"]
     assert record["markdown"].startswith("| CPU") and record["markdown"].count("|") == 15
     assert record["config"]["model_only"] is model_only
+
+
+def test_count_ops_records_one_training_step(tmp_path: Path):
+    """--count-ops: the operators of one model-only training step, their sum and the casts among them."""
+    out = tmp_path / "ops.json"
+    argv = ["--preset", "tiny-dcris", "--batch", "2", "--count-ops", "--out", str(out), "--zero-stage", "1"]
+    assert benchmark.main(argv) == 0
+    record = json.loads(out.read_text())["train_step_operators"]
+    counts = record["operators"]
+    assert record["total"] == sum(counts.values()) and counts["aten.mm"] > 0 and counts["aten.convolution"] > 0
+    assert record["casts"] == counts.get("aten._to_copy", 0) + counts.get("aten.copy_", 0) > 0
+    assert list(counts.values()) == sorted(counts.values(), reverse=True)
+
+
+def test_deepspeed_base_sets_only_the_zero_stage():
+    base, stage1 = benchmark.deepspeed_base(), benchmark.deepspeed_base(1)
+    assert base["zero_optimization"]["stage"] == 2 and stage1["zero_optimization"]["stage"] == 1
+    assert {k: v for k, v in stage1["zero_optimization"].items() if k != "stage"} == {
+        k: v for k, v in base["zero_optimization"].items() if k != "stage"
+    }

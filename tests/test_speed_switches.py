@@ -1,8 +1,9 @@
 """Speed switches give today's outputs (fp32): fused q/k/v GEMM, channels-last head, single-key sentence gate,
-torch.compile of the vision blocks and the head."""
+torch.compile of the blocks of both encoders and the head (also under the DeepSpeed engine)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from dcris.config import ModelConfig, preset
 from dcris.model import DCRIS, build_model
+from dcris.text import text_block
 from dcris.vision import vision_block
 
 
@@ -96,7 +98,7 @@ def test_compile_switch_compiles_the_vision_blocks_and_the_head():
     cfg = preset("tiny-dcris").model
     cfg.compile = True
     model = build_model(cfg, pretrained=False)
-    assert model.vision._block_fn is not vision_block
+    assert model.vision._block_fn is not vision_block and model.text._block_fn is not text_block
     assert model.head._compiled_call_impl is not None
 
 
@@ -114,12 +116,14 @@ def test_compiled_blocks_and_head_give_the_same_outputs_without_graph_breaks():
     compiled = _randomised(cfg)
     compiled.load_state_dict(base.state_dict())
     compiled.vision._block_fn = torch.compile(vision_block, backend="aot_eager", dynamic=False)
+    compiled.text._block_fn = torch.compile(text_block, backend="aot_eager", dynamic=False)
     compiled.head.compile(backend="aot_eager", dynamic=False)
     torch._dynamo.reset()
     counters.clear()
     want, got = _step(base, cfg), _step(compiled, cfg)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] <= (2 + 1) + (4 + 1)  # (block kinds + head) in eval and training
+    # (vision and text block kinds + head) in eval and training
+    assert counters["stats"]["unique_graphs"] <= (2 + 2 + 1) + (4 + 4 + 1)
     _assert_close(got[0], want[0], 1e-5, "eval logits")
     _assert_close(got[1], want[1], 1e-5, "train logits")
     for name, grad in want[2].items():
@@ -249,3 +253,63 @@ def test_which_attention_kernel_runs_on_cuda(monkeypatch: pytest.MonkeyPatch, di
     sdpa = any("scaled_dot_product" in n for n in names)
     xformers = any("xformers" in n or "efficient_attention_forward" in n for n in names)
     assert (sdpa and not xformers) if disabled else (xformers and not sdpa), sorted(names)
+def _block_outputs_and_grads(fn, module: torch.nn.Module, adapter: torch.nn.Module, x: torch.Tensor, *args):
+    x = x.clone().requires_grad_(True)
+    out = fn(module, adapter, x, *args)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    adapter.zero_grad(set_to_none=True)
+    return out.detach(), x.grad, grads
+
+
+def test_one_vision_and_one_text_block_compile_whole_with_inductor():
+    """fullgraph=True: no graph break in a block with its adapter; inductor's kernels equal eager in training."""
+    model = _randomised(preset("tiny-detris").model).train()
+    g = torch.Generator().manual_seed(2)
+    words = torch.randn(2, 17, 64, generator=g)
+    vision = (model.vision.backbone.encoder.layer[1], model.vision.adapters["1"])
+    text = (model.text.transformer.resblocks[1], model.text.adapters["1"])
+    cases = [
+        (vision_block, vision, torch.randn(2, 5 + 64, 64, generator=g), (words, (8, 8), 4, 0.2)),
+        (text_block, text, torch.randn(2, 17, 64, generator=g), (0.2,)),
+    ]
+    torch._dynamo.reset()
+    for fn, (module, adapter), x, args in cases:
+        adapter.eval()  # no dropout: eager and compiled draw differently
+        want = _block_outputs_and_grads(fn, module, adapter, x, *args)
+        compiled = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False)
+        got = _block_outputs_and_grads(compiled, module, adapter, x, *args)
+        _assert_close(got[0], want[0], 1e-5, f"{fn.__name__} output")
+        _assert_close(got[1], want[1], 1e-4, f"{fn.__name__} input gradient")
+        for name, grad in want[2].items():
+            _assert_close(got[2][name], grad, 1e-4, f"{fn.__name__} {name}")
+
+
+def test_compiled_model_trains_under_the_deepspeed_engine(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """model.compile=true through the trainer's engine: the same fp32 losses as eager over two steps."""
+    from dcris.benchmark import training_step
+    from dcris.config import load_config
+
+    losses = {}
+    for compile_ in (False, True):
+        # aot_eager: torch.compile's graphs and autograd with eager kernels (inductor is the test above)
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+        cfg = load_config(preset_name="tiny-dcris", overrides=[
+            "train.micro_batch=2", "train.global_batch=2", "train.precision=fp32", f"model.compile={compile_}",
+            f"train.output_dir={tmp_path / str(compile_)}"])  # fmt: skip
+        torch._dynamo.reset()
+        step, setup = training_step(cfg, model_only=True)
+        engine = setup.engine
+        assert (engine.module.vision._block_fn is vision_block) != compile_
+        recorded: list[torch.Tensor] = []
+        loss = engine.module.loss
+
+        def recording_loss(logits, masks, loss=loss, recorded=recorded):
+            recorded.append(loss(logits, masks))
+            return recorded[-1]
+
+        engine.module.loss = recording_loss
+        for _ in range(2):
+            step()
+        losses[compile_] = torch.stack(recorded).detach()
+    _assert_close(losses[True], losses[False], 1e-5, "losses")

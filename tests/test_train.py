@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dcris.checkpoint import load_weights
+from dcris.checkpoint import DIGEST_KEY, load_weights
 from dcris.cli import main as cli_main
 from dcris.config import ConfigError, load_config, preset
 from dcris.data import build_loader, dali_available, num_samples
@@ -22,12 +22,15 @@ from dcris.evaluate import evaluate
 from dcris.export import load_exported, save_export
 from dcris.metrics import PREC_THRESHOLDS, masks_from_logits
 from dcris.model import build_model
+from dcris.precision import frozen_matmul_parameters
 from dcris.train_setup import (
     AUTOCAST_DTYPES,
     batch_layout,
     build_engine,
+    build_training_model,
     convert_sync_batchnorm,
     deepspeed_config,
+    frozen_digest,
     use_sync_batchnorm,
 )
 from dcris.trainer import main as train_main
@@ -194,6 +197,22 @@ def test_checkpoint_holds_no_frozen_weights_and_loads_like_the_export(shards: Pa
         load_weights(run / "checkpoints")
 
 
+def test_bf16_run_with_16_bit_frozen_weights_keeps_its_digest_and_exports_fp32_backbones(
+    shards: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    _train(shards, run, "train.max_steps=2", "train.precision=bf16", "train.eval_pictures=2")  # pictures: autocast
+    cfg = load_config(str(run / "config.json"))
+    built = build_training_model(cfg)  # fp32, as every run builds it
+    model_states = torch.load(run / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert model_states[DIGEST_KEY] == frozen_digest(built)
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    frozen = [n for n, p in built.named_parameters() if not p.requires_grad]
+    assert frozen and all(exported[n].dtype == torch.float32 and torch.equal(exported[n], built.state_dict()[n])
+                          for n in frozen)  # fmt: skip
+    load_weights(run / "checkpoints")  # the digest check passes
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_keeps_weights_state_and_statistics_fp32(
     precision: str, shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -228,7 +247,12 @@ def test_mixed_precision_keeps_weights_state_and_statistics_fp32(
         assert m.running_mean.dtype == m.running_var.dtype == torch.float32
         assert not torch.equal(m.running_mean, mean) and not torch.equal(m.running_var, var)
         assert m.num_batches_tracked == 6
-    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    # frozen matmul weights are stored in the compute dtype, everything else stays fp32
+    in_matmul = {id(p) for p in frozen_matmul_parameters(engine.module)}
+    assert in_matmul and all(not p.requires_grad for p in engine.module.parameters() if id(p) in in_matmul)
+    for p in engine.module.parameters():
+        assert p.dtype == (AUTOCAST_DTYPES[precision] if id(p) in in_matmul else torch.float32)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in engine.module.modules())  # one rank: plain BN
     # the working weights are the fp32 master weights (the export writes the former)
     assert all(torch.equal(p, safe_get_full_fp32_param(p)) for p in engine.module.parameters() if p.requires_grad)
     moments = [v for state in engine.optimizer.optimizer.state.values() for k, v in state.items() if k != "step"]
