@@ -108,6 +108,39 @@ def mask_nodes(encoded_jpeg: Any, mask: Any, size: int, mask_size: int) -> Any:
     return fn.reshape(fn.transpose(grid, perm=[2, 0, 3, 1, 4]), shape=[mask_size, mask_size, 1])  # rows q*m + r
 
 
+def decode_image(encoded_jpeg: Any, gpu: bool, hw_decoder_load: float = 0.65) -> Any:
+    """RGB uint8 (h, w, 3): nvJPEG ("mixed", ``hw_decoder_load`` of the JPEGs on the hardware decoder) on a GPU."""
+    decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load) if gpu else dict(device="cpu")
+    return fn.decoders.image(encoded_jpeg, output_type=types.RGB, **decoder)
+
+
+def letterbox_image(image: Any, encoded_jpeg: Any, size: int) -> Any:
+    """A decoded image letterboxed (bicubic onto the CLIP mean) and CLIP-normalised: float32 (3, S, S)."""
+    image = _warp(image, _letterbox_matrix(encoded_jpeg, size), size, types.INTERP_CUBIC, list(CLIP_MEAN_UINT8))
+    return fn.crop_mirror_normalize(
+        image, mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD], dtype=types.FLOAT,
+        output_layout="CHW",
+    )  # fmt: skip
+
+
+def decode_mask(encoded_png: Any) -> Any:
+    """The original mask, uint8 (h, w, 1), 0 or 255 (PNG: on the CPU)."""
+    return fn.decoders.image(encoded_png, device="cpu", output_type=types.GRAY)
+
+
+def letterbox_mask(orig_mask: Any, encoded_jpeg: Any, size: int, mask_size: int, gpu: bool) -> Any:
+    """A decoded mask letterboxed at ``mask_size`` (:func:`mask_nodes`): float32 (1, M, M) in [0, 1] (multiples of
+    1/255), on the GPU when ``gpu``.
+
+    A canvas-sized mask is warped on the GPU with the image; a smaller one costs less on the CPU than its copy.
+    """
+    on_gpu = gpu and mask_size == size
+    mask = mask_nodes(encoded_jpeg, orig_mask.gpu() if on_gpu else orig_mask, size, mask_size)  # (M, M, 1) uint8
+    if gpu and not on_gpu:
+        mask = mask.gpu()  # uint8 crosses the bus, not float
+    return fn.cast(fn.transpose(mask, perm=[2, 0, 1]), dtype=types.FLOAT) / 255.0  # (1, M, M)
+
+
 def letterbox_nodes(
     encoded_jpeg: Any,
     encoded_png: Any,
@@ -131,25 +164,9 @@ def letterbox_nodes(
         image float32 (3, S, S) CLIP-normalised, mask float32 (1, M, M) in [0, 1] (multiples of 1/255), and
         the decoded original mask uint8 (h, w, 1), 0 or 255.
     """
-    mask_size = mask_size or size
-    decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load) if gpu else dict(device="cpu")
-    image = fn.decoders.image(encoded_jpeg, output_type=types.RGB, **decoder)
-    image = _warp(image, _letterbox_matrix(encoded_jpeg, size), size, types.INTERP_CUBIC, list(CLIP_MEAN_UINT8))
-    image = fn.crop_mirror_normalize(
-        image,
-        mean=[255 * m for m in CLIP_MEAN],
-        std=[255 * s for s in CLIP_STD],
-        dtype=types.FLOAT,
-        output_layout="CHW",
-    )  # (3, S, S)
-    orig_mask = fn.decoders.image(encoded_png, device="cpu", output_type=types.GRAY)  # (h, w, 1), 0 or 255
-    # A canvas-sized mask is warped where the image is; a small one costs less on the CPU than the copy to the GPU.
-    on_gpu = gpu and mask_size == size
-    mask = mask_nodes(encoded_jpeg, orig_mask.gpu() if on_gpu else orig_mask, size, mask_size)  # (M, M, 1) uint8
-    if gpu and not on_gpu:
-        mask = mask.gpu()  # uint8 crosses the bus, not float
-    mask = fn.cast(fn.transpose(mask, perm=[2, 0, 1]), dtype=types.FLOAT) / 255.0  # (1, M, M)
-    return image, mask, orig_mask
+    image = letterbox_image(decode_image(encoded_jpeg, gpu, hw_decoder_load), encoded_jpeg, size)
+    orig_mask = decode_mask(encoded_png)
+    return image, letterbox_mask(orig_mask, encoded_jpeg, size, mask_size or size, gpu), orig_mask
 
 
 @pipeline_def
