@@ -201,3 +201,23 @@ def test_dali_gpu_object_batches_never_synchronise(shards: Path) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(b["image"].is_cuda and b["tokens_all"].is_cuda and not b["meta"].is_cuda for b in batches)
+
+
+def test_bench_profile_times_every_stage(shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "shards" / "bench_loaders.py"
+    spec = importlib.util.spec_from_file_location("bench_loaders", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    argv = ["--shards", str(shards), "--batch-size", "4", "--image-size", "56", "--workers", "1", "--repeats", "1"]
+    assert bench.main([*argv, "--profile", "--json", str(out)]) == 0
+    profile = json.loads(out.read_text())["profile"]
+    assert [row["stage"] for row in profile] == list(bench.STAGES)
+    assert all(row["ms_per_batch"] > 0 for row in profile)
+    # each stage is charged what it adds to the pipeline that stops before it
+    sums = np.cumsum([row["adds_ms"] for row in profile])
+    assert np.allclose(sums, [row["ms_per_batch"] for row in profile], atol=0.02)
+    printed = capsys.readouterr().out
+    assert all(stage in printed for stage in bench.STAGES)

@@ -183,7 +183,7 @@ def _letterbox_pipeline(
     return (image, mask) if train else (image, mask, orig_mask)
 
 
-class _SplitData:
+class SplitData:
     """What the source and the batches read of a split, by position (the manifest's sample order): encoded
     fields of the memory-mapped tars, and the token and meta tables of every shard."""
 
@@ -230,7 +230,7 @@ class _Stream:
     """
 
     def __init__(self, loader: DaliShardLoader) -> None:
-        self.data = _SplitData(loader)
+        self.data = SplitData(loader)
         self.plans = loader.batch_plans(self.data)
         self.pending: deque[tuple[np.ndarray, int]] = deque()
         self.at = (loader.epoch, 0)  # (epoch, batch) the consumer takes next
@@ -305,7 +305,7 @@ class DaliShardLoader(ShardLoader):
             _STREAMS.popitem(last=False)
         return stream
 
-    def epoch_positions(self, data: _SplitData, epoch: int) -> np.ndarray:
+    def epoch_positions(self, data: SplitData, epoch: int) -> np.ndarray:
         """Positions of this rank's samples in ``epoch``, in reading order (module docstring)."""
         order = self.shard_order(epoch)
         positions = np.concatenate([np.arange(data.first[k], data.first[k + 1]) for k in order])
@@ -327,7 +327,7 @@ class DaliShardLoader(ShardLoader):
         start, end = rank_range(self.info["objects"], self.rank, self.world_size)
         return -(-(end - start) // self.batch_size)
 
-    def batch_plans(self, data: _SplitData) -> Iterator[tuple[np.ndarray, int]]:
+    def batch_plans(self, data: SplitData) -> Iterator[tuple[np.ndarray, int]]:
         """Every batch's positions (padded to the batch size by repeating the last) and number of real samples,
         from the start of this loader's epoch on: training runs through the epochs, evaluation repeats its one
         pass."""
