@@ -123,7 +123,9 @@ class DataConfig:
     eval_splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated after the last step (+ train's)
     loader: str = "auto"  # "dali", "torch" or "auto" (DALI when it imports)
     workers: int = 2  # decoding threads / loader workers per rank
-    shuffle_buffer: int = 1000  # samples in the shuffle buffer
+    hw_decoder_load: float = 0.65  # DALI on a GPU: share of the JPEGs for the hardware decoder (DALI's default)
+    prefetch_depth: int = 2  # DALI: batches prepared ahead of the one trained on (DALI's default)
+    shuffle_buffer: int = 1000  # samples shuffled together (torch: the buffer; DALI: each permuted window)
     seed: int = 0  # data order seed
 
 

@@ -49,14 +49,18 @@ def build_loader(shards_dir: str | Path, split: str, *, loader: str = "auto", **
         loader: "dali", "torch" or "auto" (DALI when it is installed).
         **options: The keyword arguments of :class:`~dcris.data.common.ShardLoader` (``train``, ``batch_size``,
             ``image_size``, ``rank``, ``world_size``, ``seed``, ``workers``, ``device``, ``epoch``,
-            ``shuffle_buffer``, ``context_length``); with DALI, a GPU ``device`` is also where the JPEGs are
-            decoded. Give ``context_length`` (the model's) so shards of another length stop with one line.
+            ``shuffle_buffer``, ``context_length``, ``mask_size``); with DALI, a GPU ``device`` is also where the
+            JPEGs are decoded. Give ``context_length`` (the model's) so shards of another length stop with one
+            line. DALI's own ``hw_decoder_load`` and ``prefetch_depth`` are dropped for the PyTorch loader.
 
     Returns:
         A :class:`~dcris.data.common.ShardLoader`; ``len()`` is its number of batches per epoch.
     """
     if loader_kind(loader) == "dali":
-        from dcris.data.dali_loader import DaliShardLoader as impl
-    else:
-        from dcris.data.torch_loader import TorchShardLoader as impl
-    return impl(shards_dir, split, **options)
+        from dcris.data.dali_loader import DaliShardLoader
+
+        return DaliShardLoader(shards_dir, split, **options)
+    from dcris.data.torch_loader import TorchShardLoader
+
+    torch_options = {k: v for k, v in options.items() if k not in ("hw_decoder_load", "prefetch_depth")}
+    return TorchShardLoader(shards_dir, split, **torch_options)

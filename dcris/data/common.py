@@ -38,14 +38,22 @@ import torch
 from dcris.errors import UserError
 
 META_FIELDS = ("sample_index", "ref_id", "image_id", "ann_id", "height", "width", "num_sentences")
+SHARD_FORMAT = "dcris-shards/4"  # the manifest's ``format``: what shards/pack.py writes and the loaders read
 
 
 def read_manifest(shards_dir: str | Path) -> dict:
-    """The ``manifest.json`` written by ``shards/pack.py``; a folder without one is a user error."""
+    """The ``manifest.json`` written by ``shards/pack.py``; a folder without one, or of another format, is a user
+    error."""
     path = Path(shards_dir) / "manifest.json"
     if not path.is_file():
         raise UserError(f"no manifest.json in {shards_dir}: pack the data with shards/pack.py first")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != SHARD_FORMAT:
+        raise UserError(
+            f"the shards in {shards_dir} are of format {manifest.get('format')!r}, this version reads "
+            f"{SHARD_FORMAT!r}: repack them with shards/pack.py"
+        )
+    return manifest
 
 
 def shards_context_length(shards_dir: str | Path) -> int:
@@ -129,6 +137,9 @@ class ShardLoader:
         shuffle_buffer: Samples in the training shuffle buffer.
         context_length: Tokens per sentence the model reads; when given, shards of another length are a user
             error (one line naming both lengths).
+        mask_size: Side of the training ``mask`` (default: ``image_size``): the canvas mask resized (nearest) to
+            it, what the loss compares the logits with, so the logits' side gives the same loss from fewer pixels.
+            Evaluation's mask stays at ``image_size``.
     """
 
     def __init__(
@@ -147,6 +158,7 @@ class ShardLoader:
         epoch: int = 0,
         shuffle_buffer: int = 1000,
         context_length: int | None = None,
+        mask_size: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -164,6 +176,7 @@ class ShardLoader:
         self.device = torch.device(device)
         self.epoch = epoch
         self.shuffle_buffer = shuffle_buffer
+        self.mask_size = mask_size if train and mask_size is not None else image_size
         self.context_length = int(manifest["context_length"])
         if context_length is not None:
             check_context_length(context_length, self.context_length, shards_dir)
@@ -175,10 +188,14 @@ class ShardLoader:
         ``tar`` and ``idx`` made full paths (the manifest records them relative to the shards folder)."""
         root = self.shards_dir
         shards = [dict(s, tar=str(root / s["tar"]), idx=str(root / s["idx"])) for s in self.info["shards"]]
-        if self.train:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(shards))
-            shards = [shards[i] for i in order.tolist()]
-        return shards
+        return [shards[i] for i in self.shard_order(self.epoch)]
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Manifest positions of the split's shards in the order of ``epoch`` (module docstring)."""
+        count = len(self.info["shards"])
+        if not self.train:
+            return list(range(count))
+        return np.random.default_rng((self.seed, epoch)).permutation(count).tolist()
 
     def __len__(self) -> int:
         """Batches this rank yields in one epoch."""

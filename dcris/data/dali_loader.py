@@ -1,4 +1,17 @@
-"""The NVIDIA DALI loader: webdataset reader, JPEG decode ("mixed" on a GPU, "cpu" without), the letterbox warp.
+"""The NVIDIA DALI loader: one pipeline per run, fed the encoded bytes of the samples each batch needs.
+
+Reading: the loader plans every batch itself -- the rank's range of the epoch's shard order
+(:mod:`dcris.data.common`), for training shuffled within consecutive windows of ``shuffle_buffer`` samples by a
+permutation drawn from (seed, epoch, rank) -- and an external source hands the pipeline the ``jpg`` and
+``mask.png`` bytes of those samples, sliced from the memory-mapped tars at the offsets their ``.idx`` lists. The
+plan is a function of (seed, epoch, rank) alone, so the pipeline runs on from one epoch into the next (its
+prefetch crosses the boundary) and a resumed epoch reads exactly what it read before. Pipelines are kept per
+loader configuration for the process: the loader of the next epoch continues its predecessor's pipeline; one
+that starts anywhere else (another epoch, after an epoch left unfinished) gets a fresh one.
+
+Tokens and meta never enter the graph: each shard's ``tables.npz`` (``shards/pack.py``) is loaded once, and a
+batch takes its rows of the int32 token table and the int64 meta table by position, on the host, with no
+per-sample parsing; meta stays on the host, so the training loop never copies anything back from the device.
 
 The letterbox is the affine map of :mod:`dcris.data.letterbox`, computed per sample inside the graph from the
 JPEG header and applied with ``fn.experimental.warp_perspective`` (OpenCV's conventions: pixel centres at
@@ -7,16 +20,18 @@ colour, bilinear for the mask onto 0. ``fn.warp_affine`` has no cubic mode, and 
 Catmull-Rom (a = -0.5) with a clamped border, further from the released code. Unlike OpenCV 4, DALI samples at
 exact rather than 1/32-pixel positions; ``tests/test_data.py`` bounds the difference.
 
-The reader takes the ``jpg``, ``mask.png``, ``tokens.npy`` and ``meta`` fields of each sample. ``tokens.npy`` is
-in ``np.save`` format, so the pipeline passes its bytes through untouched (uint8, zero-padded to the batch's
-longest) and :func:`tokens_from_npy` parses them with ``np.load`` outside the graph.
+JPEGs are decoded "mixed" (nvJPEG, ``hw_decoder_load`` of them on the hardware decoder) on a GPU, on the CPU
+without. PNG masks are decoded on the CPU. A training mask is warped straight to ``mask_size`` (128 for a 448
+canvas: 1/12 of the pixels), at exactly the canvas points the loss's nearest resize of a canvas mask would pick
+(:func:`mask_nodes`); evaluation warps it to the canvas and also returns the original.
 """
 
 from __future__ import annotations
 
-import io
-import zlib
-from collections.abc import Iterator
+import mmap
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -25,145 +40,321 @@ import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from dcris.data.common import ShardLoader, to_device
+from dcris.data.common import ShardLoader, rank_range, to_device
 from dcris.data.letterbox import CLIP_MEAN, CLIP_MEAN_UINT8, CLIP_STD
+from dcris.data.torch_loader import read_index
 
-_READER = "shards"
-
-
-def tokens_from_npy(padded: np.ndarray, max_sentences: int, context_length: int) -> torch.Tensor:
-    """int64 (B, K_max, L) tokens from the ``tokens.npy`` bytes of a batch, (B, N) uint8 zero-padded.
-
-    ``np.load`` reads exactly the array its header describes, so the zero padding after it is ignored.
-    """
-    out = torch.zeros(len(padded), max_sentences, context_length, dtype=torch.long)
-    for i, row in enumerate(padded):
-        tokens = np.load(io.BytesIO(row.tobytes()), allow_pickle=False)  # int32 (K, L)
-        out[i, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
-    return out
+_KEPT_STREAMS = 4  # pipelines kept for the process (the training split's and a few evaluation splits')
+_STREAMS: OrderedDict[tuple, _Stream] = OrderedDict()  # by loader configuration, least recently used first
 
 
-def _letterbox_matrix(encoded_jpeg: Any, size: int) -> Any:
-    """Per-sample 3x3 letterbox map (original -> canvas, :func:`dcris.data.letterbox.forward_affine`).
+def _letterbox_matrix(encoded_jpeg: Any, size: int, stride: int = 1, offset: tuple[int, int] = (0, 0)) -> Any:
+    """Per-sample 3x3 letterbox map (original -> canvas, :func:`dcris.data.letterbox.forward_affine`), computed
+    from the JPEG header without decoding.
 
-    Computed from the JPEG header, without decoding.
+    With ``stride`` and ``offset`` it maps onto the canvas points ``stride * (j, i) + offset`` instead (output
+    pixel (row i, column j)): a subgrid of the canvas.
     """
     shape = fn.peek_image_shape(encoded_jpeg, dtype=types.FLOAT)  # (h, w, c)
     height, width = shape[0], shape[1]
     scale = dmath.min(size / height, size / width)
     left, top = (size - width * scale) / 2, (size - height * scale) / 2
+    if stride != 1 or offset != (0, 0):
+        scale, left, top = scale / stride, (left - offset[0]) / stride, (top - offset[1]) / stride
     zero = scale * 0.0
     entries = (scale, zero, left, zero, scale, top, zero, zero, zero + 1.0)
     return fn.reshape(fn.stack(*entries), shape=[3, 3])
 
 
-def letterbox_nodes(encoded_jpeg: Any, encoded_png: Any, size: int, gpu: bool) -> tuple[Any, Any, Any]:
-    """The letterbox part of the graph: encoded JPEG image and PNG mask in, per sample (sizes may differ).
+def _warp(image: Any, matrix: Any, size: int, interp: Any, fill: list[int]) -> Any:
+    return fn.experimental.warp_perspective(
+        image, matrix=matrix, size=[size, size], inverse_map=False, pixel_origin="center", border_mode="constant",
+        interp_type=interp, fill_value=fill,
+    )  # fmt: skip
+
+
+def mask_nodes(encoded_jpeg: Any, mask: Any, size: int, mask_size: int) -> Any:
+    """A decoded mask (h, w, 1) uint8 letterboxed (bilinear, border 0) to what nearest resizing of the ``size``
+    canvas mask to ``mask_size`` gives, computed at ``mask_size`` only.
+
+    Nearest resizing (PyTorch's) takes canvas row ``floor(k * size / mask_size)`` for output row k. With
+    ``size / mask_size = p / q`` in lowest terms, the rows ``k = q * m + r`` form q grids of stride p, offset
+    ``floor(r * p / q)``; so do the columns. Each of the q x q subgrids is one warp, and interleaving them gives
+    the resized mask: 4 warps of 64 x 64 for 448 -> 128 (q = 2).
 
     Returns:
-        image float32 (3, S, S) CLIP-normalised, mask float32 (1, S, S) in [0, 1] (multiples of 1/255), and
+        uint8 (mask_size, mask_size, 1).
+    """
+    ratio = Fraction(size, mask_size)
+    stride, period = ratio.numerator, ratio.denominator
+    if mask_size % period:
+        raise ValueError(f"mask_size {mask_size} does not split into grids of {size} / {mask_size} = {ratio}")
+    if period == 1 and stride == 1:
+        return _warp(mask, _letterbox_matrix(encoded_jpeg, size), size, types.INTERP_LINEAR, [0])
+    side = mask_size // period
+    offsets = [r * stride // period for r in range(period)]
+    rows = [
+        fn.stack(
+            *(
+                _warp(mask, _letterbox_matrix(encoded_jpeg, size, stride, (ox, oy)), side, types.INTERP_LINEAR, [0])
+                for ox in offsets
+            )
+        )  # (q, side, side, 1): column offset, m, n
+        for oy in offsets
+    ]
+    grid = fn.stack(*rows)  # (q, q, side, side, 1): row offset, column offset, m, n
+    return fn.reshape(fn.transpose(grid, perm=[2, 0, 3, 1, 4]), shape=[mask_size, mask_size, 1])  # rows q*m + r
+
+
+def decode_image(encoded_jpeg: Any, gpu: bool, hw_decoder_load: float = 0.65) -> Any:
+    """RGB uint8 (h, w, 3): nvJPEG ("mixed", ``hw_decoder_load`` of the JPEGs on the hardware decoder) on a GPU."""
+    decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load) if gpu else dict(device="cpu")
+    return fn.decoders.image(encoded_jpeg, output_type=types.RGB, **decoder)
+
+
+def letterbox_image(image: Any, encoded_jpeg: Any, size: int) -> Any:
+    """A decoded image letterboxed (bicubic onto the CLIP mean) and CLIP-normalised: float32 (3, S, S)."""
+    image = _warp(image, _letterbox_matrix(encoded_jpeg, size), size, types.INTERP_CUBIC, list(CLIP_MEAN_UINT8))
+    return fn.crop_mirror_normalize(
+        image, mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD], dtype=types.FLOAT,
+        output_layout="CHW",
+    )  # fmt: skip
+
+
+def decode_mask(encoded_png: Any) -> Any:
+    """The original mask, uint8 (h, w, 1), 0 or 255 (PNG: on the CPU)."""
+    return fn.decoders.image(encoded_png, device="cpu", output_type=types.GRAY)
+
+
+def letterbox_mask(orig_mask: Any, encoded_jpeg: Any, size: int, mask_size: int, gpu: bool) -> Any:
+    """A decoded mask letterboxed at ``mask_size`` (:func:`mask_nodes`): float32 (1, M, M) in [0, 1] (multiples of
+    1/255), on the GPU when ``gpu``.
+
+    A canvas-sized mask is warped on the GPU with the image; a smaller one costs less on the CPU than its copy.
+    """
+    on_gpu = gpu and mask_size == size
+    mask = mask_nodes(encoded_jpeg, orig_mask.gpu() if on_gpu else orig_mask, size, mask_size)  # (M, M, 1) uint8
+    if gpu and not on_gpu:
+        mask = mask.gpu()  # uint8 crosses the bus, not float
+    return fn.cast(fn.transpose(mask, perm=[2, 0, 1]), dtype=types.FLOAT) / 255.0  # (1, M, M)
+
+
+def letterbox_nodes(
+    encoded_jpeg: Any,
+    encoded_png: Any,
+    size: int,
+    gpu: bool,
+    mask_size: int | None = None,
+    hw_decoder_load: float = 0.65,
+) -> tuple[Any, Any, Any]:
+    """The letterbox part of the graph: encoded JPEG image and PNG mask in, per sample (sizes may differ).
+
+    Args:
+        encoded_jpeg: The images' bytes.
+        encoded_png: The masks' bytes.
+        size: Side of the canvas.
+        gpu: Decode the JPEGs with nvJPEG and warp on the GPU.
+        mask_size: Side of the returned mask (:func:`mask_nodes`); default ``size``.
+        hw_decoder_load: Share of the JPEGs for the GPU's hardware decoder (nvJPEG's hybrid decoders take
+            the rest).
+
+    Returns:
+        image float32 (3, S, S) CLIP-normalised, mask float32 (1, M, M) in [0, 1] (multiples of 1/255), and
         the decoded original mask uint8 (h, w, 1), 0 or 255.
     """
-    matrix = _letterbox_matrix(encoded_jpeg, size)
-    warp = dict(matrix=matrix, size=[size, size], inverse_map=False, pixel_origin="center", border_mode="constant")
-    image = fn.decoders.image(encoded_jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    image = fn.experimental.warp_perspective(image, interp_type=types.INTERP_CUBIC, fill_value=CLIP_MEAN_UINT8, **warp)
-    image = fn.crop_mirror_normalize(
-        image,
-        mean=[255 * m for m in CLIP_MEAN],
-        std=[255 * s for s in CLIP_STD],
-        dtype=types.FLOAT,
-        output_layout="CHW",
-    )  # (3, S, S)
-    orig_mask = fn.decoders.image(encoded_png, device="cpu", output_type=types.GRAY)  # (h, w, 1), 0 or 255
-    mask = fn.experimental.warp_perspective(
-        orig_mask.gpu() if gpu else orig_mask, interp_type=types.INTERP_LINEAR, fill_value=[0], **warp
-    )  # (S, S, 1) uint8, rounded as the released code's uint8 warp
-    mask = fn.cast(fn.transpose(mask, perm=[2, 0, 1]), dtype=types.FLOAT) / 255.0  # (1, S, S)
-    return image, mask, orig_mask
+    image = letterbox_image(decode_image(encoded_jpeg, gpu, hw_decoder_load), encoded_jpeg, size)
+    orig_mask = decode_mask(encoded_png)
+    return image, letterbox_mask(orig_mask, encoded_jpeg, size, mask_size or size, gpu), orig_mask
 
 
 @pipeline_def
 def _letterbox_pipeline(
-    tars: list[str],
-    indices: list[str],
+    source: Callable[[], tuple[list[np.ndarray], list[np.ndarray]]],
     size: int,
+    mask_size: int,
     train: bool,
     gpu: bool,
-    shard_id: int,
-    num_shards: int,
-    shuffle_buffer: int,
+    hw_decoder_load: float,
 ) -> tuple[Any, ...]:
-    jpeg, png, tokens, meta = fn.readers.webdataset(
-        paths=tars,
-        index_paths=indices,
-        ext=["jpg", "mask.png", "tokens.npy", "meta"],
-        dtypes=[types.UINT8, types.UINT8, types.UINT8, types.INT64],
-        random_shuffle=train,
-        initial_fill=shuffle_buffer,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        stick_to_shard=True,  # a fresh pipeline per epoch; the shard order (given by the loader) varies by epoch
-        pad_last_batch=not train,
-        name=_READER,
-    )
-    image, mask, orig_mask = letterbox_nodes(jpeg, png, size, gpu)
-    tokens = fn.pad(tokens, axes=[0])  # (L_max,) uint8: the .npy bytes, zero past each sample's end
-    if train:
-        return image, mask, tokens, meta
-    return image, mask, tokens, meta, fn.pad(orig_mask, axes=[0, 1])  # (H_max, W_max, 1) per batch
+    jpeg, png = fn.external_source(source=source, num_outputs=2, batch=True, dtype=types.UINT8, ndim=1)
+    image, mask, orig_mask = letterbox_nodes(jpeg, png, size, gpu, mask_size, hw_decoder_load)
+    return (image, mask) if train else (image, mask, orig_mask)
+
+
+class SplitData:
+    """What the source and the batches read of a split, by position (the manifest's sample order): encoded
+    fields of the memory-mapped tars, and the token and meta tables of every shard."""
+
+    def __init__(self, loader: ShardLoader) -> None:
+        shards = [dict(s, tar=str(loader.shards_dir / s["tar"])) for s in loader.info["shards"]]
+        self.tars, shard_of, spans = [], [], []
+        tokens = []
+        metas = []
+        for k, shard in enumerate(shards):
+            with open(shard["tar"], "rb") as f:
+                self.tars.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            index = read_index(str(loader.shards_dir / shard["idx"]))
+            spans += [(*fields["jpg"], *fields["mask.png"]) for _, fields in index]
+            shard_of += [k] * len(index)
+            with np.load(loader.shards_dir / shard["tables"]) as tables:
+                tokens.append(tables["tokens"])  # int32 (n, K_shard, L)
+                metas.append(tables["meta"])  # int64 (n, 7)
+        self.shard_of = np.asarray(shard_of)  # (N,)
+        self.spans = np.asarray(spans, dtype=np.int64).reshape(-1, 4)  # (N, 4): jpg offset, size, png offset, size
+        self.meta = np.concatenate(metas)  # (N, 7)
+        self.tokens = np.zeros((len(self.meta), loader.max_sentences, loader.context_length), dtype=np.int32)
+        first = 0
+        for table in tokens:  # (n, K_shard, L) into (N, K_max, L)
+            self.tokens[first : first + len(table), : table.shape[1]] = table
+            first += len(table)
+        self.first = np.cumsum([0] + [s["samples"] for s in shards])  # (S + 1,) first position of every shard
+
+    def encoded(self, positions: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The JPEG and PNG bytes of the samples at ``positions`` (views of the tars)."""
+        jpegs, pngs = [], []
+        for position in positions.tolist():
+            tar = self.tars[self.shard_of[position]]
+            jpg_at, jpg_size, png_at, png_size = self.spans[position].tolist()
+            jpegs.append(np.frombuffer(tar, np.uint8, jpg_size, jpg_at))
+            pngs.append(np.frombuffer(tar, np.uint8, png_size, png_at))
+        return jpegs, pngs
+
+
+class _Stream:
+    """A DALI pipeline running through a loader's batch plans, epoch after epoch, and where its consumer is.
+
+    The source (called by DALI ahead of the consumer, up to the prefetch depth) records each batch's positions in
+    ``pending``; the consumer takes them back in the same order, with the pipeline's outputs.
+    """
+
+    def __init__(self, loader: DaliShardLoader) -> None:
+        self.data = SplitData(loader)
+        self.plans = loader.batch_plans(self.data)
+        self.pending: deque[tuple[np.ndarray, int]] = deque()
+        self.at = (loader.epoch, 0)  # (epoch, batch) the consumer takes next
+        self.epoch_step = int(loader.train)  # evaluation reads its one pass again and again
+        gpu = loader.device.type == "cuda"
+        device_id = (
+            (loader.device.index if loader.device.index is not None else torch.cuda.current_device()) if gpu else None
+        )
+        self.pipeline = _letterbox_pipeline(
+            self._feed, loader.image_size, loader.mask_size, loader.train, gpu, loader.hw_decoder_load,
+            batch_size=loader.batch_size, num_threads=max(1, loader.workers), device_id=device_id,
+            prefetch_queue_depth=loader.prefetch_depth,
+        )  # fmt: skip
+        self.pipeline.build()
+
+    def _feed(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        positions, count = next(self.plans)
+        self.pending.append((positions, count))
+        return self.data.encoded(positions)
+
+    def next_batch(self, batches_per_epoch: int) -> tuple[Any, np.ndarray, int]:
+        """The next batch's pipeline outputs, positions (padded to the batch size) and number of real samples."""
+        outputs = self.pipeline.run()
+        positions, count = self.pending.popleft()
+        epoch, batch = self.at
+        self.at = (epoch + self.epoch_step, 0) if batch + 1 == batches_per_epoch else (epoch, batch + 1)
+        return outputs, positions, count
+
+
+def _as_torch(outputs: Any, device: torch.device) -> torch.Tensor:
+    """A dense DALI batch copied into a new tensor on ``device`` (on its current stream for a GPU)."""
+    dense = outputs.as_tensor()
+    dtype = {types.FLOAT: torch.float32, types.UINT8: torch.uint8}[dense.dtype]
+    out = torch.empty(dense.shape(), dtype=dtype, device=device)
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
+    return out
 
 
 class DaliShardLoader(ShardLoader):
-    """DALI implementation of :class:`~dcris.data.common.ShardLoader` (a fresh pipeline per epoch)."""
+    """DALI implementation of :class:`~dcris.data.common.ShardLoader` (one pipeline per run; module docstring).
 
-    def _pipeline(self) -> Any:
-        gpu = self.device.type == "cuda"
-        device_id = (
-            (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
-        )
-        shards = self.epoch_shards()  # in this epoch's order: the reader cuts the ranks' ranges over it
-        # A stable 31-bit seed per (seed, epoch, rank) for the shuffle buffer: DALI wants a non-negative int.
-        seed = zlib.crc32(f"{self.seed}-{self.epoch}-{self.rank}".encode()) & 0x7FFFFFFF
-        return _letterbox_pipeline(
-            [s["tar"] for s in shards],
-            [s["idx"] for s in shards],
-            self.image_size,
-            self.train,
-            gpu,
-            self.rank,
-            self.world_size,
-            self.shuffle_buffer,
-            batch_size=self.batch_size,
-            num_threads=max(1, self.workers),
-            device_id=device_id,
-            seed=seed,
-        )
+    Args:
+        *args: Those of :class:`~dcris.data.common.ShardLoader` (``workers`` is DALI's thread count).
+        hw_decoder_load: Share of the JPEGs nvJPEG sends to the GPU's hardware decoder (GPU only).
+        prefetch_depth: Batches DALI prepares ahead of the one consumed.
+        **kwargs: Those of :class:`~dcris.data.common.ShardLoader`.
+    """
+
+    def __init__(self, *args: Any, hw_decoder_load: float = 0.65, prefetch_depth: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hw_decoder_load = hw_decoder_load
+        self.prefetch_depth = prefetch_depth
+
+    def _stream_key(self) -> tuple:
+        """What fixes a stream's batches apart from the epoch it stands at."""
+        shards = tuple(s["sha256"] for s in self.info["shards"])
+        return (
+            str(self.shards_dir.resolve()), self.split, shards, self.train, self.batch_size, self.image_size,
+            self.mask_size, self.rank, self.world_size, self.seed, self.workers, str(self.device), self.shuffle_buffer,
+            self.hw_decoder_load, self.prefetch_depth,
+        )  # fmt: skip
+
+    def _stream(self) -> _Stream:
+        """The kept stream standing at the start of this epoch, else a new one (replacing the kept one)."""
+        key = self._stream_key()
+        stream = _STREAMS.pop(key, None)
+        if stream is None or stream.at != (self.epoch, 0):
+            del stream  # its pipeline goes before the new one is built
+            stream = _Stream(self)
+        _STREAMS[key] = stream
+        while len(_STREAMS) > _KEPT_STREAMS:
+            _STREAMS.popitem(last=False)
+        return stream
+
+    def epoch_positions(self, data: SplitData, epoch: int) -> np.ndarray:
+        """Positions of this rank's samples in ``epoch``, in reading order (module docstring)."""
+        order = self.shard_order(epoch)
+        positions = np.concatenate([np.arange(data.first[k], data.first[k + 1]) for k in order])
+        start, end = rank_range(len(positions), self.rank, self.world_size)
+        positions = positions[start:end]
+        if self.train:
+            rng = np.random.default_rng((self.seed, epoch, self.rank))
+            window = max(1, self.shuffle_buffer)
+            positions = np.concatenate(
+                [rng.permutation(positions[k : k + window]) for k in range(0, len(positions), window)]
+            )
+        return positions
+
+    def object_batches_per_epoch(self) -> int:
+        """Object batches this rank reads an epoch: ``len(self)`` for training (the same on every rank), every
+        object of the range once for evaluation (the last batch partial)."""
+        if self.train:
+            return len(self)
+        start, end = rank_range(self.info["objects"], self.rank, self.world_size)
+        return -(-(end - start) // self.batch_size)
+
+    def batch_plans(self, data: SplitData) -> Iterator[tuple[np.ndarray, int]]:
+        """Every batch's positions (padded to the batch size by repeating the last) and number of real samples,
+        from the start of this loader's epoch on: training runs through the epochs, evaluation repeats its one
+        pass."""
+        epoch = self.epoch
+        while True:
+            positions = self.epoch_positions(data, epoch)[: self.object_batches_per_epoch() * self.batch_size]
+            for k in range(0, len(positions), self.batch_size):
+                batch = positions[k : k + self.batch_size]
+                yield np.pad(batch, (0, self.batch_size - len(batch)), mode="edge"), len(batch)
+            epoch += self.train
 
     def object_batches(self) -> Iterator[dict[str, Any]]:
-        names = ["image", "mask", "tokens", "meta"] + ([] if self.train else ["orig_mask"])
-        iterator = DALIGenericIterator(
-            self._pipeline(),
-            names,
-            reader_name=_READER,
-            last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
-            auto_reset=False,
-        )
-        for (out,) in iterator:
-            meta = out["meta"].cpu()  # (B, 7)
-            tokens_all = tokens_from_npy(out["tokens"].cpu().numpy(), self.max_sentences, self.context_length)
+        batches = self.object_batches_per_epoch()
+        if batches == 0:
+            return
+        stream = self._stream()
+        for _ in range(batches):
+            outputs, positions, count = stream.next_batch(batches)
+            rows = positions[:count]
+            tokens_all = torch.from_numpy(stream.data.tokens[rows]).long()  # (B, K_max, L)
             batch = dict(
-                image=to_device(out["image"], self.device),  # already there when DALI decoded on the GPU
-                mask=to_device(out["mask"], self.device),
+                image=_as_torch(outputs[0], self.device)[:count],  # (B, 3, S, S)
+                mask=_as_torch(outputs[1], self.device)[:count],  # (B, 1, M, M)
                 tokens_all=to_device(tokens_all, self.device),
-                meta=meta,
+                meta=torch.from_numpy(stream.data.meta[rows]),  # (B, 7), on the host
             )
             if not self.train:
-                padded = out["orig_mask"].numpy()  # (B, H_max, W_max, 1)
-                batch["orig_mask"] = [
-                    (padded[i, :h, :w, 0] > 127).astype("uint8") for i, (h, w) in enumerate(meta[:, 4:6].tolist())
-                ]
+                originals = (np.asarray(outputs[2][i]) for i in range(count))  # (h, w, 1) each
+                batch["orig_mask"] = [(mask[:, :, 0] > 127).astype(np.uint8) for mask in originals]
             yield batch

@@ -17,11 +17,15 @@ range of samples (what a rank reads) mixes images and, with ``--mix``, data sets
 
 Output layout (shard paths in the manifest are relative to ``OUT/NAME``, e.g. ``train/000000.tar``)::
 
-    OUT/NAME/manifest.json               per split: objects, sentences, shards (tar, idx, samples, sentences,
+    OUT/NAME/manifest.json               per split: objects, sentences, shards (tar, idx, tables, samples, sentences,
                                          sha256, sentence_counts), skipped [{ref_id, reason}], blank_sentences
-                                         [{ref_id, sent_id}], dropped; count_check against the published counts
+                                         [{ref_id, sent_id}], dropped; count_check against the published counts;
+                                         format: dcris.data.common.SHARD_FORMAT, bumped with every format change
     OUT/NAME/SPLIT/NNNNNN.tar            the shards, --shard-size objects each
     OUT/NAME/SPLIT/NNNNNN.idx            their DALI index files
+    OUT/NAME/SPLIT/NNNNNN.tables.npz     per shard, in sample order: ``tokens`` int32 (n, K, L), every object's
+                                         tokens.npy zero-padded to the shard's most sentences K, and ``meta``
+                                         int64 (n, 7): what the DALI loader reads once instead of per sample
     OUT/NAME/SPLIT/NNNNNN.done.json      one marker per finished shard (with its sha256): what makes a rerun resume
 
 Usage::
@@ -48,10 +52,11 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from dcris.data.common import SHARD_FORMAT
 from dcris.data.release_counts import count_differences, published_counts
 from dcris.tokenizer import CONTEXT_LENGTH, tokenize
 
-FORMAT = "dcris-shards/3"
+FORMAT = SHARD_FORMAT
 STANDARD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # used by --mix
 SPLIT_ORDER = {s: k for k, s in enumerate(("train", "val", "test", "testA", "testB", "testC"))}  # manifest order
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
@@ -339,8 +344,8 @@ def _done_marker(out_dir: Path, stem: str, fingerprint: str) -> dict | None:
         return None
     if done["tar"] is None:  # every object was skipped: nothing on disk to check
         return done
-    tar, idx = out_dir / done["tar"], out_dir / done["idx"]
-    if tar.is_file() and idx.is_file() and _sha256(tar) == done["sha256"]:
+    tar, idx, tables = out_dir / done["tar"], out_dir / done["idx"], out_dir / done["tables"]
+    if tar.is_file() and idx.is_file() and tables.is_file() and _sha256(tar) == done["sha256"]:
         return done
     return None
 
@@ -355,6 +360,7 @@ def _pack_shard(job: dict) -> dict:
         return done | {"resumed": True}
     tmp_tar = out_dir / f"{stem}.tar.tmp"
     sentence_counts: list[int] = []  # per written sample, so loaders know exact per-rank batch counts
+    tokens, metas = [], []  # per written sample: int32 (K, L) and int64 (7,), for the tables
     skipped = []
     with wds.TarWriter(str(tmp_tar)) as writer:
         for obj in job["objects"]:
@@ -364,9 +370,11 @@ def _pack_shard(job: dict) -> dict:
                 skipped.append(dict(ref_id=obj["ref_id"], image_id=obj["image_id"], reason=str(e)))
                 continue
             writer.write(sample)
-            sentence_counts.append(int(np.frombuffer(sample["meta"], dtype="<i8")[6]))  # num_sentences
+            metas.append(np.frombuffer(sample["meta"], dtype="<i8"))
+            tokens.append(np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False))
+            sentence_counts.append(int(metas[-1][6]))  # num_sentences
     samples = len(sentence_counts)
-    done = dict(stem=stem, fingerprint=fingerprint, tar=None, idx=None, sha256=None, samples=samples)
+    done = dict(stem=stem, fingerprint=fingerprint, tar=None, idx=None, tables=None, sha256=None, samples=samples)
     done.update(sentences=sum(sentence_counts), sentence_counts=sentence_counts, skipped=skipped)
     if samples:
         tar, idx, tmp_idx = out_dir / f"{stem}.tar", out_dir / f"{stem}.idx", out_dir / f"{stem}.idx.tmp"
@@ -374,7 +382,15 @@ def _pack_shard(job: dict) -> dict:
         with IndexCreator(str(tar), str(tmp_idx), verbose=False) as creator:
             creator.create_index()
         os.replace(tmp_idx, idx)
-        done.update(tar=f"{stem}.tar", idx=f"{stem}.idx", sha256=_sha256(tar))  # relative to OUT/NAME
+        table = np.zeros((samples, max(sentence_counts), tokens[0].shape[1]), dtype="<i4")  # (n, K, L)
+        for row, rows in zip(table, tokens, strict=True):
+            row[: len(rows)] = rows
+        tmp_tables = out_dir / f"{stem}.tables.npz.tmp"
+        with open(tmp_tables, "wb") as f:
+            np.savez(f, tokens=table, meta=np.stack(metas))
+        os.replace(tmp_tables, out_dir / f"{stem}.tables.npz")
+        # paths relative to OUT/NAME
+        done.update(tar=f"{stem}.tar", idx=f"{stem}.idx", tables=f"{stem}.tables.npz", sha256=_sha256(tar))
     else:
         tmp_tar.unlink()
     tmp_marker = out_dir / f"{stem}.done.json.tmp"
@@ -473,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             objects=sum(d["samples"] for d in shard_done),
             sentences=sum(d["sentences"] for d in shard_done),
             shards=[
-                {k: d[k] for k in ("tar", "idx", "samples", "sentences", "sha256", "sentence_counts")}
+                {k: d[k] for k in ("tar", "idx", "tables", "samples", "sentences", "sha256", "sentence_counts")}
                 for d in shard_done
                 if d["tar"]
             ],

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
@@ -207,6 +208,9 @@ class TorchShardLoader(ShardLoader):
         """Object batch: normalised image, mask and tokens on the device (uint8 crosses the bus, not float)."""
         image = to_device(part["image"], self.device).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
         part["image"] = normalize_image(image)
-        part["mask"] = to_device(part["mask"], self.device)
+        mask = to_device(part["mask"], self.device)  # (B, 1, S, S)
+        if self.mask_size != self.image_size:  # the loss's own resize, done once here
+            mask = F.interpolate(mask, size=self.mask_size, mode="nearest")
+        part["mask"] = mask
         part["tokens_all"] = to_device(part["tokens_all"], self.device)
         return part
