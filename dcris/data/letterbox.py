@@ -190,11 +190,13 @@ def _warp_batch(
 
 def _resample_dim1(src: torch.Tensor, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B, H, ...) -> (B, n, ...): ``out[b, i] = sum_k weights[b, i, k] * src[b, taps[b, i, k]]``."""
-    batch = torch.arange(src.shape[0], device=src.device)[:, None]  # (B, 1)
+    bsz, height, n = src.shape[0], src.shape[1], taps.shape[1]
+    rows = src.reshape(bsz * height, -1)  # (B * H, prod(...)): one index_select gathers whole rows
+    taps = taps + torch.arange(bsz, device=src.device)[:, None, None] * height  # (B, n, K) rows of ``rows``
     weights = weights.view(*weights.shape, *[1] * (src.ndim - 2))  # (B, n, K, 1, ...)
-    out = src[batch, taps[..., 0]] * weights[:, :, 0]
+    out = rows.index_select(0, taps[..., 0].flatten()).view(bsz, n, *src.shape[2:]) * weights[:, :, 0]
     for k in range(1, taps.shape[-1]):
-        out += src[batch, taps[..., k]] * weights[:, :, k]
+        out += rows.index_select(0, taps[..., k].flatten()).view(bsz, n, *src.shape[2:]) * weights[:, :, k]
     return out
 
 
