@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dcris.attention import MultiheadAttention
-from dcris.kernels.dense_branch_ref import DenseBranch
+from dcris.kernels.dense_branch import DenseBranch
 
 
 def init_kaiming(module: nn.Module) -> None:

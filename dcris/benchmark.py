@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -227,42 +228,57 @@ def bench_training(
     return out
 
 
+def _time_model_only_inference(model: nn.Module, cfg: Config, batch: int, steps: int, warmup: int) -> dict[str, Any]:
+    """Times autocast forwards of one synthetic batch: the model alone, no loader and no post-processing."""
+    from dcris.evaluate import autocast
+
+    device, dtype = rank_device(0), precision_dtype(cfg.train)
+    inputs = _synthetic_batch(cfg, batch, device)
+
+    @torch.no_grad()
+    def step() -> None:
+        with autocast(device, dtype):
+            model(inputs["image"], inputs["tokens"])
+
+    flops = count_flops(step)
+    times = time_steps(step, steps, warmup, device)
+    return _summary(times, batch, flops, matmul_peak(device, dtype))
+
+
 def bench_inference(cfg: Config, batch: int, steps: int, warmup: int, model_only: bool) -> dict[str, Any]:
     """Times evaluation's own loop (loader, autocast forward, inverse letterbox, metrics) on ``data.eval_splits[0]``,
-    or autocast forwards of synthetic tensors with ``model_only``."""
-    from dcris.evaluate import autocast, evaluate
+    or autocast forwards of synthetic tensors with ``model_only``.
+
+    The evaluation record also holds the model-only rate measured in the same process (``model_only_images_per_s``)
+    and ``evaluate_vs_model_only``, the ratio of the two rates: what the loader and the metrics cost.
+    """
+    from dcris.data import num_samples
+    from dcris.evaluate import evaluate
     from dcris.model import build_model
 
-    device = rank_device(0)
+    device, dtype = rank_device(0), precision_dtype(cfg.train)
     model = build_model(cfg.model, pretrained=True)
     store_frozen_as_configured(model, cfg.train)  # as the training engine holds them
     model = model.to(device).eval()
-    dtype = precision_dtype(cfg.train)
+    model_only_summary = _time_model_only_inference(model, cfg, batch, steps, warmup)
     if model_only:
-        inputs = _synthetic_batch(cfg, batch, device)
+        return dict(model_only_summary, peak_memory_gib=_peak_memory_gib(device))
+    split = cfg.data.eval_splits[0]
 
-        @torch.no_grad()
-        def step() -> None:
-            with autocast(device, dtype):
-                model(inputs["image"], inputs["tokens"])
+    def step() -> None:
+        evaluate(model, cfg.data.shards, [split], image_size=cfg.model.image_size, batch_size=batch,
+                 workers=cfg.data.workers, loader=cfg.data.loader, device=device, dtype=dtype)  # fmt: skip
 
-        flops = count_flops(step)
-        times = time_steps(step, steps, warmup, device)
-        images = batch
-    else:
-        split = cfg.data.eval_splits[0]
-
-        def step() -> None:
-            evaluate(model, cfg.data.shards, [split], image_size=cfg.model.image_size, batch_size=batch,
-                     workers=cfg.data.workers, loader=cfg.data.loader, device=device, dtype=dtype)  # fmt: skip
-
-        from dcris.data import num_samples
-
-        images = num_samples(cfg.data.shards, split, train=False)
-        flops = count_flops(step)
-        times = time_steps(step, max(1, steps // 10), min(warmup, 1), device)  # a whole split per timed call
-    peak = matmul_peak(device, precision_dtype(cfg.train))
-    return dict(_summary(times, images, flops, peak), peak_memory_gib=_peak_memory_gib(device))
+    images = num_samples(cfg.data.shards, split, train=False)
+    flops = count_flops(step)
+    times = time_steps(step, max(1, steps // 10), min(warmup, 1), device)  # a whole split per timed call
+    summary = _summary(times, images, flops, matmul_peak(device, dtype))
+    return dict(
+        summary,
+        peak_memory_gib=_peak_memory_gib(device),
+        model_only_images_per_s=model_only_summary["images_per_s"],
+        evaluate_vs_model_only=summary["images_per_s"] / model_only_summary["images_per_s"],
+    )
 
 
 def _version(package: str) -> str | None:

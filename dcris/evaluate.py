@@ -123,10 +123,10 @@ def _score_rank(
     with autocast(device, dtype):
         for batch in tqdm(data, total=int(steps), desc=progress, disable=not progress, leave=False, dynamic_ncols=True):
             logits = model(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
-            sizes = [tuple(s) for s in batch["orig_size"].tolist()]  # orig_size is on the CPU: no sync
-            ious = acc.add_logits(logits, batch["orig_mask"], sizes, image_size)
+            # orig_size is on the CPU, the sums stay on the device: no sync unless on_batch wants the IoUs
+            ious = acc.add_logits(logits, batch["orig_mask"], batch["orig_size"], image_size)
             if on_batch is not None:
-                on_batch(batch, ious)
+                on_batch(batch, ious.tolist())
             seen += 1
         if seen != len(data):  # the other ranks would wait for the missing forward passes
             raise RuntimeError(f"the loader yielded {seen} batches, its len() is {len(data)}")

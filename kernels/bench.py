@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcris.kernels.dense_branch_ref import DenseBranch  # noqa: E402
+from dcris.kernels.dense_branch import DenseBranch  # noqa: E402
 from dcris.provenance import git_commit  # noqa: E402
 
 _BATCHES = (16, 32, 64)
@@ -66,7 +66,7 @@ def _case(
 
 
 def _variants(branch: DenseBranch) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    from dcris.kernels.dense_branch import fused_dense_branch
+    from dcris.kernels.dense_branch_autograd import fused_dense_branch
 
     compiled = torch.compile(branch.reference_forward)
     return {

@@ -37,6 +37,11 @@ def test_bench_records_training_and_inference_at_tiny_width(tmp_path: Path, mode
     assert record["env"]["torch"] and record["env"]["commit"]
     assert record["markdown"].startswith("| CPU") and record["markdown"].count("|") == 15
     assert record["config"]["model_only"] is model_only
+    if not model_only:  # evaluation beside the model alone, in the same process
+        infer = record["infer"]
+        assert infer["model_only_images_per_s"] > 0
+        ratio = infer["images_per_s"] / infer["model_only_images_per_s"]
+        assert infer["evaluate_vs_model_only"] == pytest.approx(ratio)
 
 
 def test_count_ops_records_one_training_step(tmp_path: Path):

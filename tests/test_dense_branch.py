@@ -1,4 +1,4 @@
-"""Fused Triton dense branch (kernels/dense_branch.py) against the eager reference (kernels/dense_branch_ref.py).
+"""Fused Triton dense branch (kernels/dense_branch_*.py) against the eager reference (kernels/dense_branch_ref.py).
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors at small, odd sizes (tests/conftest.py sets
 TRITON_INTERPRET before anything decorates a kernel). The tests at the real
@@ -17,15 +17,17 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from dcris.kernels.dense_branch_ref import DenseBranch
+from dcris.kernels.dense_branch import DenseBranch
 
 triton = pytest.importorskip("triton")
-dense_branch = importlib.import_module("dcris.kernels.dense_branch")
+dense_branch = importlib.import_module("dcris.kernels.dense_branch_autograd")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -134,7 +136,7 @@ def test_eager_paths() -> None:
 @pytest.fixture
 def fresh_first_call(monkeypatch: pytest.MonkeyPatch):
     """Forgets which input kinds were checked and any earlier failure, for this test only."""
-    ref = importlib.import_module("dcris.kernels.dense_branch_ref")
+    ref = importlib.import_module("dcris.kernels.dense_branch")
     monkeypatch.setattr(ref, "_checked_kinds", set())
     monkeypatch.setattr(ref, "_fused_failure", [])
     return ref
@@ -294,3 +296,25 @@ def test_real_size_fp32(hw: int) -> None:
 @pytest.mark.gpu
 def test_real_size_bf16() -> None:
     _bf16_check((32, 128, 32, 32), 11)
+
+
+_KERNEL_MODULES = ["dense_branch", "dense_branch_ref", "dense_branch_jit", "dense_branch_fwd", "dense_branch_bwd",
+                   "dense_branch_launch", "dense_branch_autograd"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", _KERNEL_MODULES)
+def test_each_kernel_module_imports_alone(name: str) -> None:
+    """A fresh interpreter imports the module first (an import circle fails there); the module and its reference
+    never import Triton, so the model builds without it."""
+    code = (
+        "import importlib, sys; "
+        f"importlib.import_module('dcris.kernels.{name}'); "
+        "print(','.join(sorted(m for m in sys.modules if m.startswith(('dcris', 'triton')))))"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    loaded = set(out.stdout.strip().split(","))
+    assert f"dcris.kernels.{name}" in loaded
+    if name in ("dense_branch", "dense_branch_ref"):
+        assert not {m for m in loaded if m == "triton" or m.startswith("triton.")}, loaded
+        assert "dcris.kernels.dense_branch_autograd" not in loaded

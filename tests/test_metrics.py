@@ -6,6 +6,7 @@ import os
 import warnings
 
 import cv2
+import eval_reference
 import numpy as np
 import pytest
 import torch
@@ -24,7 +25,7 @@ from released_geometry import (
 
 from dcris.config import preset
 from dcris.data.letterbox import letterbox_mask, unletterbox
-from dcris.metrics import IOU_SCALE, PREC_THRESHOLDS, IoUAccumulator, masks_from_logits
+from dcris.metrics import IOU_SCALE, IoUAccumulator, masks_from_logits, padded_probabilities
 
 
 def _mask(rows: list[str]) -> np.ndarray:
@@ -120,49 +121,57 @@ def test_inverse_warp_matches_the_released_code() -> None:
     assert differing <= 1e-5 * total
 
 
-def _numpy_sums(preds: list[np.ndarray], masks: list[np.ndarray]) -> dict:
-    """The accumulator's fields, sample by sample in numpy (the metric's definition, SPEC 5)."""
-    sums = dict(intersection=0, union=0, iou_sum=0, count=0, prec_hits=[0] * len(PREC_THRESHOLDS))
-    for pred, mask in zip(preds, masks, strict=True):
-        inter, union = int(np.logical_and(pred, mask).sum()), int(np.logical_or(pred, mask).sum())
-        iou = inter / union
-        sums["intersection"] += inter
-        sums["union"] += union
-        sums["iou_sum"] += round(iou * IOU_SCALE)
-        sums["count"] += 1
-        sums["prec_hits"] = [n + (iou > t) for n, t in zip(sums["prec_hits"], PREC_THRESHOLDS, strict=True)]
-    return sums
+def _varied_batch(rng: np.random.Generator, sizes: list[tuple[int, int]], size: int) -> tuple[torch.Tensor, list]:
+    """Logits and masks of a batch: predictions of these objects, but of other objects for the first two (IoUs
+    spread over [0, 1]), plus noise everywhere (every logit non-zero)."""
+    masks = [object_mask(rng, h, w) for h, w in sizes]
+    logits = _object_logits(rng, [object_mask(rng, h, w) for h, w in sizes[:2]] + masks[2:], size)
+    return logits, masks
 
 
-def _fields(acc: IoUAccumulator) -> dict:
-    return {k: getattr(acc, k) for k in ("intersection", "union", "iou_sum", "count", "prec_hits")}
-
-
-def test_add_logits_matches_per_sample_numpy() -> None:
+def test_batched_path_equals_the_per_sample_numpy_path() -> None:
     rng = np.random.default_rng(3)
     size = 112
-    acc, per_sample = IoUAccumulator(), IoUAccumulator()
-    preds, masks = [], []
-    for _ in range(3):  # batches of objects of different sizes
-        sizes = [(int(h), int(w)) for h, w in rng.integers(20, 160, size=(5, 2))]
-        batch_masks = [object_mask(rng, h, w) for h, w in sizes]
-        # predictions of these objects, but of other objects for the first two: IoUs spread over [0, 1]
-        logits = _object_logits(rng, [object_mask(rng, h, w) for h, w in sizes[:2]] + batch_masks[2:], size)
-        acc.add_logits(logits, batch_masks, sizes, size)
-        preds += [pred.numpy() for pred in masks_from_logits(logits, sizes, size)]
+    acc = IoUAccumulator()
+    preds, masks, ious = [], [], []
+    # tall, wide, tiny and COCO-sized images in one batch, and batches of other shapes
+    batches = [[(480, 640), (640, 427), (1, 1), (3, 200), (333, 17), (112, 112)]]
+    batches += [[(int(h), int(w)) for h, w in rng.integers(20, 160, size=(5, 2))] for _ in range(2)]
+    for sizes in batches:
+        logits, batch_masks = _varied_batch(rng, sizes, size)
+        expected = eval_reference.predictions(logits, sizes, size)
+        # the unthresholded maps too: bit for bit inside each image, exactly 0 past it
+        padded = padded_probabilities(logits, torch.tensor(sizes), size)
+        assert padded.shape == (len(sizes), *np.max(sizes, axis=0))
+        for i, (h, w) in enumerate(sizes):
+            prob = padded[i, :h, :w].numpy()
+            canvas = F.interpolate(torch.sigmoid(logits[i : i + 1]), size=size, mode="bicubic", align_corners=True)
+            np.testing.assert_array_equal(prob, eval_reference.unletterbox(canvas[0, 0].numpy(), h, w))
+            assert not padded[i, h:].any() and not padded[i, :, w:].any()
+        ious.append(acc.add_logits(logits, batch_masks, torch.tensor(sizes), size))
+        preds += expected
         masks += batch_masks
-    expected = _numpy_sums(preds, masks)
-    assert _fields(acc) == expected
-    for pred, mask in zip(preds, masks, strict=True):
-        iou = np.logical_and(pred, mask).sum() / np.logical_or(pred, mask).sum()
-        assert per_sample.add(pred, mask) == iou
-    assert acc == per_sample
-    assert 0 < expected["prec_hits"][-1] < expected["prec_hits"][0] < expected["count"]  # the data tests thresholds
+    sums = eval_reference.sums(preds, masks)
+    assert acc.totals() == sums
+    got, want = acc.result(), eval_reference.metrics(sums)
+    assert got["count"] == sums["count"] == 16
+    for name, value in want.items():
+        assert abs(got[name] - value) <= 1e-8, name
+    per_sample = [np.logical_and(p, m).sum() / np.logical_or(p, m).sum() for p, m in zip(preds, masks, strict=True)]
+    assert torch.cat(ious).tolist() == per_sample
+    assert 0 < sums["prec_hits@0.9"] < sums["prec_hits@0.5"] < sums["count"]  # the data tests the thresholds
+
+
+def test_a_mask_of_another_size_than_its_image_is_named() -> None:
+    rng = np.random.default_rng(4)
+    logits, masks = _varied_batch(rng, [(30, 40), (50, 20)], 112)
+    with pytest.raises(ValueError, match=r"mask 1 is \(20, 50\), its image is \(50, 20\)"):
+        IoUAccumulator().add_logits(logits, [masks[0], masks[1].T], [(30, 40), (50, 20)], 112)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_add_logits_on_the_gpu_syncs_once() -> None:
+def test_add_logits_on_the_gpu_never_syncs() -> None:
     rng = np.random.default_rng(5)
     size = 448
     masks = [object_mask(rng, h, w) for h, w in SIZES]
@@ -175,15 +184,16 @@ def test_add_logits_on_the_gpu_syncs_once() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             acc.add_logits(logits, masks, SIZES, size)
+            acc.add_logits(logits, masks, SIZES, size)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert not syncs, [str(w.message) for w in syncs]
     preds = [pred.cpu().numpy() for pred in masks_from_logits(logits, SIZES, size)]
-    assert _fields(acc) == _numpy_sums(preds, masks)
+    assert acc.totals() == eval_reference.sums(preds + preds, masks + masks)
     # the GPU's bicubic upsampling rounds a little differently from the CPU's: at most a few pixels flip
-    on_cpu = masks_from_logits(logits.cpu(), SIZES, size)
-    differing = sum(int((pred != cpu.numpy()).sum()) for pred, cpu in zip(preds, on_cpu, strict=True))
+    on_cpu = eval_reference.predictions(logits.cpu(), SIZES, size)
+    differing = sum(int((pred != cpu).sum()) for pred, cpu in zip(preds, on_cpu, strict=True))
     assert differing <= 1e-5 * sum(h * w for h, w in SIZES)
 
 
@@ -245,4 +255,4 @@ def test_all_reduce_is_exact() -> None:
     mp.spawn(_reduce_worker, args=(2, free_port(), preds, masks, out), nprocs=2)
     assert out[0] == out[1] == single.result()  # bit-identical, whatever the split and order
     ious = [np.logical_and(p, m).sum() / np.logical_or(p, m).sum() for p, m in zip(preds, masks, strict=True)]
-    assert single.iou_sum == sum(round(iou * IOU_SCALE) for iou in ious)
+    assert single.totals()["iou_sum"] == sum(round(iou * IOU_SCALE) for iou in ious)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import eval_reference
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,6 @@ from dcris.data import build_loader, dali_available, num_samples
 from dcris.errors import UserError
 from dcris.evaluate import evaluate
 from dcris.export import load_exported, save_export
-from dcris.metrics import PREC_THRESHOLDS, masks_from_logits
 from dcris.model import build_model
 from dcris.precision import frozen_matmul_parameters
 from dcris.train_setup import (
@@ -220,7 +220,6 @@ def test_mixed_precision_keeps_weights_state_and_statistics_fp32(
     from deepspeed.runtime import torch_autocast
     from deepspeed.utils import safe_get_full_fp32_param
 
-
     # DeepSpeed keeps the autocast dtype of the newest engine in module globals: put them back afterwards
     for name in ("TORCH_AUTOCAST_INITIALIZED", "TORCH_AUTOCAST_DTYPE"):
         monkeypatch.setattr(torch_autocast, name, getattr(torch_autocast, name))
@@ -286,30 +285,26 @@ def test_sync_batchnorm_conversion_keeps_eval_outputs() -> None:
     assert not use_sync_batchnorm(2, torch.device("cpu"))  # torch's SyncBatchNorm has no CPU kernels
 
 
-def test_evaluate_equals_per_sample_metrics(shards: Path) -> None:
-
+def test_evaluate_equals_the_per_sample_numpy_path(shards: Path) -> None:
     torch.manual_seed(0)
     model = build_model(preset("tiny-dcris").model, pretrained=False).eval()
     with torch.no_grad():  # a logit scale that puts the 0.35 threshold inside the predictions
         model.head.proj.txt.weight.mul_(30)
     batch_size = 3  # partial last batches
     got = evaluate(model, str(shards), ["val"], image_size=112, batch_size=batch_size, loader="torch", workers=0)["val"]
-    ious, inter, union = [], 0, 0
-    with torch.no_grad():
+    preds, masks = [], []
+    with torch.no_grad():  # the same forward passes, scored one sample at a time in numpy
         for batch in build_loader(shards, "val", train=False, batch_size=batch_size, image_size=112, loader="torch"):
             logits = model(batch["image"], batch["tokens"])
-            sizes = [tuple(s) for s in batch["orig_size"].tolist()]
-            for pred, truth in zip(masks_from_logits(logits, sizes, 112), batch["orig_mask"], strict=True):
-                pred, truth = pred.numpy(), truth.astype(bool)
-                i, u = int((pred & truth).sum()), int((pred | truth).sum())
-                ious.append(i / u if u else 0.0)
-                inter, union = inter + i, union + u
-    assert got["count"] == len(ious) == json.loads((shards / "manifest.json").read_text())["splits"]["val"]["sentences"]
+            preds += eval_reference.predictions(logits, [tuple(s) for s in batch["orig_size"].tolist()], 112)
+            masks += batch["orig_mask"]
+    sums = eval_reference.sums(preds, masks)
+    sentences = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["sentences"]
+    assert got["count"] == sums["count"] == sentences
+    ious = [np.logical_and(p, m).sum() / np.logical_or(p, m).sum() for p, m in zip(preds, masks, strict=True)]
     assert 0.0 < min(ious) < max(ious) < 1.0  # the predictions are neither empty nor everything
-    assert got["miou"] == pytest.approx(np.mean(ious), abs=1e-12)
-    assert got["oiou"] == inter / union
-    for t in PREC_THRESHOLDS:
-        assert got[f"prec@{t}"] == np.mean(np.array(ious) > t)
+    for name, value in eval_reference.metrics(sums).items():
+        assert abs(got[name] - value) <= 1e-8, name
 
 
 def test_resume_matches_uninterrupted_run(shards: Path, tmp_path: Path) -> None:

@@ -42,36 +42,64 @@ def normalize_image(canvas: torch.Tensor) -> torch.Tensor:
     return (canvas.float() / 255 - mean) / std
 
 
-def _corners(height: int, width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The corner points (0, 0), (w, 0), (0, h) of the original and where they land on the canvas, float32."""
-    scale = min(size / height, size / width)
-    new_w, new_h = width * scale, height * scale
+def _corners(heights: torch.Tensor, widths: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The corner points (0, 0), (w, 0), (0, h) of each original and where they land on the canvas.
+
+    Args:
+        heights: (B,) int64 original heights, on any device.
+        widths: (B,) int64 original widths.
+        size: Side S of the canvas.
+
+    Returns:
+        src and dst, float32 (B, 3, 2) on the device of ``heights``.
+    """
+    heights, widths = heights.double(), widths.double()
+    canvas = torch.full_like(heights, size)  # a tensor numerator: ``size / t`` would multiply by 1 / t, rounding twice
+    scale = torch.minimum(canvas / heights, canvas / widths)
+    new_w, new_h = widths * scale, heights * scale
     left, top = (size - new_w) / 2, (size - new_h) / 2
-    src = np.array([[0, 0], [width, 0], [0, height]], dtype=np.float32)
-    dst = np.array([[left, top], [new_w + left, top], [left, new_h + top]], dtype=np.float32)
-    return src, dst
+    zero = torch.zeros_like(heights)
+    src = torch.stack([zero, zero, widths, zero, zero, heights], dim=-1).view(-1, 3, 2)
+    dst = torch.stack([left, top, new_w + left, top, left, new_h + top], dim=-1).view(-1, 3, 2)
+    return src.float(), dst.float()
 
 
-def _axis_aligned_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2x3 matrix taking three corner points src (origin, +x, +y) to dst, in float64.
+def _axis_aligned_affine(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """The (B, 2, 3) float64 matrices taking three corner points src (origin, +x, +y) to dst, both (B, 3, 2).
 
     ``cv2.getAffineTransform`` of the same points gives this matrix (to rounding: it solves a 6x6 system).
     """
-    src, dst = src.astype(np.float64), dst.astype(np.float64)
-    sx = (dst[1, 0] - dst[0, 0]) / (src[1, 0] - src[0, 0])
-    sy = (dst[2, 1] - dst[0, 1]) / (src[2, 1] - src[0, 1])
-    return np.array([[sx, 0.0, dst[0, 0] - sx * src[0, 0]], [0.0, sy, dst[0, 1] - sy * src[0, 1]]])
+    src, dst = src.double(), dst.double()
+    sx = (dst[:, 1, 0] - dst[:, 0, 0]) / (src[:, 1, 0] - src[:, 0, 0])
+    sy = (dst[:, 2, 1] - dst[:, 0, 1]) / (src[:, 2, 1] - src[:, 0, 1])
+    zero = torch.zeros_like(sx)
+    rows = [sx, zero, dst[:, 0, 0] - sx * src[:, 0, 0], zero, sy, dst[:, 0, 1] - sy * src[:, 0, 1]]
+    return torch.stack(rows, dim=-1).view(-1, 2, 3)
+
+
+def letterbox_affines(sizes: torch.Tensor, size: int = 448, inverse: bool = False) -> torch.Tensor:
+    """The letterbox matrices of a batch of originals, computed on their device.
+
+    Args:
+        sizes: (B, 2) int64 original ``(height, width)`` of each image.
+        size: Side S of the canvas.
+        inverse: False for original -> canvas (``mat``), True for canvas -> original (``mat_inv``).
+
+    Returns:
+        float64 (B, 2, 3) on the device of ``sizes``.
+    """
+    src, dst = _corners(sizes[:, 0], sizes[:, 1], size)
+    return _axis_aligned_affine(dst, src) if inverse else _axis_aligned_affine(src, dst)
 
 
 def forward_affine(height: int, width: int, size: int = 448) -> np.ndarray:
     """2x3 float64 matrix mapping original (x, y) to canvas (x, y): the released code's ``mat``."""
-    return _axis_aligned_affine(*_corners(height, width, size))
+    return letterbox_affines(torch.tensor([[height, width]]), size)[0].numpy()
 
 
 def inverse_affine(height: int, width: int, size: int = 448) -> np.ndarray:
     """2x3 float64 matrix mapping canvas (x, y) back to original (x, y): the released code's ``mat_inv``."""
-    src, dst = _corners(height, width, size)
-    return _axis_aligned_affine(dst, src)
+    return letterbox_affines(torch.tensor([[height, width]]), size, inverse=True)[0].numpy()
 
 
 def _cubic_weights(t: torch.Tensor) -> torch.Tensor:
@@ -92,26 +120,84 @@ def _weight_table(cubic: bool, device: torch.device) -> torch.Tensor:
 
 
 def _axis_taps(
-    scale: float, offset: float, out_len: int, in_len: int, cubic: bool, rows: bool, device: torch.device
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    out_lens: torch.Tensor,
+    out_len: int,
+    in_len: int,
+    cubic: bool,
+    rows: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source taps (out_len, K) and their weights (out_len, K) along one axis (K: see :func:`_weight_table`).
+    """Source taps (B, out_len, K) and their weights (B, out_len, K) along one axis (K: see :func:`_weight_table`).
 
-    Output pixel i samples the source at ``scale * i + offset``, computed as OpenCV 4's warpAffine does, in
-    units of 1/1024 rounded half to even, then rounded to 1/32 pixel: down the rows the whole coordinate is
-    rounded at once, across the columns the two terms are rounded separately. Taps outside the source get
-    weight 0: the caller subtracts the border value first, so they contribute exactly the border.
+    Output pixel i of sample b samples the source at ``scale[b] * i + offset[b]``, computed as OpenCV 4's
+    warpAffine does, in units of 1/1024 rounded half to even, then rounded to 1/32 pixel: down the rows the whole
+    coordinate is rounded at once, across the columns the two terms are rounded separately. Taps outside the
+    source, and every tap of an output pixel at or past ``out_lens[b]``, get weight 0: the caller subtracts the
+    border value first, so they contribute exactly the border.
+
+    Args:
+        scale: (B, 1) float64 source step per output pixel.
+        offset: (B, 1) float64 source coordinate of output pixel 0.
+        out_lens: (B, 1) int64 length of each sample's output along this axis, at most ``out_len``.
     """
-    i = torch.arange(out_len, dtype=torch.float64, device=device)
+    i = torch.arange(out_len, dtype=torch.float64, device=scale.device)  # (n,)
     half_step = _AB_SCALE // _TAB_SIZE // 2  # makes the final shift round to nearest
     if rows:
-        fixed = torch.round((i * scale + offset) * _AB_SCALE).long() + half_step
+        fixed = torch.round((i * scale + offset) * _AB_SCALE).long() + half_step  # (B, n)
     else:
-        fixed = torch.round(i * scale * _AB_SCALE).long() + (round(offset * _AB_SCALE) + half_step)
+        fixed = torch.round(i * scale * _AB_SCALE).long() + (torch.round(offset * _AB_SCALE).long() + half_step)
     fixed = fixed >> 5  # source coordinate in 1/32 pixel
-    weights = _weight_table(cubic, device)[fixed & (_TAB_SIZE - 1)]
-    taps = (fixed >> 5)[:, None] + torch.arange(weights.shape[1], device=device) - int(cubic)  # from -1 if cubic
-    inside = (taps >= 0) & (taps < in_len)
+    weights = _weight_table(cubic, scale.device)[fixed & (_TAB_SIZE - 1)]  # (B, n, K)
+    taps = (fixed >> 5)[..., None] + torch.arange(weights.shape[-1], device=scale.device) - int(cubic)
+    inside = (taps >= 0) & (taps < in_len) & (i < out_lens)[..., None]
     return taps.clamp(0, in_len - 1), torch.where(inside, weights, 0.0)
+
+
+def _warp_batch(
+    src: torch.Tensor,
+    matrices: torch.Tensor,
+    out_sizes: torch.Tensor,
+    out_shape: tuple[int, int],
+    cubic: bool,
+    border: float | torch.Tensor,
+) -> torch.Tensor:
+    """OpenCV 4's warpAffine of each map of a batch by its own axis-aligned matrix (see :func:`warp_affine`).
+
+    Args:
+        src: (B, ..., H, W) maps; the dimensions between are warped alike.
+        matrices: (B, 2, 3) float64 source -> output matrices, on the device of ``src``.
+        out_sizes: (B, 2) int64 output ``(h, w)`` of each map, on the device of ``src``.
+        out_shape: ``(h_max, w_max)``, at least every ``out_sizes`` row.
+        border: Value outside the source: a number, or a tensor broadcasting against (..., h, w).
+
+    Returns:
+        float32 (B, ..., h_max, w_max): each map's warp in its top-left ``out_sizes`` corner, the border past it.
+    """
+    # OpenCV inverts the matrix the same way for every map (this order of operations, in float64).
+    det = 1.0 / (matrices[:, 0, 0] * matrices[:, 1, 1])
+    sx, sy = matrices[:, 1, 1] * det, matrices[:, 0, 0] * det
+    tx, ty = -sx * matrices[:, 0, 2], -sy * matrices[:, 1, 2]
+    lens_y, lens_x = out_sizes[:, :1], out_sizes[:, 1:]  # (B, 1) each
+    taps_y, wy = _axis_taps(sy[:, None], ty[:, None], lens_y, out_shape[0], src.shape[-2], cubic, True)
+    taps_x, wx = _axis_taps(sx[:, None], tx[:, None], lens_x, out_shape[1], src.shape[-1], cubic, False)
+    # Spatial dimensions next to the batch, so each pass gathers whole contiguous rows.
+    shifted = (src.float() - border).movedim((-2, -1), (1, 2))  # (B, H, W, ...)
+    rows = _resample_dim1(shifted, taps_y, wy)  # (B, h, W, ...)
+    out = _resample_dim1(rows.transpose(1, 2).contiguous(), taps_x, wx)  # (B, w, h, ...)
+    return out.transpose(1, 2).movedim((1, 2), (-2, -1)) + border  # (B, ..., h, w)
+
+
+def _resample_dim1(src: torch.Tensor, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, H, ...) -> (B, n, ...): ``out[b, i] = sum_k weights[b, i, k] * src[b, taps[b, i, k]]``."""
+    bsz, height, n = src.shape[0], src.shape[1], taps.shape[1]
+    rows = src.reshape(bsz * height, -1)  # (B * H, prod(...)): one index_select gathers whole rows
+    taps = taps + torch.arange(bsz, device=src.device)[:, None, None] * height  # (B, n, K) rows of ``rows``
+    weights = weights.view(*weights.shape, *[1] * (src.ndim - 2))  # (B, n, K, 1, ...)
+    out = rows.index_select(0, taps[..., 0].flatten()).view(bsz, n, *src.shape[2:]) * weights[:, :, 0]
+    for k in range(1, taps.shape[-1]):
+        out += rows.index_select(0, taps[..., k].flatten()).view(bsz, n, *src.shape[2:]) * weights[:, :, k]
+    return out
 
 
 def warp_affine(
@@ -137,30 +223,11 @@ def warp_affine(
         raise ValueError(f"interpolation must be 'cubic' or 'linear', got {interpolation!r}")
     if abs(matrix[0, 1]) > 1e-12 or abs(matrix[1, 0]) > 1e-12:  # cv2.getAffineTransform leaves ~1e-17 there
         raise ValueError(f"only axis-aligned maps are supported, got {matrix.tolist()}")
-    # OpenCV inverts the matrix the same way for every map (this order of operations, in float64).
-    det = 1.0 / (matrix[0, 0] * matrix[1, 1])
-    sx, sy = float(matrix[1, 1] * det), float(matrix[0, 0] * det)
-    tx, ty = float(-sx * matrix[0, 2]), float(-sy * matrix[1, 2])
-    cubic = interpolation == "cubic"
-    taps_y, wy = _axis_taps(sy, ty, out_size[0], src.shape[-2], cubic, True, src.device)
-    taps_x, wx = _axis_taps(sx, tx, out_size[1], src.shape[-1], cubic, False, src.device)
-    # a scalar border stays a Python number: no host-to-device copy on the evaluation path
     if not isinstance(border, float | int):
         border = torch.tensor(border, dtype=torch.float32).view(-1, 1, 1).to(src.device)
-    # Spatial dimensions first, so each pass gathers whole contiguous rows.
-    shifted = (src.float() - border).movedim((-2, -1), (0, 1))  # (H, W, ...)
-    rows = _resample_leading(shifted, taps_y, wy)  # (h, W, ...)
-    out = _resample_leading(rows.transpose(0, 1).contiguous(), taps_x, wx)  # (w, h, ...)
-    return out.transpose(0, 1).movedim((0, 1), (-2, -1)) + border  # (..., h, w)
-
-
-def _resample_leading(src: torch.Tensor, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(H, ...) -> (n, ...): ``out[i] = sum_k weights[i, k] * src[taps[i, k]]``."""
-    weights = weights.view(*weights.shape, *[1] * (src.ndim - 1))  # (n, K, 1, ...)
-    out = src.index_select(0, taps[:, 0]) * weights[:, 0]
-    for k in range(1, taps.shape[1]):
-        out += src.index_select(0, taps[:, k]) * weights[:, k]
-    return out
+    matrices = torch.from_numpy(np.asarray(matrix, dtype=np.float64))[None].to(src.device)  # (1, 2, 3)
+    out_sizes = torch.tensor([out_size], device=src.device)  # (1, 2)
+    return _warp_batch(src[None], matrices, out_sizes, out_size, interpolation == "cubic", border)[0]
 
 
 def _round_uint8(values: torch.Tensor) -> torch.Tensor:
@@ -216,3 +283,18 @@ def unletterbox(canvas_map: torch.Tensor, height: int, width: int) -> torch.Tens
     """
     matrix = inverse_affine(height, width, canvas_map.shape[-1])
     return warp_affine(canvas_map, matrix, (height, width), "cubic")
+
+
+def unletterbox_batch(canvas_maps: torch.Tensor, sizes: torch.Tensor, out_shape: tuple[int, int]) -> torch.Tensor:
+    """:func:`unletterbox` of a batch at once, each map to its own original size, on the maps' device.
+
+    Args:
+        canvas_maps: (B, S, S) maps on the canvas (probabilities).
+        sizes: (B, 2) int64 original ``(height, width)`` of each map, on the device of ``canvas_maps``.
+        out_shape: ``(h_max, w_max)``, at least every row of ``sizes`` (known on the host, so no sync).
+
+    Returns:
+        float32 (B, h_max, w_max): map b in ``[:h_b, :w_b]``, exactly 0 past it.
+    """
+    matrices = letterbox_affines(sizes, canvas_maps.shape[-1], inverse=True)  # (B, 2, 3)
+    return _warp_batch(canvas_maps, matrices, sizes, out_shape, cubic=True, border=0.0)
