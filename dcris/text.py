@@ -9,6 +9,7 @@ parameter layout but runs through the model's one attention entry point.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -20,6 +21,21 @@ from torch import nn
 from dcris.adapters import TextAdapter
 from dcris.attention import MultiheadAttention
 from dcris.config import AdapterConfig, ConfigError, TextConfig
+
+
+def text_block(
+    block: nn.Module, adapter: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One CLIP block with its TextAdapter parallel to the MLP (SPEC 2); x (B, L, width) -> (B, L, width).
+
+    ``x + ls1(attn(ln_1(x)))``, then ``x + ls2(mlp(ln_2(x)) + scale * TA(x))``: the TA reads the residual stream
+    after attention. ``adapter`` is any callable of that shape (a TextAdapter, or one routing rows to several).
+    """
+    x = x + block.ls_1(block.attn(*(block.ln_1(x),) * 3, causal=True))
+    branch = block.mlp(block.ln_2(x))
+    if adapter is not None:
+        branch = branch + scale * adapter(x)
+    return x + block.ls_2(branch)
 
 
 class TextEncoder(nn.Module):
@@ -75,13 +91,8 @@ class TextEncoder(nn.Module):
 
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Block ``i`` (with its TextAdapter, if any) on the residual stream x (B, L, width)."""
-        block = self.transformer.resblocks[i]
-        x = x + block.ls_1(block.attn(*(block.ln_1(x),) * 3, causal=True))
-        branch = block.mlp(block.ln_2(x))
         adapter = self.adapters[str(i)] if str(i) in self.adapters else None
-        if adapter is not None:
-            branch = branch + self.scale * adapter(x)  # the TA reads the residual stream after attention
-        return x + block.ls_2(branch)
+        return text_block(self.transformer.resblocks[i], adapter, x, self.scale)
 
     def finish(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's output x (B, L, width) to f_t (B, L, width) and f_s (B, embed_dim)."""
