@@ -118,7 +118,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards" / "synthetic"
 
 
-
 @pytest.fixture(scope="session")
 def three_sets() -> dict:
     """Three adapter sets on one random tiny backbone (``adapter_sets.three_sets``)."""

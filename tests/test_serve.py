@@ -226,4 +226,3 @@ def test_serve_arguments_are_checked(capsys):
     assert "exceeds --max-batch 8" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["serve", "--weights", "w", "--max-batch", "x"])
-
