@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dcris.evaluate", "evaluate mIoU / oIoU / Pr@ on packed splits"),
     "predict": ("dcris.predict", "segment images from text with exported weights"),
     "app": ("dcris.app", "a web page to try a model: image + phrases -> masks (needs the app extra)"),
+    "serve": ("dcris.serve", "an HTTP JSON API over adapter sets, with dynamic batching (needs the serve extra)"),
     "sweep": ("dcris.sweep", "train, score and tabulate every row of the paper's Table 2, 3, 4 or 5"),
     "demo": ("dcris.demo", "synthetic data -> pack -> train -> evaluate -> pictures, on a CPU in minutes"),
 }

@@ -195,6 +195,51 @@ class Segmenter:
         cut_at = {cut.index: cut for cut in cuts}
         return tokenize(texts, length), [cut_at.get(index) for index in range(len(texts))]
 
+    def prepare(
+        self, image: ImageInput, texts: list[str], truncate: bool = True
+    ) -> tuple[Image.Image, torch.Tensor, torch.Tensor, list[Truncation | None]]:
+        """The model's inputs for one image and its phrases (the first half of :meth:`__call__`).
+
+        Returns:
+            The RGB image, its letterboxed pixels (3, S, S) on the model's device and dtype, the token ids (N, L)
+            on the CPU, and how each phrase was cut (None when it fits).
+
+        Raises:
+            UserError: an unreadable image, no phrase, an empty phrase, or (``truncate=False``) one too long.
+        """
+        if not texts:
+            raise UserError("no phrase given: describe the object to segment")
+        rgb = as_rgb_image(image)
+        tokens, cut = self.tokens(texts, truncate)
+        size = self.model.cfg.image_size
+        canvas = torch.from_numpy(letterbox_image(rgb, size)).to(self.device)  # (S, S, 3) uint8
+        pixels = normalize_image(canvas.permute(2, 0, 1)).to(next(self.model.parameters()).dtype)  # (3, S, S)
+        return rgb, pixels, tokens, cut
+
+    def segmentations(
+        self, logits: torch.Tensor, size: tuple[int, int], texts: list[str], cut: list[Truncation | None], start: float
+    ) -> list[Segmentation]:
+        """One :class:`Segmentation` per phrase from the model's logits (the second half of :meth:`__call__`).
+
+        Args:
+            logits: (N, 1, 4S/14, 4S/14), one row per phrase.
+            size: The image's own (height, width).
+            texts: The phrases.
+            cut: How each phrase was cut (:meth:`prepare`).
+            start: ``time.perf_counter()`` when the image arrived: ``seconds`` counts from there.
+        """
+        probs = probabilities_from_logits(logits, [size] * len(texts), self.model.cfg.image_size)  # N x (h, w)
+        found = []
+        for prob in probs:
+            prob = prob.clamp(0, 1)  # bicubic overshoot; the threshold lies inside [0, 1] and is unaffected
+            mask = prob > MASK_THRESHOLD
+            found.append((mask.cpu().numpy(), prob.cpu().numpy(), confidence(prob, mask)))
+        seconds = time.perf_counter() - start
+        return [
+            Segmentation(text, mask, prob, score, seconds, truncation)
+            for text, (mask, prob, score), truncation in zip(texts, found, cut, strict=True)
+        ]
+
     @torch.no_grad()
     def __call__(
         self, image: ImageInput, texts: str | list[str], *, truncate: bool = True
@@ -216,29 +261,12 @@ class Segmenter:
         start = time.perf_counter()
         single = isinstance(texts, str)
         phrases = [texts] if single else list(texts)
-        if not phrases:
-            raise UserError("no phrase given: describe the object to segment")
-        rgb = as_rgb_image(image)
-        tokens, cut = self.tokens(phrases, truncate)
-        size = self.model.cfg.image_size
-        device, dtype = self.device, next(self.model.parameters()).dtype
-        canvas = torch.from_numpy(letterbox_image(rgb, size)).to(device)  # (S, S, 3) uint8
-        pixels = normalize_image(canvas.permute(2, 0, 1)).to(dtype)  # (3, S, S)
+        rgb, pixels, tokens, cut = self.prepare(image, phrases, truncate)
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model(pixels.expand(len(phrases), -1, -1, -1), tokens.to(device))  # (N, 1, 4S/14, 4S/14)
+            logits = self.model(pixels.expand(len(phrases), -1, -1, -1), tokens.to(self.device))  # (N, 1, 4S/14, ..)
         finally:
             self.model.train(was_training)
-        probs = probabilities_from_logits(logits, [(rgb.height, rgb.width)] * len(phrases), size)  # N x (h, w)
-        found = []
-        for prob in probs:
-            prob = prob.clamp(0, 1)  # bicubic overshoot; the threshold lies inside [0, 1] and is unaffected
-            mask = prob > MASK_THRESHOLD
-            found.append((mask.cpu().numpy(), prob.cpu().numpy(), confidence(prob, mask)))
-        seconds = time.perf_counter() - start
-        results = [
-            Segmentation(text, mask, prob, score, seconds, truncation)
-            for text, (mask, prob, score), truncation in zip(phrases, found, cut, strict=True)
-        ]
+        results = self.segmentations(logits, (rgb.height, rgb.width), phrases, cut, start)
         return results[0] if single else results

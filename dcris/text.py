@@ -9,6 +9,7 @@ parameter layout but runs through the model's one attention entry point.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -22,11 +23,13 @@ from dcris.attention import MultiheadAttention
 from dcris.config import AdapterConfig, ConfigError, TextConfig
 
 
-def text_block(block: nn.Module, adapter: TextAdapter | None, x: torch.Tensor, scale: float) -> torch.Tensor:
-    """One CLIP residual block with its TextAdapter parallel to the MLP (SPEC 2); x (B, L, width) -> same.
+def text_block(
+    block: nn.Module, adapter: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One CLIP block with its TextAdapter parallel to the MLP (SPEC 2); x (B, L, width) -> (B, L, width).
 
-    ``x + ls1(attn(ln1(x)))``, then ``x + ls2(mlp(ln2(x)) + scale * TA(x))``: the TA reads the residual stream
-    after attention.
+    ``x + ls1(attn(ln_1(x)))``, then ``x + ls2(mlp(ln_2(x)) + scale * TA(x))``: the TA reads the residual stream
+    after attention. ``adapter`` is any callable of that shape (a TextAdapter, or one routing rows to several).
     """
     x = x + block.ls_1(block.attn(*(block.ln_1(x),) * 3, causal=True))
     branch = block.mlp(block.ln_2(x))

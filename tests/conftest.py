@@ -116,3 +116,11 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc",
                "--images", str(release / "images"), "--out", str(root / "shards"), "--workers", "1"])  # fmt: skip
     return root / "shards" / "synthetic"
+
+
+@pytest.fixture(scope="session")
+def three_sets() -> dict:
+    """Three adapter sets on one random tiny backbone (``adapter_sets.three_sets``)."""
+    from adapter_sets import three_sets
+
+    return three_sets()
