@@ -90,12 +90,11 @@ def show_image(image_path: str | None) -> tuple[Image.Image | None, str, str]:
 
 def example_images(folder: Path, count: int = NUM_EXAMPLES) -> list[list[str]]:
     """Synthetic example images with two of their referring phrases each: ``[[path, phrases], ...]``."""
-    import pickle
-
     from dcris.data import synth
+    from dcris.data.refs import load_refs
 
     synth.make_synthetic_release(folder, images=count, seed=2024)
-    refs = pickle.loads((folder / "synthetic" / "refs(unc).p").read_bytes())
+    refs = load_refs(folder / "synthetic" / "refs(unc).p")
     phrases: dict[int, list[str]] = {}
     for ref in refs:
         phrases.setdefault(ref["image_id"], []).append(ref["sentences"][0]["sent"])

@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -45,7 +46,15 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, lists and numbers only, so that ``torch.load(weights_only=True)``
+    reads them back (no pickled classes)."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -53,11 +62,28 @@ def _rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restores the Python, NumPy, torch (and CUDA) RNG states saved by :func:`save_checkpoint`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_rng_state(path: Path) -> dict[str, Any] | None:
+    """The RNG states in ``path`` (None when there is none), read without arbitrary pickle.
+
+    A file that is not in the tensor form :func:`_rng_state` writes is not read: the run continues with the
+    RNG as it is and says so.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        print(f"{path} is not read ({str(exc).splitlines()[0]}); the run goes on with fresh RNG states", flush=True)
+        return None
 
 
 def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict, cfg: Config, rank: int) -> str:
@@ -135,8 +161,7 @@ def load_checkpoint(
     if client_state is None:
         raise UserError(f"checkpoint {where} could not be loaded")
     _check_digest(client_state.get(DIGEST_KEY), digest, where)
-    rng = where / f"rng_{rank}.pt"
-    return client_state, torch.load(rng, weights_only=False) if rng.is_file() else None
+    return client_state, read_rng_state(where / f"rng_{rank}.pt")
 
 
 def export_engine(engine: Any, cfg: Config, path: str | Path, rank: int, metrics: dict | None = None) -> Path | None:

@@ -154,6 +154,7 @@ class TrainConfig:
     save_every_steps: int = 0  # checkpoint every N steps as well; 0 = only at epoch ends
     keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (older ones deleted); 0 = all
     max_steps: int = 0  # stop after this many steps (0 = run all epochs)
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradients; 0 = never
     seed: int = 0  # model init and sentence sampling seed
 
 

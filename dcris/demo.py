@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import io
 import json
-import pickle
 import time
 from pathlib import Path
 
@@ -43,9 +42,11 @@ def _baseline_masks(release: Path) -> dict[int, dict[str, np.ndarray]]:
     """Per ref_id, the whole-image, centre-disc and all-objects masks at the original resolution."""
     from pycocotools.coco import COCO
 
+    from dcris.data.refs import load_refs
+
     with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its progress
         coco = COCO(str(release / "synthetic" / "instances.json"))
-    refs = pickle.loads((release / "synthetic" / "refs(unc).p").read_bytes())
+    refs = load_refs(release / "synthetic" / "refs(unc).p")
     by_image: dict[int, dict[str, np.ndarray]] = {}
     out = {}
     for ref in refs:

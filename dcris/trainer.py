@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from dcris.checkpoint import DIGEST_KEY, export_engine, load_checkpoint, save_checkpoint, set_rng_state
+from dcris.checkpoint import DIGEST_KEY, LATEST, export_engine, load_checkpoint, save_checkpoint, set_rng_state
 from dcris.config import Config, load_config, to_dict
 from dcris.data import build_loader, shards_context_length
 from dcris.errors import UserError
@@ -95,8 +96,9 @@ class LossMeter:
         self.total, self.count = self.total + loss.detach().float(), self.count + 1
 
     def mean_over_ranks(self) -> float:
-        """The mean since the last call over all ranks (one host sync), then starts again."""
-        (total,) = all_reduce_values([self.total.item() / max(self.count, 1)])
+        """The mean since the last call over all ranks (one host sync; NaN when every step since was skipped),
+        then starts again."""
+        (total,) = all_reduce_values([self.total.item() / self.count if self.count else float("nan")])
         self.reset()
         return total / dist.get_world_size()
 
@@ -115,6 +117,8 @@ class Run:
     metrics: dict = field(default_factory=dict)  # the last evaluation
     last_loss: float = float("nan")  # the last logged loss
     started_at: tuple[int, float] = (0, 0.0)  # (step, time) this process started training at, for images/s
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradients, over the whole run
+    skipped_in_row: int = 0  # of those, the ones since the last step that was applied
 
     @property
     def out(self) -> Path:
@@ -195,7 +199,7 @@ def _resume(run: Run) -> None:
             f"{run.ckpt_dir} was trained with {state['steps_per_epoch']} steps per epoch, this config gives "
             f"{run.steps_per_epoch}: resume with the same data and batch, or use a new train.output_dir"
         )
-    run.step = state["step"]
+    run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
     lr = run.setup.scheduler.get_last_lr()[0]
     run.log.print(f"resumed from {run.ckpt_dir} at step {run.step} (epoch {state['epoch']}, lr {lr:.3g})")
 
@@ -213,8 +217,11 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
         set_rng_state(run.rng_state)
         run.rng_state = None
     end = min(run.total_steps, (epoch + 1) * run.steps_per_epoch)
+    norm_buffers = batchnorm_statistics(engine.module)
     try:
         while run.step < end:
+            statistics = [b.clone() for b in norm_buffers]  # a skipped step puts them back
+            losses = []
             for batch in itertools.islice(batches, s.grad_accum):
                 # asynchronous copies (from pinned memory; a no-op for DALI's device batches): no host sync
                 image, tokens, mask = (batch[k].to(s.device, non_blocking=True) for k in ("image", "tokens", "mask"))
@@ -222,8 +229,14 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
                 loss = engine.module.loss(logits, mask)
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule every ``grad_accum`` calls
-                meter.add(loss)
+                losses.append(loss.detach())
             run.step += 1
+            if engine.was_step_applied():
+                run.skipped_in_row = 0
+                for loss in losses:
+                    meter.add(loss)
+            else:
+                _skip_step(run, norm_buffers, statistics)
             if run.step % t.log_every_steps == 0 or run.step == run.total_steps:
                 log_progress(run, meter)
             if run.step == end:
@@ -231,6 +244,37 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
             _evaluate_and_save_when_due(run)
     finally:
         batches.close()  # also when stopped by an error: the workers end now, not at garbage collection
+
+
+def batchnorm_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The running statistics of every BatchNorm layer: what a training forward changes besides the weights."""
+    return [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+
+
+def _skip_step(run: Run, norm_buffers: list[torch.Tensor], statistics: list[torch.Tensor]) -> None:
+    """After a step ZeRO discarded for a non-finite gradient norm (all-reduced, so on every rank alike): puts the
+    BatchNorm statistics back, keeps the LR schedule on the data's step, counts it, and stops after
+    ``train.max_bad_steps`` in a row."""
+    for buffer, saved in zip(norm_buffers, statistics, strict=True):
+        buffer.copy_(saved)
+    run.setup.scheduler.step()  # DeepSpeed does not step the schedule on a discarded step
+    run.skipped_steps += 1
+    run.skipped_in_row += 1
+    run.log.record(
+        "train_log.jsonl", run.step, {"train/skipped_steps": run.skipped_steps},
+        dict(step=run.step, skipped=True, skipped_steps=run.skipped_steps),
+    )  # fmt: skip
+    run.log.print(
+        f"step {run.step}: non-finite loss or gradients, step skipped (weights, Adam state and BatchNorm "
+        f"statistics unchanged; {run.skipped_in_row} in a row, {run.skipped_steps} in all)"
+    )
+    limit = run.cfg.train.max_bad_steps
+    if 0 < limit <= run.skipped_in_row:
+        raise UserError(
+            f"{run.skipped_in_row} steps in a row, up to step {run.step}, had a non-finite loss or gradients "
+            f"(train.max_bad_steps={limit}); the run stops and {run.ckpt_dir / LATEST} names the last good "
+            "checkpoint: lower train.lr, set train.grad_clip or train.precision=fp32, or check the data, then rerun"
+        )
 
 
 def log_progress(run: Run, meter: LossMeter) -> None:
@@ -245,8 +289,10 @@ def log_progress(run: Run, meter: LossMeter) -> None:
     eta = int((run.total_steps - step) * elapsed / (step - start_step))
     run.log.record(
         "train_log.jsonl", step,
-        {"train/loss": run.last_loss, "train/lr": lr, "train/images_per_s": rate, "train/gpu_mem_gib": mem},
-        dict(step=step, epoch=step / run.steps_per_epoch, loss=run.last_loss, lr=lr, images_per_s=rate),
+        {"train/loss": run.last_loss, "train/lr": lr, "train/images_per_s": rate, "train/gpu_mem_gib": mem,
+         "train/skipped_steps": run.skipped_steps},
+        dict(step=step, epoch=step / run.steps_per_epoch, loss=run.last_loss, lr=lr, images_per_s=rate,
+             skipped_steps=run.skipped_steps),
     )  # fmt: skip
     run.log.print(
         f"step {step}/{run.total_steps} epoch {step / run.steps_per_epoch:.2f} loss {run.last_loss:.4f} lr {lr:.3g} "
@@ -307,6 +353,7 @@ def save_run(run: Run) -> None:
         "step": run.step,
         "epoch": run.step // run.steps_per_epoch,
         "steps_per_epoch": run.steps_per_epoch,
+        "skipped_steps": run.skipped_steps,
         DIGEST_KEY: run.setup.frozen_digest,
     }
     tag = save_checkpoint(run.setup.engine, run.ckpt_dir, run.step, client_state, run.cfg, run.setup.rank)

@@ -42,7 +42,6 @@ import io
 import json
 import multiprocessing
 import os
-import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from dcris.data.common import SHARD_FORMAT
+from dcris.data.refs import load_refs
 from dcris.data.release_counts import count_differences, published_counts
+from dcris.errors import UserError
 from dcris.tokenizer import CONTEXT_LENGTH, tokenize
 
 FORMAT = SHARD_FORMAT
@@ -99,8 +100,9 @@ def _load_refs(root: Path, dataset: str, split_by: str) -> list[dict]:
     if not path.is_file():
         raise PackError(f"refs file not found: {path}")
     try:
-        with open(path, "rb") as f:
-            refs = pickle.load(f)
+        refs = load_refs(path)
+    except UserError as e:  # a file naming a class: refused unread
+        raise PackError(str(e)) from None
     except Exception as e:  # a truncated or foreign pickle can raise almost anything
         raise PackError(f"malformed refs file {path}: {type(e).__name__}") from None
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dcris.data.refs import load_refs
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 40)}
 SHAPES = ("circle", "square", "triangle")  # category ids 1, 2, 3
 SIZES = {"small": (0.10, 0.14), "big": (0.20, 0.26)}  # half-extent as a fraction of the shorter side
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 16 <= low <= high:
         parser.error(f"--sizes needs 16 <= MIN <= MAX; got {args.sizes}")
     root = make_synthetic_release(args.out, args.images, args.seed, sizes=(low, high))
-    refs = pickle.loads((root / "synthetic" / "refs(unc).p").read_bytes())
+    refs = load_refs(root / "synthetic" / "refs(unc).p")
     print(f"wrote {args.images} images and {len(refs)} refs to {root}")
     return 0
 

@@ -1,0 +1,105 @@
+"""Faults a long run meets, on one CPU rank: non-finite steps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import dcris.trainer
+from dcris.errors import UserError
+from dcris.trainer import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO2 = str(REPO / "ds_configs" / "zero2.json")
+
+
+class _Poisoned:
+    """A training loader whose micro-batches number ``bad`` (counted from the run's first) carry a NaN pixel."""
+
+    def __init__(self, inner: Any, first: int, bad: set[int]) -> None:
+        self.inner, self.first, self.bad = inner, first, bad
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i, batch in enumerate(self.inner, start=self.first):
+            if i in self.bad:
+                batch = dict(batch, image=batch["image"].clone())
+                batch["image"][0, 1, 5, 7] = float("nan")
+            yield batch
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, bad: set[int]) -> None:
+    real = dcris.trainer.train_loader
+
+    def loader(cfg: Any, rank: int, world: int, device: torch.device, epoch: int) -> _Poisoned:
+        inner = real(cfg, rank, world, device, epoch)
+        return _Poisoned(inner, epoch * len(inner), bad)
+
+    monkeypatch.setattr(dcris.trainer, "train_loader", loader)
+
+
+def _tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside nested dicts / lists, by path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else []
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+def _state(tag: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights, buffers and optimizer state (fp32 partition and Adam moments) a checkpoint holds."""
+    model = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    optim = torch.load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    return _tensors(model, "module") | _tensors(optim["optimizer_state_dict"], "optim")
+
+
+def _run(shards: Path, out: Path, *overrides: str) -> None:
+    argv = ["--deepspeed", ZERO2, "--preset", "tiny-dcris", f"data.shards={shards}", f"train.output_dir={out}",
+            "data.loader=torch", "data.workers=0", "train.micro_batch=2", "train.global_batch=4",
+            "train.precision=fp32", "train.save_every_steps=1", "train.keep_checkpoints=0", "train.log_every_steps=1",
+            "data.eval_splits=val", "train.eval_every_epochs=0", "train.eval_pictures=0", *overrides]  # fmt: skip
+    assert train_main(argv) == 0
+
+
+def test_a_non_finite_step_is_skipped_and_counted(shards: Path, tmp_path: Path, monkeypatch) -> None:
+    _poison(monkeypatch, {5})  # the second micro-batch of step 3: the first one's gradients go as well
+    run = tmp_path / "run"
+    _run(shards, run, "train.max_steps=5")
+    ckpt = run / "checkpoints"
+    before, skipped, after = (_state(ckpt / f"step{s:08d}") for s in (2, 3, 4))
+    assert before.keys() == skipped.keys() and any("running_mean" in k for k in before)
+    assert any("exp_avg_sq" in k for k in before)
+    unchanged = [k for k in before if torch.equal(before[k], skipped[k])]
+    assert unchanged == list(before)  # weights, Adam moments and step count, BatchNorm statistics
+    assert not torch.equal(skipped["module/head.proj.txt.weight"], after["module/head.proj.txt.weight"])
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r for r in log if r.get("skipped")] == [dict(step=3, skipped=True, skipped_steps=1)]
+    assert [r["skipped_steps"] for r in log if "loss" in r] == [0, 0, 1, 1, 1]
+    assert all(r["loss"] == r["loss"] for r in log if "loss" in r and r["step"] != 3)  # no NaN went into the mean
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")][-3:] == [(3, 1), (4, 1), (5, 1)]
+
+
+def test_non_finite_steps_in_a_row_stop_the_run(shards: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    _poison(monkeypatch, set(range(4, 10)))  # steps 3, 4 and 5
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as stop:
+        _run(shards, run, "train.max_steps=8", "train.max_bad_steps=3")
+    message = str(stop.value)
+    assert "\n" not in message and "3 steps in a row, up to step 5" in message and "train.max_bad_steps" in message
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000004"  # saved during the streak: the step-2 state
+    good, latest = _state(ckpt / "step00000002"), _state(ckpt / "step00000004")
+    assert all(torch.equal(good[k], latest[k]) for k in good)
+    assert not (ckpt / "step00000005").exists() and not (run / "export").exists()
