@@ -111,9 +111,9 @@ def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source:
     Derived fields (batch sizes, accumulation, clipping, ``torch_autocast``; ``bf16``/``fp16`` always off) may be
     absent or ``"auto"`` in ``base``; a concrete value that differs from the Config is refused, and so is an
     ``optimizer`` or ``scheduler`` section (the optimizer and the LR schedule come from the Config). Unless
-    ``base`` says otherwise, gradients are reduced in fp32 (``lower_precision_safe_modules`` empty), as DDP does,
-    and without clipping ZeRO-1/2 skip the gradient norm (``compute_grad_norm`` false: no host read in a step;
-    a non-finite gradient then shows in the logged loss instead of skipping the step).
+    ``base`` says otherwise, gradients are reduced in fp32 (``lower_precision_safe_modules`` empty), as DDP does.
+    ZeRO keeps its gradient norm: its one host read a step is what skips a non-finite step on every rank alike
+    (``zero_optimization.compute_grad_norm=false`` in ``base`` drops both).
 
     Raises:
         ConfigError: ``base`` contradicts the Config; the message names the key.
@@ -151,10 +151,6 @@ def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source:
     zero = out.setdefault("zero_optimization", {})
     if t.precision == "fp16" and zero.get("stage", 0) > 0:
         _fp16_with_zero(zero, t, source)
-    elif t.grad_clip == 0 and zero.get("stage", 0) in (1, 2):
-        # the gradient norm serves clipping alone; ZeRO-1/2 would compute it per tensor each step and read it on
-        # the host (a device sync) to skip non-finite steps
-        zero.setdefault("compute_grad_norm", False)
     return out
 
 
