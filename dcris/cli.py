@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)} ('dcris --help')", file=sys.stderr)
         return 2
     return run(COMMANDS[name][0], rest)
 
