@@ -149,6 +149,10 @@ def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source:
         node[path[-1]] = value
     out["torch_autocast"].setdefault("lower_precision_safe_modules", [])
     zero = out.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) == 3:
+        # ZeRO-3's memory-efficient linear replaces torch.nn.functional.linear for the whole process, for good:
+        # evaluation after training and every later model would run DeepSpeed's linear instead of torch's
+        zero.setdefault("memory_efficient_linear", False)
     if t.precision == "fp16" and zero.get("stage", 0) > 0:
         _fp16_with_zero(zero, t, source)
     return out

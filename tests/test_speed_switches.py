@@ -132,13 +132,12 @@ def test_compiled_blocks_and_head_give_the_same_outputs_without_graph_breaks():
 
 def test_compile_switch_runs_inductor_and_matches_eager(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """``model.compile=true`` through build_model, with torch.compile's default backend (inductor's C++ code on
-    the CPU): the forward equals eager. The smallest layout that still has both compiled parts (two vision blocks,
-    both with a DA, so one block graph, and the head with one decoder layer): inductor compiles every graph with
-    the system C++ compiler, about half a minute per graph on two cores."""
+    the CPU): the forward equals eager. The smallest layout that still has every compiled part (two vision blocks,
+    both with a DA, so one block graph; one text block; the head with one decoder layer): inductor compiles every
+    graph with the system C++ compiler, about half a minute per graph on two cores."""
     import torch._inductor.config as inductor_config
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache: the compilation really runs
-    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no compile-worker pool to start
     cfg = preset("tiny-dcris").model
     cfg.image_size = 56
     cfg.vision.depth, cfg.vision.taps, cfg.adapters.vision_layers = 2, [0, 1], [0, 1]
@@ -150,21 +149,22 @@ def test_compile_switch_runs_inductor_and_matches_eager(monkeypatch: pytest.Monk
     images, tokens, _ = _inputs(cfg)
     torch._dynamo.reset()
     counters.clear()
-    with torch.no_grad():
+    with torch.no_grad(), inductor_config.patch(compile_threads=1):  # no compile-worker pool to start
         got, want = compiled(images, tokens), eager(images, tokens)
-    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # one block graph, the head
-    assert counters["inductor"]["fxgraph_cache_miss"] == 2  # both went through inductor
+    # one graph each: the vision block (both blocks), the text block, the head
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
+    assert counters["inductor"]["fxgraph_cache_miss"] == 3  # all went through inductor
     _assert_close(got, want, 1e-5, "compiled logits")
 
 
 @pytest.fixture
 def fresh_fused_state(monkeypatch: pytest.MonkeyPatch):
     """The dense branch's once-per-process first-call check and failure record, fresh for this test."""
-    from dcris.kernels import dense_branch_ref
+    from dcris.kernels import dense_branch
 
-    monkeypatch.setattr(dense_branch_ref, "_checked_kinds", set())
-    monkeypatch.setattr(dense_branch_ref, "_fused_failure", [])
-    return dense_branch_ref
+    monkeypatch.setattr(dense_branch, "_checked_kinds", set())
+    monkeypatch.setattr(dense_branch, "_fused_failure", [])
+    return dense_branch
 
 
 def test_fused_dense_switch_reaches_every_dense_branch(fresh_fused_state, monkeypatch: pytest.MonkeyPatch, recwarn):
@@ -172,7 +172,7 @@ def test_fused_dense_switch_reaches_every_dense_branch(fresh_fused_state, monkey
     CPU) in the model's forward, and the logits equal the eager model's; the text adapters' 1-D branches stay
     eager. The fused kernels need power-of-two branch widths >= 16: a DA 64 wide."""
     pytest.importorskip("triton")
-    from dcris.kernels import dense_branch
+    from dcris.kernels import dense_branch_autograd
 
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py
@@ -183,8 +183,10 @@ def test_fused_dense_switch_reaches_every_dense_branch(fresh_fused_state, monkey
     fused = build_model(cfg, pretrained=False).eval()
     fused.load_state_dict(eager.state_dict())
     ran = []
-    real = dense_branch.fused_dense_branch
-    monkeypatch.setattr(dense_branch, "fused_dense_branch", lambda h, branch: ran.append(branch) or real(h, branch))
+    real = dense_branch_autograd.fused_dense_branch
+    monkeypatch.setattr(
+        dense_branch_autograd, "fused_dense_branch", lambda h, branch: ran.append(branch) or real(h, branch)
+    )
     images, tokens, _ = _inputs(cfg)
     with torch.no_grad():
         got, want = fused(images, tokens), eager(images, tokens)
