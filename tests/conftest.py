@@ -16,6 +16,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Before any test module imports transformers: importing dcris puts Hugging Face's kernels package ahead of the
+# checkout's kernels/ folder, which `python -m pytest` from the root would otherwise let shadow it.
+import dcris  # noqa: E402, F401
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``gpu`` (all that need CUDA; ``pytest -m gpu`` runs them) skip cleanly without a GPU."""
