@@ -50,6 +50,25 @@ from dcris.train_setup import (
 )
 
 ZERO2 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
+# --variants: name -> (config overrides, ZeRO stage or None for zero2.json's): today's path ("eager"), each speed
+# switch alone, and all of them together, measured one after another in one process so the rows compare
+_SWITCHES = {
+    "fused": ["model.adapters.fused_dense=true"],
+    "compile": ["model.compile=true"],
+    "fused_qkv": ["model.vision.fused_qkv=true"],
+    "channels_last": ["model.head.channels_last=true"],
+    "single_key_gate": ["model.head.single_key_gate=true"],
+    "residual16": ["train.compute_dtype_residual=true"],
+}
+VARIANTS: dict[str, tuple[list[str], int | None]] = {
+    "eager": ([], None),
+    "fp32_frozen": (["train.frozen_in_compute_dtype=false"], None),  # the frozen weights cast at every call
+    **{name: (overrides, None) for name, overrides in _SWITCHES.items()},
+    "cuda_graphs": (["model.compile=true", "model.compile_mode=reduce-overhead"], None),
+    "zero0": ([], 0),
+    "zero1": ([], 1),
+    "all": ([o for overrides in _SWITCHES.values() for o in overrides], None),
+}
 COCO_SIZES = (427, 640)  # short and long side range of the generated images: COCO train2014's common sizes
 
 
@@ -350,26 +369,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2), help="ZeRO stage (default: zero2.json's)")
     parser.add_argument("--label", help="the switches cell of the BENCHMARKS.md row (default: from the flags)")
+    parser.add_argument(
+        "--variants",
+        help=f"comma-separated variants measured one after another in this process, a row each ({', '.join(VARIANTS)})",
+    )
     parser.add_argument("--out", default="bench.json", help="JSON record to write")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be at least 1, --warmup at least 0")
+    unknown = [v for v in (args.variants or "").split(",") if v and v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    if args.variants and (args.count_ops or args.label or args.zero_stage is not None):
+        parser.error("--variants sets each row's label and ZeRO stage: no --count-ops, --label or --zero-stage")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``launch/bench.py``: prints the record and its BENCHMARKS.md row, writes the JSON."""
+    """Entry point of ``launch/bench.py``: prints the record and its BENCHMARKS.md row, writes the JSON; with
+    ``--variants``, one record per variant, their rows printed together last."""
     args = parse_args(argv)
+    if args.count_ops:
+        return _count_main(_config(args), args)
+    if not args.variants:
+        record = _record(args, _config(args), args.label, args.zero_stage)
+        _write(args.out, record)
+        shown = {k: v for k, v in record.items() if k != "markdown"}
+        if "train" in shown and "profile" in shown["train"]:
+            print(shown["train"].pop("profile"))
+        print(json.dumps(shown, indent=2))
+        print(record["markdown"])
+        return 0
+    records = []
+    for name in args.variants.split(","):
+        overrides, zero_stage = VARIANTS[name]
+        records.append(_record(args, _config(args, overrides), name, zero_stage))
+        print(records[-1]["markdown"], flush=True)  # as it comes, in case a later variant fails
+        _write(args.out, {"variants": records})
+        torch.cuda.empty_cache()  # the last engine's memory back before the next is built
+    print("\n".join(r["markdown"] for r in records))
+    return 0
+
+
+def _config(args: argparse.Namespace, extra: list[str] = ()) -> Config:
+    """The benchmarked config: the preset at the command line's batch and precision, random backbone weights."""
     overrides = [
         f"train.precision={args.precision}", f"train.micro_batch={args.batch}", f"train.global_batch={args.batch}",
         f"model.adapters.fused_dense={args.fused}", f"model.compile={args.compile}",
         "model.vision.weights=", "model.text.weights=",  # random weights, as SPEC 7's anchors were measured
-        *args.overrides,
+        *args.overrides, *extra,
     ]  # fmt: skip
-    cfg = load_config(preset_name=args.preset, overrides=overrides)
-    if args.count_ops:
-        return _count_main(cfg, args)
+    return load_config(preset_name=args.preset, overrides=overrides)
+
+
+def _record(args: argparse.Namespace, cfg: Config, label: str | None, zero_stage: int | None) -> dict[str, Any]:
+    """One measured record (training and/or inference) of ``cfg``, with its BENCHMARKS.md row."""
     with tempfile.TemporaryDirectory(prefix="dcris-bench-") as tmp:
         if not args.model_only:
             if args.shards:
@@ -377,29 +432,26 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _prepare_shards(cfg, Path(tmp), args.images)
         cfg.train.output_dir = str(Path(tmp) / "run")
+        m = cfg.model
         record: dict[str, Any] = dict(
-            config=dict(preset=args.preset, batch=args.batch, precision=args.precision, fused=args.fused,
-                        compile=args.compile, model_only=args.model_only, image_size=cfg.model.image_size,
-                        loader=loader_kind(cfg.data.loader), zero_stage=args.zero_stage, label=args.label,
-                        overrides=args.overrides,
+            config=dict(preset=args.preset, batch=args.batch, precision=args.precision, fused=m.adapters.fused_dense,
+                        compile=m.compile, model_only=args.model_only, image_size=m.image_size,
+                        loader=loader_kind(cfg.data.loader), zero_stage=zero_stage, label=label,
+                        overrides=args.overrides + VARIANTS.get(label, ([], None))[0],
                         shards=args.shards or "generated COCO-sized synthetic release"),
             env=environment(),
         )  # fmt: skip
         if args.mode in ("train", "both"):
-            record["train"] = bench_training(
-                cfg, args.steps, args.warmup, args.model_only, args.profile, args.zero_stage
-            )
+            record["train"] = bench_training(cfg, args.steps, args.warmup, args.model_only, args.profile, zero_stage)
         if args.mode in ("infer", "both"):
             record["infer"] = bench_inference(cfg, args.batch, args.steps, args.warmup, args.model_only)
     record["markdown"] = markdown_row(record)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    shown = {k: v for k, v in record.items() if k != "markdown"}
-    if "train" in shown and "profile" in shown["train"]:
-        print(shown["train"].pop("profile"))
-    print(json.dumps(shown, indent=2))
-    print(record["markdown"])
-    return 0
+    return record
+
+
+def _write(path: str, record: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2))
 
 
 def _count_main(cfg: Config, args: argparse.Namespace) -> int:
@@ -413,7 +465,6 @@ def _count_main(cfg: Config, args: argparse.Namespace) -> int:
             env=environment(),
             train_step_operators=count_operators(step, warmup=max(args.warmup, 1)),
         )  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
+    _write(args.out, record)
     print(operator_table(record["train_step_operators"]))
     return 0

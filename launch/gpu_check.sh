@@ -4,9 +4,17 @@
 # loaders' throughput on COCO-sized JPEGs, and a profiler table of one training step.
 #
 #   launch/gpu_check.sh [STAGE ...]
+#   launch/gpu_check.sh quick      # everything below in at most 8 minutes: one call on a lent machine
 #
 # Stages (default: all, in this order): tests kernels shards model_only rows loaders profile compiled. A row whose
 # loader fails is measured again with the PyTorch loader (its row names the loader).
+#
+# `quick` first installs what was carried (the wheels of .whl/, made by ../shared/device/wheels.sh, and DALI's when
+# earlier calls assembled them in /tmp/dw), then runs, each under its own limit: the GPU tests; model-only training
+# and inference rows of every speed variant of launch/bench.py --variants (today's path, each switch alone, all
+# together, ZeRO 0 and 1) in one process, so their ratios are side by side; the shards (${IMAGES:-1000} COCO-sized
+# images); the training row with the loader (DALI when installed); evaluation over the train split (about 3,000
+# sentences at 1,000 images) beside the model alone; the loaders; a profiler table of one training step.
 #
 # Results go to ${OUT:-runs/gpu_check}; the stages can run in separate calls sharing ${SHARDS:-$OUT/shards}.
 # Each stage has a time limit, so one slow stage cannot take the others' time; the last lines printed are the
@@ -46,6 +54,43 @@ bench() {  # NAME SECONDS ARGS...: one launch/bench.py record and its BENCHMARKS
   { grep "^| " "$out/bench_$name.txt" || echo "| $name: no record (see bench_$name.txt) |"; } | tee -a "$out/rows.md"
 }
 
+install_carried() {  # the carried wheels into /tmp/site (none needed where the packages are installed)
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  fi
+  if compgen -G "/tmp/dw/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/dw/*.whl
+  fi
+  export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+}
+
+quick() {  # the stages of `quick` (header), about 470 s of limits in all
+  install_carried
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+  echo "-- gpu tests ($(date +%T))"
+  limited 60 "$out/gpu_tests.log" python -m pytest -q -m gpu tests; tail -n 3 "$out/gpu_tests.log"
+  echo "-- variants, model only ($(date +%T))"
+  limited 200 "$out/bench_variants.txt" python launch/bench.py --preset "$preset" --batch "$batch" --model-only \
+    --steps "${QUICK_STEPS:-8}" --warmup 3 --out "$out/bench_variants.json" \
+    --variants eager,fp32_frozen,fused,compile,fused_qkv,channels_last,single_key_gate,residual16,cuda_graphs,zero0,zero1,all
+  { grep "^| " "$out/bench_variants.txt" | awk '!seen[$0]++' | grep . || echo "| variants: no record |"; } |
+    tee -a "$out/rows.md"  # each row is printed as measured and again at the end: once here
+  echo "-- shards ($(date +%T))"
+  IMAGES=${IMAGES:-1000} limited 60 "$out/shards.log" "$0" shards
+  echo "-- training with the loader ($(date +%T))"
+  bench train_loader 50 --mode train --steps "${QUICK_STEPS:-8}"
+  echo "-- evaluation of the train split ($(date +%T))"
+  bench evaluation 60 --mode infer "data.eval_splits=[train]"
+  echo "-- loaders ($(date +%T))"
+  limited 30 "$out/bench_loaders.txt" python shards/bench_loaders.py --shards "$shards" --repeats 1 \
+    --batch-size "$batch" --json "$out/bench_loaders.json"
+  tail -n 6 "$out/bench_loaders.txt"
+  echo "-- profile ($(date +%T))"
+  limited 40 "$out/profile.txt" python launch/bench.py --preset "$preset" --batch "$batch" --shards "$shards" \
+    --mode train --steps 2 --warmup 2 --profile --out "$out/bench_profile.json" "data.workers=$workers"
+  head -n 30 "$out/profile.txt"
+}
+
 for stage in "${stages[@]}"; do
   echo "== $stage ($(date +%T))"
   case $stage in
@@ -80,7 +125,8 @@ for stage in "${stages[@]}"; do
       limited 180 "$out/profile.txt" python launch/bench.py --preset "$preset" --batch "$batch" --shards "$shards" \
         --mode train --steps 3 --warmup 2 --profile --out "$out/bench_profile.json" "data.workers=$workers"
       head -n 35 "$out/profile.txt" ;;
-    *) echo "unknown stage '$stage' (tests kernels shards model_only rows loaders profile compiled)"; exit 2 ;;
+    quick) quick ;;
+    *) echo "unknown stage '$stage' (quick, or: tests kernels shards model_only rows loaders profile compiled)"; exit 2 ;;
   esac
 done
 [ -f "$out/rows.md" ] && cat "$out/rows.md"

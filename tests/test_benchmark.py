@@ -44,6 +44,30 @@ def test_bench_records_training_and_inference_at_tiny_width(tmp_path: Path, mode
         assert infer["evaluate_vs_model_only"] == pytest.approx(ratio)
 
 
+def test_variants_are_measured_in_one_process_a_row_each(tmp_path: Path):
+    """--variants: one record per variant, each with its own overrides and ZeRO stage, the rows printed last."""
+    out = tmp_path / "variants.json"
+    argv = ["--preset", "tiny-dcris", "--batch", "2", "--steps", "1", "--warmup", "0", "--model-only", "--mode",
+            "train", "--precision", "fp32", "--out", str(out), "--variants", "eager,single_key_gate,zero1"]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    records = json.loads(out.read_text())["variants"]
+    assert [r["config"]["label"] for r in records] == ["eager", "single_key_gate", "zero1"]
+    assert [r["config"]["zero_stage"] for r in records] == [None, None, 1]
+    assert records[1]["config"]["overrides"] == ["model.head.single_key_gate=true"]
+    # the switch reached the model: the gate's softmax over one key is gone, so the step counts fewer FLOPs
+    assert records[1]["train"]["gflop_per_sample"] < records[0]["train"]["gflop_per_sample"]
+    assert all(r["markdown"].split(" | ")[4] == r["config"]["label"] for r in records)
+    assert benchmark.VARIANTS["all"][0] == [o for name in ("fused", "compile", "fused_qkv", "channels_last",
+                                                          "single_key_gate", "residual16")
+                                            for o in benchmark.VARIANTS[name][0]]  # fmt: skip
+
+
+def test_unknown_variants_are_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark.parse_args(["--variants", "eager,turbo"])
+    assert stop.value.code == 2 and "unknown variant(s) turbo" in capsys.readouterr().err
+
+
 def test_count_ops_records_one_training_step(tmp_path: Path):
     """--count-ops: the operators of one model-only training step, their sum and the casts among them."""
     out = tmp_path / "ops.json"
