@@ -39,11 +39,14 @@ def phrases_of(text: str | None) -> list[str]:
 
 
 def results_table(results: list[Segmentation], context_length: int) -> str:
-    """HTML rows: colour, phrase, score, share of the image, and a note for cut phrases."""
+    """HTML rows: colour, phrase, score, share of the image, and a note: "no object found" (with the probability
+    that the phrase names something) when a model with the no-target output says it names nothing; cut phrases."""
     rows = []
     for k, r in enumerate(results):
         swatch = f'<span style="display:inline-block;width:1em;height:1em;background:rgb{colour(k)}"></span>'
-        note = f"cut to the first {context_length} tokens: only its start was read" if r.truncated else ""
+        notes = [] if r.found else [f"no object found (target probability {r.target_probability:.2f})"]
+        notes += [f"cut to the first {context_length} tokens: only its start was read"] if r.truncated else []
+        note = "; ".join(notes)
         rows.append(
             f"<tr><td>{swatch}</td><td>{html.escape(r.text)}</td><td>{r.score:.2f}</td><td>{r.area:.1%}</td>"
             f"<td>{note}</td></tr>"

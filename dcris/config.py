@@ -96,6 +96,8 @@ class HeadConfig:
     projector_dim: int = 256  # channels of the projector's last map (per-sample 3x3 kernel over them)
     channels_last: bool = False  # run the head's convolutions on channels-last maps
     single_key_gate: bool = False  # sentence gate as out_proj(v_proj(f_s)): its softmax over one key is always 1
+    no_target: bool = False  # also a "no object" logit from the decoder state (gRefCOCO: phrases naming nothing)
+    no_target_loss_weight: float = 1.0  # weight of its binary cross-entropy beside the mask loss
 
 
 @dataclass
@@ -285,6 +287,13 @@ def etris(cfg: Config) -> None:
     _no_dcris_adapters(cfg)
     b = cfg.model.baseline
     b.method, b.every, b.hidden, b.heads = "etris", 4, 128, 8
+
+
+@register_preset
+def dcris_b_gres(cfg: Config) -> None:
+    """DCRIS-B with the no-target output, for gRefCOCO (configs/dcris-b_grefcoco.yaml)."""
+    dcris_b(cfg)
+    cfg.model.head.no_target = True
 
 
 @register_preset

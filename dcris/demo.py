@@ -9,6 +9,16 @@ Text-blind baselines are scored on the same samples, so the numbers show whether
 - ``centre_disc``: a disc at the centre, radius a quarter of the shorter side.
 - ``all_objects``: the union of every object in the image -- it finds the shapes but not which one is meant.
 
+``--gres`` runs the same on the synthetic gRefCOCO release (``shards/synth.py --gres``: phrases that name one
+object, several or none) with the no-target output (recipe configs/synthetic_gres.yaml), scored with gIoU, cIoU,
+N-acc, T-acc and Pr@; its text-blind baselines answer the same for every phrase of an image:
+
+- ``nothing``: "no object" for every phrase (N-acc 1, T-acc 0).
+- ``all_objects``: the union of every object, a target for every phrase (N-acc 0, T-acc 1).
+- ``best_per_image``: per image, the one answer (no object, or the union of any subset of its objects) that
+  scores the image's phrases best, chosen knowing the truth -- an upper bound of every text-blind predictor that
+  paints whole objects.
+
 Reproducible on a CPU: the seeds, the data order and the number of threads are fixed, so two runs on one machine
 give identical weights and metrics (torch's CPU kernels used here are deterministic already: its
 ``use_deterministic_algorithms`` gives the same weights, 7 times slower). The thread count is fixed because it
@@ -31,6 +41,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "synthetic.yaml"
+GRES_RECIPE = REPO / "configs" / "synthetic_gres.yaml"
 DEEPSPEED = REPO / "ds_configs" / "single.json"
 SPLITS = ["val", "testA", "testB"]
 NUM_IMAGES = 1000  # synthetic images (about 70% train)
@@ -81,12 +92,62 @@ def score_baselines(shards: Path, release: Path, splits: list[str]) -> dict[str,
     return results
 
 
+def _object_masks(release: Path, name: str) -> tuple[dict[int, list[np.ndarray]], dict[int, int]]:
+    """Per image_id its objects' masks (original resolution, annotation order) and per ref_id its image_id."""
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its progress
+        coco = COCO(str(release / name / "instances.json"))
+    objects = {i: [coco.annToMask(a).astype(bool) for a in coco.imgToAnns[i]] for i in coco.imgs}
+    refs = json.loads((release / name / "grefs(unc).json").read_text())
+    return objects, {r["ref_id"]: r["image_id"] for r in refs}
+
+
+def score_gres_baselines(shards: Path, release: Path, splits: list[str]) -> dict[str, dict[str, dict]]:
+    """The GRES text-blind baselines' metrics per split (module docstring), on the samples the model is scored on."""
+    from dcris.data import build_loader
+    from dcris.metrics import GresAccumulator
+
+    objects, image_of = _object_masks(release, "synthetic_gres")
+    results: dict[str, dict[str, dict]] = {}
+    for split in splits:
+        by_image: dict[int, list[np.ndarray]] = {}  # the truth of every sample, per image
+        for batch in build_loader(shards, split, train=False, batch_size=64, image_size=8, loader="torch"):
+            for ref_id, truth in zip(batch["ref_id"].tolist(), batch["orig_mask"], strict=True):
+                by_image.setdefault(image_of[ref_id], []).append(truth.astype(bool))
+        accs = {name: GresAccumulator() for name in ("nothing", "all_objects", "best_per_image")}
+        for image_id, truths in by_image.items():
+            masks = objects[image_id]
+            answers = []  # (painted, said nothing) for every subset of the objects; the empty one says nothing
+            for subset in range(2 ** len(masks)):
+                painted = np.zeros_like(truths[0])
+                for k in (k for k in range(len(masks)) if subset >> k & 1):
+                    painted |= masks[k]
+                answers.append((painted, subset == 0))
+            empty = [not t.any() for t in truths]
+
+            def add(acc: GresAccumulator, answer: tuple[np.ndarray, bool], truths=truths, empty=empty) -> float:
+                counts = [[int((answer[0] & t).sum()), int((answer[0] | t).sum())] for t in truths]
+                return float(acc.add(counts, empty, [answer[1]] * len(truths)).sum())  # the sum of IoUs
+
+            add(accs["nothing"], answers[0])
+            add(accs["all_objects"], answers[-1])
+            best = max(answers, key=lambda a: add(GresAccumulator(), a))
+            add(accs["best_per_image"], best)
+        results[split] = {name: acc.result() for name, acc in accs.items()}
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dcris demo``."""
     parser = argparse.ArgumentParser(prog="dcris demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="dcris-demo", help="folder for data, run, metrics and pictures")
     parser.add_argument("--images", type=int, default=NUM_IMAGES, help="synthetic images to generate")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/synthetic.yaml")
+    parser.add_argument(
+        "--gres", action="store_true",
+        help="the synthetic gRefCOCO release (no-target and multi-target phrases), recipe configs/synthetic_gres.yaml",
+    )  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the recipe")
     args = parser.parse_args(argv)
 
     import torch
@@ -101,15 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     from dcris.trainer import train
 
     out = Path(args.out).resolve()
-    release, shards, run = out / "release", out / "shards" / "synthetic", out / "run"
+    name = "synthetic_gres" if args.gres else "synthetic"
+    release, shards, run = out / "release", out / "shards" / name, out / "run"
     times: dict[str, float] = {}
     start = time.time()
-    synth.make_synthetic_release(release, images=args.images, seed=0)
-    pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images",
+    synth.make_synthetic_release(release, images=args.images, seed=0, gres=args.gres)
+    pack.main(["--refer", str(release), "--dataset", name, "--split-by", "unc", "--images",
                str(release / "images"), "--out", str(out / "shards"), "--workers", "2"])  # fmt: skip
     times["data_s"] = time.time() - start
 
-    cfg = load_config(str(RECIPE), overrides=[f"data.shards={shards}", f"train.output_dir={run}", *args.overrides])
+    recipe = GRES_RECIPE if args.gres else RECIPE
+    cfg = load_config(str(recipe), overrides=[f"data.shards={shards}", f"train.output_dir={run}", *args.overrides])
     torch.set_num_threads(THREADS)
     t0 = time.time()
     summary = train(cfg, read_deepspeed_json(DEEPSPEED), str(DEEPSPEED))
@@ -121,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(
         model, str(shards), SPLITS, image_size=cfg.model.image_size, batch_size=32, loader="torch", on_batch=recorder
     )
-    baselines = score_baselines(shards, release, SPLITS)
+    baselines = (score_gres_baselines if args.gres else score_baselines)(shards, release, SPLITS)
     sheet = out / "contact_sheet_val.png"
     contact_sheets(model, recorder, shards, ["val"], NUM_PICTURES)["val"].save(sheet)
     times["eval_s"] = time.time() - t0
@@ -130,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {**results, "baselines": baselines, "seconds": times, "steps": summary["step"]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\nmodel (tiny, random-init backbones, {summary['step']} steps):\n{format_table(results)}")
-    for name in ("whole_image", "centre_disc", "all_objects"):
-        print(f"\ntext-blind baseline {name}:\n{format_table({s: baselines[s][name] for s in SPLITS})}")
+    for baseline in baselines[SPLITS[0]]:
+        print(f"\ntext-blind baseline {baseline}:\n{format_table({s: baselines[s][baseline] for s in SPLITS})}")
     print(
         f"\ndata {out / 'shards'}\nrun {run} (checkpoints, tensorboard, logs)\nexport {summary['export']}\n"
         f"pictures {sheet} ({NUM_PICTURES} val pairs, best to worst)\nmetrics {out / 'metrics.json'}\n"

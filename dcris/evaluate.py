@@ -28,8 +28,10 @@ from tqdm import tqdm
 
 from dcris.checkpoint import load_weights
 from dcris.data import build_loader, num_samples
+from dcris.data.common import generalized_split
 from dcris.errors import UserError
-from dcris.metrics import IoUAccumulator, format_table
+from dcris.metrics import GresAccumulator, IoUAccumulator, format_table
+from dcris.model import split_output
 from dcris.tokenizer import tokenize
 from dcris.train_setup import AUTOCAST_DTYPES, all_reduce_values, init_distributed
 
@@ -64,7 +66,8 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     on_batch: Callable[[str, dict[str, Any], list[float]], None] | None = None,
 ) -> dict[str, dict[str, float | int]]:
-    """mIoU, oIoU and Pr@ per split (every (object, sentence) once over all ranks).
+    """mIoU, oIoU and Pr@ per split (every (object, sentence) once over all ranks); gIoU, cIoU, N-acc, T-acc and
+    Pr@ for a gRefCOCO split (``dcris.metrics.GresAccumulator``).
 
     Every rank must call this (the sums are all-reduced and, with ZeRO-3, every forward is a collective); a tqdm
     bar shows progress on rank 0.
@@ -76,7 +79,7 @@ def evaluate(
             them for pictures); padding batches are never shown.
 
     Returns:
-        ``{split: IoUAccumulator.result()}``.
+        ``{split: IoUAccumulator.result()}``, or ``GresAccumulator.result()`` for a gRefCOCO split.
     """
     device = torch.device(device)
     was_training = model.training
@@ -92,7 +95,8 @@ def evaluate(
             )  # fmt: skip
             progress = f"eval {split}" if rank == 0 else ""
             split_batches = functools.partial(on_batch, split) if on_batch else None
-            acc = _score_rank(model, data, image_size, device, dtype, progress, split_batches)
+            acc = GresAccumulator() if generalized_split(shards, split) else IoUAccumulator()  # gRefCOCO: GRES metrics
+            _score_rank(model, data, image_size, device, dtype, progress, acc, split_batches)
             acc.all_reduce()
             if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
                 raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")
@@ -109,22 +113,28 @@ def _score_rank(
     device: torch.device,
     dtype: torch.dtype,
     progress: str,
+    acc: IoUAccumulator | GresAccumulator,
     on_batch: Callable[[dict[str, Any], list[float]], None] | None = None,
-) -> IoUAccumulator:
-    """This rank's sums over its loader, after as many forward passes as the rank with the most batches runs.
+) -> None:
+    """Adds this rank's samples to ``acc``, after as many forward passes as the rank with the most batches runs.
 
     Args:
         progress: tqdm description ("" for no bar).
+        acc: Where the samples go: RefCOCO-style sums, or gRefCOCO's for a generalized split.
         on_batch: Sees every real batch with its per-sample IoUs.
     """
     (steps,) = all_reduce_values([len(data)], dist.ReduceOp.MAX)
-    acc = IoUAccumulator()
     seen = 0
     with autocast(device, dtype):
         for batch in tqdm(data, total=int(steps), desc=progress, disable=not progress, leave=False, dynamic_ncols=True):
-            logits = model(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, 4S/14, 4S/14)
-            # orig_size is on the CPU, the sums stay on the device: no sync unless on_batch wants the IoUs
-            ious = acc.add_logits(logits, batch["orig_mask"], batch["orig_size"], image_size)
+            logits, no_target_logits = split_output(model(batch["image"].to(device), batch["tokens"].to(device)))
+            # (B, 1, 4S/14, 4S/14) and (B,) or None; orig_size is on the CPU, the sums stay on the device: no sync
+            # unless on_batch wants the IoUs
+            masks, sizes = batch["orig_mask"], batch["orig_size"]
+            if isinstance(acc, GresAccumulator):
+                ious = acc.add_logits(logits, masks, sizes, image_size, batch["num_targets"], no_target_logits)
+            else:
+                ious = acc.add_logits(logits, masks, sizes, image_size)
             if on_batch is not None:
                 on_batch(batch, ious.tolist())
             seen += 1
@@ -134,7 +144,6 @@ def _score_rank(
             image, tokens = _padding_batch(image_size, data.context_length, device)
             for _ in range(int(steps) - seen):
                 model(image, tokens)  # output dropped: padding never reaches the metrics
-    return acc
 
 
 def _padding_batch(image_size: int, context_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from dcris.config import Config, apply_overrides, from_dict, to_dict
 from dcris.errors import UserError
-from dcris.metrics import PREC_THRESHOLDS
+from dcris.metrics import GRES_PREC_THRESHOLDS, PREC_THRESHOLDS
 from dcris.model import DCRIS, build_model, is_trainable_key
 
 FORMAT = "dcris-export/2"
@@ -110,11 +110,15 @@ def exported_keys(cfg: Config, state_keys: list[str]) -> list[str]:
 
 
 def _metric_rows(results: dict[str, dict]) -> list[list[str]]:
-    """A Markdown table of per-split results (percentages): header, rule, one row per split."""
-    precisions = [f"prec@{t}" for t in PREC_THRESHOLDS]
-    rows = [["split", "mIoU", "oIoU", *(f"Pr@{t}" for t in PREC_THRESHOLDS), "pairs"], ["---"] * (4 + len(precisions))]
+    """A Markdown table of per-split results (percentages): header, rule, one row per split; gRefCOCO results
+    (with ``giou``) get gIoU, cIoU, N-acc, T-acc and their Pr@ instead."""
+    gres = any("giou" in r for r in results.values())
+    thresholds = GRES_PREC_THRESHOLDS if gres else PREC_THRESHOLDS
+    names = ("gIoU", "cIoU", "N-acc", "T-acc") if gres else ("mIoU", "oIoU")
+    keys = [*(("giou", "ciou", "n_acc", "t_acc") if gres else ("miou", "oiou")), *(f"prec@{t}" for t in thresholds)]
+    rows = [["split", *names, *(f"Pr@{t}" for t in thresholds), "pairs"], ["---"] * (2 + len(keys))]
     for split, r in results.items():
-        rows.append([split, *(f"{100 * r[k]:.2f}" for k in ("miou", "oiou", *precisions)), str(r["count"])])
+        rows.append([split, *(f"{100 * r[k]:.2f}" for k in keys), str(r["count"])])
     return rows
 
 

@@ -324,6 +324,28 @@ class Projector(nn.Module):
         return out.transpose(0, 1)  # (B, 1, 4h, 4w)
 
 
+# ----------------------------------------------------------------------------------------------- no-target output
+
+
+class NoTargetHead(nn.Module):
+    """The "no object" logit of a phrase (gRefCOCO), read from the decoder state, as ReLA's no-target classifier
+    reads its region-language state: the decoder output pooled over positions -- the mean (what the map says as a
+    whole) and the max (whether any position matches the phrase) -- then Linear(2C -> C) -> ReLU -> Linear(C -> 1).
+    Positive: the phrase names nothing in the image.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2 * width, width)
+        self.fc2 = nn.Linear(width, 1)
+
+    def forward(self, fq: torch.Tensor) -> torch.Tensor:
+        """(B,) logits from the decoder output ``fq`` (B, C, h, w)."""
+        flat = fq.flatten(2)  # (B, C, hw)
+        pooled = torch.cat([flat.mean(dim=2), flat.amax(dim=2)], dim=1)  # (B, 2C)
+        return self.fc2(F.relu(self.fc1(pooled))).squeeze(1)
+
+
 # ----------------------------------------------------------------------------------------------- assembly and loss
 
 
@@ -342,7 +364,8 @@ def build_head(cfg: HeadConfig, vision_width: int, text_width: int) -> tuple[Nec
 
 
 class SegmentationHead(nn.Module):
-    """Neck -> decoder -> projector, holding them as ``neck``, ``decoder`` and ``proj``.
+    """Neck -> decoder -> projector, holding them as ``neck``, ``decoder`` and ``proj`` (and, with
+    ``cfg.no_target``, :class:`NoTargetHead` as ``no_target``, reading the decoder output).
 
     Args:
         cfg: head config.
@@ -355,11 +378,12 @@ class SegmentationHead(nn.Module):
         # with channels_last only the maps are converted (in the neck): a convolution follows its input's layout,
         # and DeepSpeed flattens weights into contiguous buffers anyway (it also needs stride(-1) == 1 to broadcast)
         self.neck, self.decoder, self.proj = build_head(cfg, vision_width, text_width)
+        self.no_target = NoTargetHead(cfg.width) if cfg.no_target else None
 
     def forward(
         self, maps: Sequence[torch.Tensor], words: torch.Tensor, sentence: torch.Tensor, tokens: torch.Tensor
-    ) -> torch.Tensor:
-        """Segmentation logits.
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation logits (and, with the no-target output, the "no object" logits).
 
         Args:
             maps: the three vision maps, each (B, vision_width, h, w).
@@ -368,11 +392,12 @@ class SegmentationHead(nn.Module):
             tokens: token ids, (B, L); id 0 is padding.
 
         Returns:
-            (B, 1, 4h, 4w) logits.
+            (B, 1, 4h, 4w) logits; with ``cfg.no_target`` the pair (those, (B,) "no object" logits).
         """
         fq = self.neck(maps, sentence)  # (B, C, h, w)
         fq = self.decoder(fq, words, tokens == 0)  # (B, C, h, w)
-        return self.proj(fq, sentence)
+        masks = self.proj(fq, sentence)
+        return masks if self.no_target is None else (masks, self.no_target(fq))
 
 
 def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -390,16 +415,24 @@ def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), mask.float())
 
 
+def no_target_loss(no_target_logits: torch.Tensor, num_targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the "no object" logits (B,) against whether each phrase names nothing
+    (``num_targets`` (B,) == 0), mean over the batch (float32)."""
+    return F.binary_cross_entropy_with_logits(no_target_logits.float(), (num_targets == 0).float())
+
+
 __all__ = [
     "CoordConv",
     "Decoder",
     "DecoderLayer",
     "Neck",
+    "NoTargetHead",
     "Projector",
     "SegmentationHead",
     "SentenceGate",
     "build_head",
     "conv_bn_relu",
+    "no_target_loss",
     "segmentation_loss",
     "sine_position_1d",
     "sine_position_2d",

@@ -16,6 +16,20 @@ Further metrics (e.g. those of generalised RES) add their own columns from the s
 Convention for an empty prediction against an empty mask (union 0): IoU 0, as in the released CRIS/DETRIS
 evaluation (which divides by ``union + 1e-6``). REFER masks are never empty, so this only touches degenerate
 inputs.
+
+gRefCOCO (GRES) splits, whose phrases may name no object or several, are scored by :class:`GresAccumulator` as
+the official ReLA evaluation does, with a predicted no-target flag per sample:
+
+| truth | predicted | counts as | IoU | adds to sum(I) | adds to sum(U) |
+|---|---|---|---|---|---|
+| no target | no target | TP | 1 | 0 | 0 |
+| no target | a target | FN | 0 | 0 | the predicted area |
+| a target | no target | FP | 0 | 0 (I is 0) | U as computed |
+| a target | a target | TN | I/U (0 when U = 0) | I | U |
+
+gIoU = mean IoU and cIoU = sum(I) / sum(U) over all samples; N-acc = TP / (TP + FN), T-acc = TN / (TN + FP)
+(some forks add 1 to those denominators: not here); Pr@0.7/0.8/0.9 count target samples only, IoU >= t.
+I and U come from the thresholded mask the model painted, also when it says nothing is there (as ReLA's).
 """
 
 from __future__ import annotations
@@ -210,10 +224,124 @@ class IoUAccumulator:
         return out
 
 
+GRES_PREC_THRESHOLDS = (0.7, 0.8, 0.9)  # gRefCOCO's Pr@t: target samples with IoU >= t
+NO_TARGET_THRESHOLD = 0.5  # probability of "no object" above which the model says the phrase names nothing
+
+
+class GresAccumulator(IoUAccumulator):
+    """Running sums of the gRefCOCO metrics (module docstring) on the device of the batches, integers as
+    :class:`IoUAccumulator`'s, so :meth:`~IoUAccumulator.all_reduce` and :meth:`~IoUAccumulator.totals` serve."""
+
+    FIELDS = (
+        "intersection",  # sum(I) (cIoU numerator)
+        "union",  # sum(U) (cIoU denominator)
+        "iou_sum",  # sum of per-sample IoUs in units of 1 / IOU_SCALE (gIoU numerator)
+        "count",  # samples seen
+        "tp",  # no target, predicted no target
+        "fn",  # no target, predicted a target
+        "fp",  # a target, predicted no target
+        "tn",  # a target, predicted a target
+        *(f"prec_hits@{t}" for t in GRES_PREC_THRESHOLDS),  # target samples with IoU >= t
+    )
+
+    @staticmethod
+    def gres_statistics(
+        counts: torch.Tensor, truth_empty: torch.Tensor, said_empty: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample IoUs and statistics (the table of the module docstring), on the device of ``counts``.
+
+        Args:
+            counts: int64 (B, 2) intersection and union of the painted mask with the truth.
+            truth_empty: bool (B,) whether each phrase names nothing.
+            said_empty: bool (B,) whether the model said so.
+
+        Returns:
+            float64 (B,) IoUs and int64 (B, len(FIELDS)) statistics.
+        """
+        inter = torch.where(said_empty, 0, counts[:, 0])  # "nothing there" paints nothing that counts
+        union = torch.where(truth_empty & said_empty, 0, counts[:, 1])  # no target: U is the predicted area
+        target_ious = inter.double() / union.clamp(min=1).double()
+        ious = torch.where(truth_empty, said_empty.double(), target_ious)
+        target = ~truth_empty
+        hits = [target & (ious >= t) for t in GRES_PREC_THRESHOLDS]
+        outcomes = [truth_empty & said_empty, truth_empty & ~said_empty, target & said_empty, target & ~said_empty]
+        iou_units = torch.round(ious * IOU_SCALE).long()
+        stats = [torch.where(target, inter, 0), union, iou_units, torch.ones_like(inter), *outcomes, *hits]
+        return ious, torch.stack(stats, 1).long()
+
+    def add(
+        self,
+        counts: torch.Tensor | Sequence[Sequence[int]],
+        truth_empty: torch.Tensor | Sequence[bool],
+        said_empty: torch.Tensor | Sequence[bool],
+    ) -> torch.Tensor:
+        """Adds samples given the (I, U) of each painted mask, whether each names nothing and whether the model
+        said so (tensors on one device, or lists); returns their float64 (B,) IoUs."""
+        counts = torch.as_tensor(counts, dtype=torch.int64).reshape(-1, 2)
+        flags = [torch.as_tensor(f, dtype=torch.bool, device=counts.device) for f in (truth_empty, said_empty)]
+        ious, stats = self.gres_statistics(counts, *flags)
+        sums = stats.sum(dim=0)
+        self.sums = sums if self.sums is None else self.sums + sums.to(self.sums.device)
+        return ious
+
+    def add_logits(
+        self,
+        logits: torch.Tensor,
+        masks: Sequence[np.ndarray],
+        sizes: Sizes,
+        image_size: int,
+        num_targets: torch.Tensor,
+        no_target_logits: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Adds a batch (the arguments of :meth:`IoUAccumulator.add_logits`, plus the no-target fields); nothing
+        waits for the device.
+
+        Args:
+            num_targets: (B,) objects each phrase names (0: none), on the CPU.
+            no_target_logits: (B,) the model's "no object" logits; None for a model without that output, which
+                then says "nothing" exactly when its mask is empty.
+
+        Returns:
+            float64 (B,) gRefCOCO IoU of each sample, in batch order, on the logits' device.
+        """
+        preds = padded_masks_from_logits(logits, sizes, image_size)
+        truths = pad_masks(masks, sizes, logits.device)
+        truth_empty = _to_device(torch.as_tensor(num_targets) == 0, logits.device)
+        if no_target_logits is None:
+            said_empty = ~preds.flatten(1).any(dim=1)
+        else:
+            said_empty = torch.sigmoid(no_target_logits.float()) > NO_TARGET_THRESHOLD
+        return self.add(overlap_counts(preds, truths), truth_empty, said_empty)
+
+    def result(self) -> dict[str, float | int]:
+        """``giou``, ``ciou``, ``n_acc``, ``t_acc``, ``prec@0.7`` .. ``prec@0.9`` (fractions in [0, 1]), ``count``
+        and ``no_target`` (the samples that name nothing); an empty denominator gives 0."""
+        sums = self.totals()
+        targets = sums["tn"] + sums["fp"]
+        no_target = sums["tp"] + sums["fn"]
+        out: dict[str, float | int] = {
+            "giou": sums["iou_sum"] / IOU_SCALE / max(sums["count"], 1),
+            "ciou": sums["intersection"] / sums["union"] if sums["union"] else 0.0,
+            "n_acc": sums["tp"] / no_target if no_target else 0.0,
+            "t_acc": sums["tn"] / targets if targets else 0.0,
+        }
+        out.update({f"prec@{t}": sums[f"prec_hits@{t}"] / max(targets, 1) for t in GRES_PREC_THRESHOLDS})
+        out.update(count=sums["count"], no_target=no_target)
+        return out
+
+
 def format_table(results: dict[str, dict[str, float | int]]) -> str:
-    """A plain-text table of per-split results (percentages, as the paper reports them)."""
-    cols = ["miou", "oiou", *(f"prec@{t}" for t in PREC_THRESHOLDS)]
-    lines = [f"{'split':<10}" + "".join(f"{c:>10}" for c in cols) + f"{'count':>10}"]
-    for split, res in results.items():
-        lines.append(f"{split:<10}" + "".join(f"{100 * res[c]:>10.2f}" for c in cols) + f"{res['count']:>10}")
-    return "\n".join(lines)
+    """A plain-text table of per-split results (percentages, as the papers report them); gRefCOCO splits (those
+    with ``giou``) get their own columns, in a block of their own."""
+    blocks = []
+    refer_cols = ["miou", "oiou", *(f"prec@{t}" for t in PREC_THRESHOLDS)]
+    gres_cols = ["giou", "ciou", "n_acc", "t_acc", *(f"prec@{t}" for t in GRES_PREC_THRESHOLDS)]
+    for cols in (refer_cols, gres_cols):
+        rows = {split: res for split, res in results.items() if ("giou" in res) == (cols is gres_cols)}
+        if not rows:
+            continue
+        lines = [f"{'split':<10}" + "".join(f"{c:>10}" for c in cols) + f"{'count':>10}"]
+        for split, res in rows.items():
+            lines.append(f"{split:<10}" + "".join(f"{100 * res[c]:>10.2f}" for c in cols) + f"{res['count']:>10}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -14,7 +14,7 @@ from torch import nn
 from dcris.baselines import build_baseline
 from dcris.bridger import Bridger
 from dcris.config import ModelConfig
-from dcris.head import SegmentationHead, segmentation_loss
+from dcris.head import SegmentationHead, no_target_loss, segmentation_loss
 from dcris.text import TextEncoder, build_text_encoder
 from dcris.vision import VisionEncoder, load_vision_backbone
 
@@ -42,8 +42,9 @@ class DCRIS(nn.Module):
         self.head = head
         self.baseline = baseline
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Maps images (B, 3, S, S) and tokens (B, L) to logits (B, 1, 4 * S/14, 4 * S/14)."""
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Maps images (B, 3, S, S) and tokens (B, L) to logits (B, 1, 4 * S/14, 4 * S/14); with
+        ``cfg.head.no_target`` to the pair (those, (B,) "no object" logits): see :func:`split_output`."""
         if isinstance(self.baseline, Bridger):
             maps, words, sentence = self.baseline(self.text, self.vision, images, tokens)
         else:
@@ -51,9 +52,29 @@ class DCRIS(nn.Module):
             maps = self.vision(images, words)  # 3 x (B, Cv, S/14, S/14)
         return self.head(maps, words, sentence, tokens)  # (B, 1, 4 * S/14, 4 * S/14)
 
-    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Sigmoid BCE against masks (B, 1, S, S) resized to the logits (SPEC 2)."""
-        return segmentation_loss(logits, masks)
+    def loss(
+        self,
+        output: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        masks: torch.Tensor,
+        num_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sigmoid BCE against masks (B, 1, S, S) resized to the logits (SPEC 2); with the no-target output, plus
+        ``cfg.head.no_target_loss_weight`` times the BCE of the "no object" logits against ``num_targets`` == 0
+        (the mask of a phrase naming nothing is empty, so the mask loss teaches it to paint nothing too).
+
+        Args:
+            output: What :meth:`forward` returned.
+            masks: (B, 1, S, S) targets in [0, 1].
+            num_targets: (B,) objects each phrase names; needed with the no-target output.
+        """
+        logits, no_target_logits = split_output(output)
+        loss = segmentation_loss(logits, masks)
+        if no_target_logits is None:
+            return loss
+        if num_targets is None:
+            raise ValueError("a model with the no-target output needs num_targets (the batches' target counts)")
+        weight = self.cfg.head.no_target_loss_weight
+        return loss + weight * no_target_loss(no_target_logits, num_targets.to(no_target_logits.device))
 
     def train(self, mode: bool = True) -> DCRIS:
         super().train(mode)
@@ -62,6 +83,17 @@ class DCRIS(nn.Module):
             self.text.transformer.eval()
             self.vision.backbone.eval()
         return self
+
+
+ModelOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # logits, or (logits, "no object" logits)
+
+
+def split_output(output: ModelOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask logits, "no object" logits or None) of what :meth:`DCRIS.forward` returned, with or without the
+    no-target output."""
+    if isinstance(output, tuple):
+        return output
+    return output, None
 
 
 def parameter_group(key: str) -> str:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcris.errors import UserError
-from dcris.model import DCRIS, parameter_group
+from dcris.model import DCRIS, ModelOutput, parameter_group, split_output
 from dcris.segmenter import ImageInput, Segmentation, Segmenter
 from dcris.text import TextEncoder, text_block
 from dcris.vision import vision_block
@@ -261,15 +261,16 @@ class MultiSegmenter:
         return self.segmenter(model)(image, texts, truncate=truncate)
 
     @torch.no_grad()
-    def forward(self, parts: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Logits of several sets' rows in one mixed batch (module docstring).
+    def forward(self, parts: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> list[ModelOutput]:
+        """Outputs of several sets' rows in one mixed batch (module docstring).
 
         Args:
             parts: ``(name, images (n, 3, S, S), tokens (n, L))`` in any order, any count per set; L is that set's
                 context length. Every part's set must have the same :meth:`batch_key`.
 
         Returns:
-            Per part, its logits (n, 1, 4S/14, 4S/14): what that set's model alone gives for those rows.
+            Per part, what that set's model alone gives for those rows: logits (n, 1, 4S/14, 4S/14), and for a
+            set with the no-target output the pair (those, (n,) "no object" logits).
         """
         keys = {self.batch_key(name) for name, _, _ in parts}
         if len(keys) != 1:
@@ -286,13 +287,15 @@ class MultiSegmenter:
         device = images.device
         rows = {name: torch.tensor([i for i, o in enumerate(owner) if o == name], device=device) for name in sets}
         models = {name: self.segmenters[name].model for name in sets}
-        logits = self._mixed(models, rows, images, tokens.to(device))
-        return list(logits.split(counts))
+        logits, no_target = self._mixed(models, rows, images, tokens.to(device))
+        pieces = zip(parts, logits.split(counts), no_target.split(counts), strict=True)
+        return [(lg, nt) if models[name].head.no_target is not None else lg for (name, _, _), lg, nt in pieces]
 
     def _mixed(
         self, models: dict[str, DCRIS], rows: dict[str, torch.Tensor], images: torch.Tensor, tokens: torch.Tensor
-    ) -> torch.Tensor:
-        """The mixed forward of :meth:`forward`: images (B, 3, S, S), tokens (B, Lmax) -> logits (B, 1, h, w)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixed forward of :meth:`forward`: images (B, 3, S, S), tokens (B, Lmax) -> logits (B, 1, h, w) and
+        "no object" logits (B,) (0 in the rows of sets without that output)."""
         base = next(iter(models.values()))
         lengths = {name: m.cfg.text.context_length for name, m in models.items()}
 
@@ -319,11 +322,15 @@ class MultiSegmenter:
             x = vision_block(layer, routed, x, words, grid, vision.cfg.heads, 1.0)
             if i in taps:
                 tapped[i] = x
-        out = None
+        out = no_target = None
         for name, m in models.items():
             r = rows[name]
             maps = m.vision.feature_maps([tapped[t][r] for t in m.vision.cfg.taps], x[r], grid)  # 3 x (n, Cv, H, W)
-            own = m.head(maps, own_words[name], sentence[r], tokens[r, : lengths[name]])  # (n, 1, 4H, 4W)
-            out = own.new_empty((len(images), *own.shape[1:])) if out is None else out
+            own, own_no_target = split_output(m.head(maps, own_words[name], sentence[r], tokens[r, : lengths[name]]))
+            if out is None:
+                out = own.new_empty((len(images), *own.shape[1:]))  # (B, 1, 4H, 4W)
+                no_target = own.new_zeros(len(images))
             out[r] = own
-        return out
+            if own_no_target is not None:
+                no_target[r] = own_no_target.to(no_target.dtype)
+        return out, no_target

@@ -21,18 +21,19 @@ def count_parameters(model: DCRIS) -> dict[str, float]:
         ``adapter_params`` (DenseCrossAdapters + TextAdapters, also split by tower), ``baseline_params`` (what a
         Table 2 method trains besides the head: its own modules, or the backbone weights under full fine-tuning),
         ``added_params`` (everything that trains except the head: the paper's "Params" column),
-        ``head_params``, ``trainable_params``, ``backbone_params`` (the pretrained weights, trained or not),
-        ``frozen_params`` (what does not train) and the adapters' and the added parameters' share of the
-        backbone in percent.
+        ``head_params`` (``no_target_params`` of them the no-target output), ``trainable_params``,
+        ``backbone_params`` (the pretrained weights, trained or not), ``frozen_params`` (what does not train) and
+        the adapters' and the added parameters' share of the backbone in percent.
     """
     counts = dict.fromkeys(
         ("adapter_params", "vision_adapter_params", "text_adapter_params", "baseline_params", "head_params",
-         "backbone_params", "frozen_params"), 0,
+         "no_target_params", "backbone_params", "frozen_params"), 0,
     )  # fmt: skip
     for name, p in model.named_parameters():
         n, group = p.numel(), parameter_group(name)
         if group == "head":
             counts["head_params"] += n
+            counts["no_target_params"] += n if name.startswith("head.no_target.") else 0
         elif group == "adapters":
             counts["adapter_params"] += n
             counts[f"{name.split('.')[0]}_adapter_params"] += n
@@ -73,6 +74,7 @@ def format_table(name: str, cfg: Config, counts: dict[str, float]) -> str:
         (f"Table 2 method ({method})", f"{counts['baseline_params']:,}"),
         ("trained params, head excluded", f"{counts['added_params']:,} ({counts['added_percent']:.2f}% of backbone)"),
         ("trainable head params", f"{counts['head_params']:,}"),
+        ("  no-target output", f"{counts['no_target_params']:,}" if m.head.no_target else "-"),
         ("backbone params", f"{counts['backbone_params']:,}"),
         ("frozen params", f"{counts['frozen_params']:,}"),
     ]

@@ -4,7 +4,9 @@
     dcris predict --weights W --image a.jpg --text "..." --out a.png --image b.jpg --text "..." --out b.png
     dcris predict --weights W --pairs pairs.tsv          (lines: IMAGE <TAB> TEXT <TAB> OUT)
 
-Each OUT gets the overlay (mask over the image) and, beside it, ``OUT_mask.png``: the raw mask, 0 or 255.
+Each OUT gets the overlay (mask over the image) and, beside it, ``OUT_mask.png``: the raw mask, 0 or 255. With a
+model that has the no-target output (gRefCOCO), a phrase it finds nothing for is reported as "no object found"
+and gets an empty mask.
 ``--weights`` is an export folder, a Hugging Face Hub model id (from the local cache) or a checkpoint folder.
 """
 
@@ -90,5 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         write_prediction(image, result.mask, out)
-        print(f"{out} ({result.area:.1%} of the image, score {result.score:.2f}), mask {mask_path(out)}")
+        if not result.found:  # the no-target output says the phrase names nothing: the mask is empty
+            print(f"{out}: no object found for {text!r} (target probability {result.target_probability:.2f}), "
+                  f"empty mask {mask_path(out)}")  # fmt: skip
+        else:
+            print(f"{out} ({result.area:.1%} of the image, score {result.score:.2f}), mask {mask_path(out)}")
     return 0

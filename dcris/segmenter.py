@@ -30,8 +30,8 @@ from dcris.config import Config
 from dcris.data.letterbox import letterbox_image, normalize_image
 from dcris.errors import UserError
 from dcris.export import ExportedWeights, download_allowed, save_export
-from dcris.metrics import MASK_THRESHOLD, probabilities_from_logits
-from dcris.model import DCRIS
+from dcris.metrics import MASK_THRESHOLD, NO_TARGET_THRESHOLD, probabilities_from_logits
+from dcris.model import DCRIS, split_output
 from dcris.tokenizer import Truncation, tokenize, truncations
 
 ImageInput = Image.Image | np.ndarray | str | Path
@@ -53,6 +53,10 @@ class Segmentation:
             call are one batch and share it).
         truncation: How the phrase was cut when it needed more tokens than the model reads (only its start was
             read), else None; ``truncated`` says whether it was.
+        target_probability: The model's probability that the phrase names something in the image (its no-target
+            output, gRefCOCO); 1.0 for a model without that output.
+        found: False when the model says the phrase names nothing (``1 - target_probability > 0.5``, as the GRES
+            metrics count it): ``mask`` is then empty (``probability`` stays what the mask head painted).
     """
 
     text: str
@@ -61,6 +65,8 @@ class Segmentation:
     score: float
     seconds: float
     truncation: Truncation | None = None
+    target_probability: float = 1.0
+    found: bool = True
     area: float = field(init=False)  # fraction of the image the mask covers
 
     def __post_init__(self) -> None:
@@ -217,27 +223,36 @@ class Segmenter:
         return rgb, pixels, tokens, cut
 
     def segmentations(
-        self, logits: torch.Tensor, size: tuple[int, int], texts: list[str], cut: list[Truncation | None], start: float
+        self,
+        output: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        size: tuple[int, int],
+        texts: list[str],
+        cut: list[Truncation | None],
+        start: float,
     ) -> list[Segmentation]:
-        """One :class:`Segmentation` per phrase from the model's logits (the second half of :meth:`__call__`).
+        """One :class:`Segmentation` per phrase from the model's output (the second half of :meth:`__call__`).
 
         Args:
-            logits: (N, 1, 4S/14, 4S/14), one row per phrase.
+            output: What the model returned for N rows, one per phrase: logits (N, 1, 4S/14, 4S/14), and with the
+                no-target output also its (N,) "no object" logits (:func:`~dcris.model.split_output`).
             size: The image's own (height, width).
             texts: The phrases.
             cut: How each phrase was cut (:meth:`prepare`).
             start: ``time.perf_counter()`` when the image arrived: ``seconds`` counts from there.
         """
+        logits, no_target_logits = split_output(output)
+        nothing = torch.zeros(len(texts)) if no_target_logits is None else torch.sigmoid(no_target_logits.float())
         probs = probabilities_from_logits(logits, [size] * len(texts), self.model.cfg.image_size)  # N x (h, w)
         found = []
-        for prob in probs:
+        for prob, p_nothing in zip(probs, nothing.tolist(), strict=True):
             prob = prob.clamp(0, 1)  # bicubic overshoot; the threshold lies inside [0, 1] and is unaffected
-            mask = prob > MASK_THRESHOLD
-            found.append((mask.cpu().numpy(), prob.cpu().numpy(), confidence(prob, mask)))
+            there = p_nothing <= NO_TARGET_THRESHOLD
+            mask = (prob > MASK_THRESHOLD) & there
+            found.append((mask.cpu().numpy(), prob.cpu().numpy(), confidence(prob, mask), 1.0 - p_nothing, there))
         seconds = time.perf_counter() - start
         return [
-            Segmentation(text, mask, prob, score, seconds, truncation)
-            for text, (mask, prob, score), truncation in zip(texts, found, cut, strict=True)
+            Segmentation(text, mask, prob, score, seconds, truncation, target, there)
+            for text, (mask, prob, score, target, there), truncation in zip(texts, found, cut, strict=True)
         ]
 
     @torch.no_grad()
@@ -265,8 +280,8 @@ class Segmenter:
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model(pixels.expand(len(phrases), -1, -1, -1), tokens.to(self.device))  # (N, 1, 4S/14, ..)
+            output = self.model(pixels.expand(len(phrases), -1, -1, -1), tokens.to(self.device))
         finally:
             self.model.train(was_training)
-        results = self.segmentations(logits, (rgb.height, rgb.width), phrases, cut, start)
+        results = self.segmentations(output, (rgb.height, rgb.width), phrases, cut, start)
         return results[0] if single else results

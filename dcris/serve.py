@@ -6,13 +6,15 @@
 Built on FastAPI (routes, validation, OpenAPI docs at ``/docs``) and uvicorn. ``POST /v1/segment`` takes an image
 (a multipart upload, or base64 in a JSON body), one or more phrases and an optional model name (default: the first
 export given), and returns per phrase the mask (COCO RLE, or PNG with ``mask_format=png``), the score, the area,
-how the phrase was cut and the seconds. ``GET /v1/models`` lists the adapter sets, ``GET /healthz`` reports
+how the phrase was cut, the seconds and, for an adapter set with the no-target output (gRefCOCO), whether the
+phrase names anything. ``GET /v1/models`` lists the adapter sets, ``GET /healthz`` reports
 liveness and the batching counters.
 
 Requests waiting at the same time are batched together (:class:`Batcher`), across adapter sets of one backbone
 too (:meth:`dcris.multi.MultiSegmenter.forward`): a batch holds at most ``max_batch`` phrases, and its first
 request waits at most ``max_wait_ms`` for others. A batch that fails is run again request by request, so only
-the request that fails gets the error. Bad requests get a 4xx status and ``{"error": "one message"}``.
+the request that fails gets the error. Bad requests get a 4xx status and ``{"error": "one message"}``; past
+``max_queue`` waiting requests a new one is answered 503 at once (retry later) instead of waiting ever longer.
 FastAPI and uvicorn are an optional extra: ``pip install -e ".[serve]"``.
 """
 
@@ -51,6 +53,7 @@ class ServeOptions:
 
     max_batch: int = 16  # phrases per forward (a request is never split, so at least max_phrases)
     max_wait_ms: float = 10.0  # how long a batch's first request waits for others to join it
+    max_queue: int = 256  # requests waiting for the model; one more is answered 503 at once, not queued
     max_upload_bytes: int = 20 * 2**20  # request body size (a base64 image is 4/3 of its file)
     max_pixels: int = 40_000_000  # width x height of the decoded image
     max_phrases: int = 16  # phrases per request
@@ -58,7 +61,8 @@ class ServeOptions:
 
     def check(self) -> None:
         """Raises UserError on options that cannot work together."""
-        if min(self.max_batch, self.max_upload_bytes, self.max_pixels, self.max_phrases, self.max_phrase_chars) < 1:
+        limits = (self.max_batch, self.max_queue, self.max_upload_bytes, self.max_pixels, self.max_phrases)
+        if min(*limits, self.max_phrase_chars) < 1:
             raise UserError("the batch size and every limit must be at least 1")
         if self.max_wait_ms < 0:
             raise UserError(f"--max-wait-ms must not be negative, got {self.max_wait_ms}")
@@ -141,6 +145,8 @@ def segmentation_json(result: Segmentation, mask_format: str) -> dict[str, Any]:
         "truncated": result.truncated,
         "truncation": truncation_json(result.truncation),
         "seconds": result.seconds,
+        "target_probability": result.target_probability,
+        "found": result.found,
     }
 
 
@@ -168,10 +174,12 @@ class Batcher:
         multi: The adapter sets.
         max_batch: Rows per forward at most.
         max_wait_ms: How long a batch's first job waits for others.
+        max_queue: Jobs waiting at most: past it :meth:`submit` refuses (a full server answers at once, rather
+            than letting every client's wait grow without bound).
     """
 
-    def __init__(self, multi: MultiSegmenter, max_batch: int, max_wait_ms: float) -> None:
-        self.multi, self.max_batch, self.max_wait = multi, max_batch, max_wait_ms / 1000
+    def __init__(self, multi: MultiSegmenter, max_batch: int, max_wait_ms: float, max_queue: int) -> None:
+        self.multi, self.max_batch, self.max_wait, self.max_queue = multi, max_batch, max_wait_ms / 1000, max_queue
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.batches = self.rows = 0  # forwards run and the rows they held (the mean batch size is their ratio)
         self.thread = threading.Thread(target=self._loop, name="dcris-batcher", daemon=True)
@@ -184,6 +192,9 @@ class Batcher:
         self.thread.join()
 
     def submit(self, job: Job) -> Future:
+        """Queues ``job``; its future gets its output. Raises RequestError (503) when ``max_queue`` jobs wait."""
+        if self.queue.qsize() >= self.max_queue:
+            raise RequestError(503, f"the server is busy ({self.max_queue} requests wait for the model): retry later")
         self.queue.put(job)
         return job.future
 
@@ -222,7 +233,7 @@ class Batcher:
     def _run(self, jobs: list[Job]) -> None:
         parts = [(job.model, job.pixels.expand(job.rows, -1, -1, -1), job.tokens) for job in jobs]
         try:
-            logits = self.multi.forward(parts)
+            outputs = self.multi.forward(parts)
         except Exception as exc:  # one bad request must not fail the others: run each alone
             if len(jobs) > 1:
                 for job in jobs:
@@ -233,7 +244,7 @@ class Batcher:
             return
         self.batches += 1
         self.rows += sum(job.rows for job in jobs)
-        for job, out in zip(jobs, logits, strict=True):
+        for job, out in zip(jobs, outputs, strict=True):
             job.future.set_result(out)
 
 
@@ -278,7 +289,7 @@ def build_app(multi: MultiSegmenter, options: ServeOptions | None = None) -> Any
 
     options = options or ServeOptions()
     options.check()
-    batcher = Batcher(multi, options.max_batch, options.max_wait_ms)
+    batcher = Batcher(multi, options.max_batch, options.max_wait_ms, options.max_queue)
 
     class SegmentFields(BaseModel):
         """The fields of a request besides the image."""
@@ -373,7 +384,8 @@ def build_app(multi: MultiSegmenter, options: ServeOptions | None = None) -> Any
 
         Multipart: an ``image`` file, ``phrases`` (repeat the field per phrase), optional ``model`` and
         ``mask_format``. JSON: the same fields with ``image`` in base64. Answers ``{"model", "width", "height",
-        "results": [{"phrase", "mask", "score", "area", "truncated", "truncation", "seconds"}, ...]}``.
+        "results": [{"phrase", "mask", "score", "area", "truncated", "truncation", "seconds", "target_probability",
+        "found"}, ...]}``; ``found`` is false when the model says the phrase names nothing (its mask is then empty).
         """
         start = time.perf_counter()
         data, fields = await parse(request)
@@ -384,10 +396,10 @@ def build_app(multi: MultiSegmenter, options: ServeOptions | None = None) -> Any
         segmenter = multi.segmenter(name)
         image = await run_in_threadpool(decode_image, data, options.max_pixels)
         rgb, pixels, tokens, cut = await run_in_threadpool(segmenter.prepare, image, fields.phrases)
-        logits = await asyncio.wrap_future(batcher.submit(Job(name, pixels, tokens)))
+        output = await asyncio.wrap_future(batcher.submit(Job(name, pixels, tokens)))
 
         def answer() -> dict[str, Any]:
-            results = segmenter.segmentations(logits, (rgb.height, rgb.width), fields.phrases, cut, start)
+            results = segmenter.segmentations(output, (rgb.height, rgb.width), fields.phrases, cut, start)
             return {
                 "model": name,
                 "width": rgb.width,

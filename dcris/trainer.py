@@ -224,9 +224,10 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
             losses = []
             for batch in itertools.islice(batches, s.grad_accum):
                 # asynchronous copies (from pinned memory; a no-op for DALI's device batches): no host sync
-                image, tokens, mask = (batch[k].to(s.device, non_blocking=True) for k in ("image", "tokens", "mask"))
-                logits = engine(image, tokens)  # autocast inside
-                loss = engine.module.loss(logits, mask)
+                fields = ("image", "tokens", "mask", "num_targets")
+                image, tokens, mask, num_targets = (batch[k].to(s.device, non_blocking=True) for k in fields)
+                output = engine(image, tokens)  # autocast inside
+                loss = engine.module.loss(output, mask, num_targets)
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule every ``grad_accum`` calls
                 losses.append(loss.detach())

@@ -34,7 +34,7 @@ def adapter_set(cfg: Config, backbone: dict[str, torch.Tensor], seed: int) -> Se
 
 def three_sets() -> dict[str, Segmenter]:
     """Three adapter sets on one random tiny backbone: the paper's TA at 17 tokens, the released TA at 12 tokens,
-    and adapters, taps and scale of their own."""
+    and adapters, taps, scale and a no-target output (gRefCOCO) of their own."""
     torch.manual_seed(0)
     backbone = backbone_state(build_model(preset("tiny-dcris").model, pretrained=False))
     released = preset("tiny-detris")
@@ -43,6 +43,7 @@ def three_sets() -> dict[str, Segmenter]:
     other.model.adapters.vision_layers, other.model.adapters.text_layers = [0, 2], [2]
     other.model.vision.taps = [0, 3]
     other.model.adapters.scale = 0.3
+    other.model.head.no_target = True
     return {
         "paper": adapter_set(preset("tiny-dcris"), backbone, 1),
         "released": adapter_set(released, backbone, 2),

@@ -71,3 +71,15 @@ def test_app_arguments_are_checked(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(argv)
     assert exc.value.code == 2 and "usage: dcris app" in capsys.readouterr().err
+
+
+def test_the_results_table_says_when_no_object_was_found():
+    from dcris.app import results_table
+    from dcris.segmenter import Segmentation
+
+    mask = np.zeros((4, 5), dtype=bool)
+    found = Segmentation("the red circle", mask | True, np.full((4, 5), 0.9), 0.9, 0.1, None, 0.8, True)
+    missing = Segmentation("the yellow square", mask, np.full((4, 5), 0.6), 0.0, 0.1, None, 0.23, False)
+    rows = results_table([found, missing], 17).split("<tr>")[2:]
+    assert "no object found" not in rows[0]
+    assert "no object found (target probability 0.23)" in rows[1] and "the yellow square" in rows[1]

@@ -25,7 +25,14 @@ from released_geometry import (
 
 from dcris.config import preset
 from dcris.data.letterbox import letterbox_mask, unletterbox
-from dcris.metrics import IOU_SCALE, IoUAccumulator, masks_from_logits, padded_probabilities
+from dcris.metrics import (
+    IOU_SCALE,
+    GresAccumulator,
+    IoUAccumulator,
+    format_table,
+    masks_from_logits,
+    padded_probabilities,
+)
 
 
 def _mask(rows: list[str]) -> np.ndarray:
@@ -256,3 +263,108 @@ def test_all_reduce_is_exact() -> None:
     assert out[0] == out[1] == single.result()  # bit-identical, whatever the split and order
     ious = [np.logical_and(p, m).sum() / np.logical_or(p, m).sum() for p, m in zip(preds, masks, strict=True)]
     assert single.totals()["iou_sum"] == sum(round(iou * IOU_SCALE) for iou in ious)
+
+
+# ----------------------------------------------------------------------------------------------- gRefCOCO
+
+
+def _counts(pred: np.ndarray, mask: np.ndarray) -> list[int]:
+    return [int(np.logical_and(pred, mask).sum()), int(np.logical_or(pred, mask).sum())]
+
+
+def test_gres_four_cases_by_hand() -> None:
+    painted = _mask(["####", "##.."])  # 6 pixels
+    truth = _mask(["..##", "..##"])  # 4 pixels: I = 2, U = 8 with ``painted``
+    empty = np.zeros_like(truth)
+    cases = {  # (truth, said nothing) -> (IoU, I added, U added)
+        "TP": (empty, True, 1.0, 0, 0),  # the painted pixels do not count: the model said nothing is there
+        "FN": (empty, False, 0.0, 0, 6),  # the predicted area
+        "FP": (truth, True, 0.0, 0, 8),  # I forced to 0, U as computed from the painted mask
+        "TN": (truth, False, 2 / 8, 2, 8),
+    }
+    for name, (target, said_empty, iou, inter, union) in cases.items():
+        acc = GresAccumulator()
+        assert acc.add([_counts(painted, target)], [not target.any()], [said_empty]).tolist() == [iou], name
+        sums = acc.totals()
+        assert (sums["intersection"], sums["union"], sums["count"]) == (inter, union, 1), name
+        outcomes = ("tp", "fn", "fp", "tn")
+        assert tuple(sums[k] for k in outcomes) == tuple(int(name == k.upper()) for k in outcomes), name
+    acc = GresAccumulator()
+    for target, said_empty, *_ in cases.values():
+        acc.add([_counts(painted, target)], [not target.any()], [said_empty])
+    res = acc.result()
+    assert res["giou"] == (1 + 0 + 0 + 0.25) / 4 and res["ciou"] == 2 / (6 + 8 + 8)
+    assert res["n_acc"] == 1 / 2 and res["t_acc"] == 1 / 2  # TP / (TP + FN), TN / (TN + FP): no + 1
+    assert res["prec@0.7"] == 0 and res["count"] == 4 and res["no_target"] == 2
+    # Pr@ counts target samples only, IoU >= t: one exact 0.7 hit out of two target samples
+    acc.add([[7, 10]], [False], [False])
+    assert acc.result()["prec@0.7"] == 1 / 3 and acc.result()["prec@0.8"] == 0
+
+
+def _official_gres(preds: list, truths: list, pred_nt: list[bool], gt_nt: list[bool]) -> dict:
+    """ReLA's evaluation loop in plain numpy (its accuracies without the + 1 of older forks)."""
+    accum_i = accum_u = accum_iou = 0.0
+    tp = tn = fp = fn = 0
+    pr = {t: 0 for t in (0.7, 0.8, 0.9)}
+    not_empty = 0
+    for pred, gt, p_nt, g_nt in zip(preds, truths, pred_nt, gt_nt, strict=True):
+        i, u = np.sum(np.logical_and(pred, gt)), np.sum(np.logical_or(pred, gt))
+        if g_nt:
+            if p_nt:
+                tp += 1
+                accum_iou += 1
+            else:
+                fn += 1
+                accum_u += u
+        else:
+            if p_nt:
+                fp += 1
+                i = 0
+            else:
+                tn += 1
+            this_iou = 0.0 if u == 0 else float(i) / float(u)
+            accum_iou += this_iou
+            accum_i += i
+            accum_u += u
+            not_empty += 1
+            for t in pr:
+                pr[t] += this_iou >= t
+    out = dict(giou=accum_iou / len(preds), ciou=accum_i / accum_u, n_acc=tp / (tp + fn), t_acc=tn / (tn + fp))
+    out.update({f"prec@{t}": c / not_empty for t, c in pr.items()})
+    return out
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+def test_gres_mixed_set_matches_the_official_formulas(with_head: bool) -> None:
+    rng = np.random.default_rng(11 + with_head)
+    size = 56
+    acc = GresAccumulator()
+    preds, truths, pred_nt, gt_nt = [], [], [], []
+    for _ in range(3):
+        sizes = [(int(h), int(w)) for h, w in rng.integers(20, 90, size=(6, 2))]
+        truth = [object_mask(rng, h, w) for h, w in sizes]
+        num_targets = torch.tensor(rng.integers(0, 3, size=6))
+        num_targets[:3] = torch.tensor([0, 2, 0])  # both kinds in every batch
+        num_targets[4] = 1
+        truth = [t * bool(n) for t, n in zip(truth, num_targets.tolist(), strict=True)]
+        inner = truth[4] & np.roll(truth[4], 4, 0) & np.roll(truth[4], -4, 0) & np.roll(truth[4], 4, 1)
+        inner &= np.roll(truth[4], -4, 1)  # painted strictly inside the truth: I = painted area, U = truth area
+        painted = [object_mask(rng, h, w) for h, w in sizes[:3]] + [truth[3], inner, truth[5]]
+        logits = _object_logits(rng, painted, size)
+        logits[5] = -8.0 - torch.rand_like(logits[5])  # an empty painted mask
+        signs = torch.tensor([1.0, 1.0, -1.0, rng.choice([-1, 1]), -1.0, rng.choice([-1, 1])])  # TP, FP, FN, TN
+        nt_logits = signs * torch.from_numpy(rng.uniform(0.1, 3, size=6)).float() if with_head else None
+        acc.add_logits(logits, truth, sizes, size, num_targets, nt_logits)
+        painted = [m.numpy() for m in masks_from_logits(logits, sizes, size)]
+        preds += painted
+        truths += truth
+        gt_nt += (num_targets == 0).tolist()
+        pred_nt += (torch.sigmoid(nt_logits) > 0.5).tolist() if with_head else [not p.any() for p in painted]
+    expected = _official_gres(preds, truths, pred_nt, gt_nt)
+    got = acc.result()
+    assert {k: got[k] for k in expected} == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert got["count"] == len(preds) and got["no_target"] == sum(gt_nt)
+    sums = acc.totals()
+    assert min(sums["tp"], sums["fn"], sums["tn"]) > 0 and (sums["fp"] > 0 or not with_head)  # every case is there
+    table = format_table({"val": acc.result(), "refcoco-val": IoUAccumulator().result()})
+    assert "giou" in table and "n_acc" in table and "miou" in table

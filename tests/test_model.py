@@ -14,7 +14,7 @@ from transformers import Dinov2WithRegistersModel
 
 from dcris.adapters import TextAdapter
 from dcris.config import PRESETS, Config, preset
-from dcris.model import build_model, is_trainable_key
+from dcris.model import build_model, is_trainable_key, split_output
 from dcris.params import main as params_main
 from dcris.text import TextEncoder, build_text_encoder
 from dcris.vision import VisionEncoder, dinov2_position_embeddings, hf_vision_config, load_vision_backbone
@@ -119,9 +119,11 @@ def test_every_preset_runs_forward_and_backward_at_tiny_width(name: str):
     assert len(model.vision.adapters) == len(cfg.model.adapters.vision_layers)
     assert len(model.text.adapters) == len(cfg.model.adapters.text_layers)
     images = torch.randn(2, 3, 56, 56)
-    logits = model(images, random_tokens(2, cfg.model.text.context_length))
+    output = model(images, random_tokens(2, cfg.model.text.context_length))
+    logits, no_target_logits = split_output(output)
     assert logits.shape == (2, 1, 16, 16)
-    model.loss(logits, (torch.rand(2, 1, 56, 56) > 0.5).float()).backward()
+    assert (no_target_logits is not None) == cfg.model.head.no_target
+    model.loss(output, (torch.rand(2, 1, 56, 56) > 0.5).float(), torch.tensor([0, 2])).backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
 
@@ -334,6 +336,7 @@ def test_text_adapters_change_the_words_only_where_placed():
         (["--preset", "dcris-b", "--adapter-layers", ",".join(map(str, range(12)))], 5_388_096, 22_802_433),
         (["--preset", "detris-b"], 2_715_696, 22_802_433),
         (["--preset", "dcris-b", "--adapter-layers", "none"], 0, 22_802_433),
+        (["--preset", "dcris-b-gres"], 2_694_048, 22_802_433 + (2 * 512 * 512 + 512) + (512 + 1)),  # 2 Linear
     ],
 )
 def test_params_command_reports_the_paper_counts(capsys, args: list[str], adapters: int, head: int):
@@ -341,6 +344,7 @@ def test_params_command_reports_the_paper_counts(capsys, args: list[str], adapte
     counts = json.loads(capsys.readouterr().out)
     assert counts["adapter_params"] == adapters
     assert counts["head_params"] == head
+    assert counts["no_target_params"] == head - 22_802_433  # the no-target output: what dcris-b-gres adds
     assert counts["frozen_params"] == 150_011_649  # DINOv2-B/14 reg 86,583,552 + CLIP text 63,428,097 (SPEC 3)
     assert counts["adapter_percent"] == pytest.approx(100 * adapters / counts["frozen_params"])
 
@@ -395,3 +399,63 @@ def test_python_dash_m_dcris_params():
     )  # fmt: skip
     counts = json.loads(done.stdout)
     assert (counts["adapter_params"], counts["head_params"]) == (2_715_696, 22_802_433)
+
+
+# ---------------------------------------------------------------------------------------------- no-target output
+
+
+def _no_target_model(seed: int = 0) -> tuple[Config, torch.nn.Module]:
+    torch.manual_seed(seed)
+    cfg = preset("tiny-dcris")
+    cfg.model.head.no_target, cfg.model.head.no_target_loss_weight = True, 0.7
+    model = build_model(cfg.model, pretrained=False)
+    for p in model.head.no_target.parameters():  # non-zero biases too
+        torch.nn.init.normal_(p, std=0.2)
+    return cfg, model.train()
+
+
+def test_no_target_logit_and_loss_match_a_hand_computation():
+    cfg, model = _no_target_model()
+    captured = {}
+    model.head.decoder.register_forward_hook(lambda _m, _i, out: captured.update(fq=out))
+    images, tokens = torch.randn(4, 3, 112, 112), random_tokens(4)
+    logits, no_target_logits = model(images, tokens)
+    fq = captured["fq"].detach().numpy().reshape(4, cfg.model.head.width, -1)  # (B, C, hw)
+    pooled = np.concatenate([fq.mean(axis=2), fq.max(axis=2)], axis=1)  # (B, 2C)
+    head = {k: v.detach().numpy() for k, v in model.head.no_target.state_dict().items()}
+    hidden = np.maximum(pooled @ head["fc1.weight"].T + head["fc1.bias"], 0)
+    want = (hidden @ head["fc2.weight"].T + head["fc2.bias"])[:, 0]
+    np.testing.assert_allclose(no_target_logits.detach().numpy(), want, rtol=1e-4, atol=1e-5)
+    masks = (torch.rand(4, 1, 112, 112) > 0.5).float()
+    masks[0] = 0  # a phrase naming nothing has the empty mask
+    num_targets = torch.tensor([0, 1, 3, 1])
+    z, y = no_target_logits.detach().double().numpy(), np.array([1.0, 0, 0, 0])
+    bce = np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))))  # stable BCE with logits
+    rows = np.arange(32) * 112 // 32  # nearest resize 112 -> 32 (the logits' side): pixel floor(i * 112 / 32)
+    x, t = logits.detach().double().numpy(), masks.double().numpy()[:, :, rows][:, :, :, rows]
+    mask_bce = np.mean(np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x))))
+    loss = model.loss((logits, no_target_logits), masks, num_targets)
+    assert float(loss.detach()) == pytest.approx(mask_bce + 0.7 * bce, rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.no_target.parameters())
+    with pytest.raises(ValueError, match="num_targets"):
+        model.loss((logits, no_target_logits), masks)
+
+
+def test_an_export_made_before_the_no_target_output_loads_and_predicts_the_same(tmp_path):
+    """An export whose config.json predates the no-target fields (and whose weights lack them) loads as before."""
+    from dcris.export import CONFIG_FILE, load_exported, save_export
+
+    torch.manual_seed(1)
+    cfg = preset("tiny-dcris")
+    model = build_model(cfg.model, pretrained=False).eval()
+    folder = save_export(model.state_dict(), cfg, tmp_path / "old")
+    payload = json.loads((folder / CONFIG_FILE).read_text())
+    for key in ("no_target", "no_target_loss_weight"):
+        del payload["config"]["model"]["head"][key]  # the config as recorded before these fields existed
+    (folder / CONFIG_FILE).write_text(json.dumps(payload))
+    loaded = load_exported(folder)
+    assert loaded.head.no_target is None and not any("no_target" in k for k in loaded.state_dict())
+    images, tokens = torch.randn(2, 3, 112, 112), random_tokens(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(images, tokens), model(images, tokens))

@@ -12,7 +12,7 @@ from adapter_sets import adapter_set, backbone_state
 
 from dcris.config import Config, preset
 from dcris.errors import UserError
-from dcris.model import parameter_group
+from dcris.model import parameter_group, split_output
 from dcris.multi import MultiSegmenter, backbone_key, named_exports
 from dcris.segmenter import Segmenter
 from dcris.tokenizer import tokenize
@@ -43,13 +43,20 @@ def test_a_mixed_batch_equals_each_set_alone(three_sets):
     assert len({name for name, *_ in parts[:3]}) > 1  # interleaved, not grouped by set
     mixed = multi.forward(parts)
     for (name, images, tokens), got in zip(parts, mixed, strict=True):
-        alone = models[name](images, tokens)  # the set's own model on its rows only
+        # the set's own model on its rows only; "other" also answers whether each phrase names nothing
+        (got, got_nothing), (alone, alone_nothing) = split_output(got), split_output(models[name](images, tokens))
         assert got.shape == alone.shape == (len(images), 1, 4 * size // 14, 4 * size // 14)
         scale = float(alone.abs().max())
         torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+        assert (got_nothing is None) == (alone_nothing is None) == (name != "other")
+        if alone_nothing is not None:
+            assert got_nothing.shape == (len(images),)
+            nothing_scale = float(alone_nothing.abs().max())
+            torch.testing.assert_close(got_nothing, alone_nothing, rtol=1e-5, atol=1e-5 * nothing_scale)
     # the sets really differ: the same rows under another set's adapters give other logits
     name, images, tokens = next(p for p in parts if p[0] == "paper")
-    assert (models["other"](images, tokens) - mixed[parts.index((name, images, tokens))]).abs().max() > 1e-2
+    other = split_output(models["other"](images, tokens))[0]
+    assert (other - mixed[parts.index((name, images, tokens))]).abs().max() > 1e-2
 
 
 def test_sharing_is_decided_from_the_weights(three_sets, tmp_path, probe, caplog):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from dcris.cli import main as cli_main
 from dcris.config import preset
-from dcris.data import build_loader, pack
+from dcris.data import build_loader, dali_available, pack
 from dcris.data.release_counts import PUBLISHED
 from dcris.errors import UserError
 from dcris.export import load_exported, save_export
@@ -337,3 +339,179 @@ def test_rectangle_counts_are_an_rle_of_the_rectangle() -> None:
     expected = np.zeros((h, w), dtype=np.uint8)
     expected[2:5, 1:3] = 1
     assert np.array_equal(flat.reshape(w, h).T, expected)
+
+
+# ----------------------------------------------------------------------------------------------- gRefCOCO
+
+
+@pytest.fixture(scope="module")
+def gres_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic gRefCOCO-format release (shards/synth.py --gres), 30 images."""
+    from dcris.data.synth import make_synthetic_release
+
+    return make_synthetic_release(tmp_path_factory.mktemp("gres"), images=30, seed=5, gres=True)
+
+
+def _as_grefcoco(gres_release: Path, root: Path, edit: Callable[[list[dict], dict], None] | None = None) -> Path:
+    """The synthetic gRefCOCO release under gRefCOCO's own name, ``edit(refs, instances)`` applied."""
+    refs = json.loads((gres_release / "synthetic_gres" / "grefs(unc).json").read_text())
+    instances = json.loads((gres_release / "synthetic_gres" / "instances.json").read_text())
+    if edit is not None:
+        edit(refs, instances)
+    (root / "grefcoco").mkdir(parents=True)
+    (root / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
+    (root / "grefcoco" / "instances.json").write_text(json.dumps(instances))
+    return root
+
+
+def _spoil(refs: list[dict], instances: dict) -> None:
+    """Marks one part of a multi-target ref crowd, makes a one-object ref all-crowd, drops an annotation, and
+    sets a contradicting no_target flag (val refs, so the test knows where to look)."""
+    val = [r for r in refs if r["split"] == "val"]
+    anns = {a["id"]: a for a in instances["annotations"]}
+    multi = [r for r in val if len(r["ann_id"]) > 1]
+    single = [r for r in val if len(r["ann_id"]) == 1 and r["ann_id"] != [-1]]
+    anns[multi[0]["ann_id"][0]]["iscrowd"] = 1  # left out of every union it is in
+    crowd_only = next(r for r in single if r["ann_id"][0] != multi[0]["ann_id"][0] and
+                      all(r["ann_id"][0] not in m["ann_id"] for m in multi))  # fmt: skip
+    anns[crowd_only["ann_id"][0]]["iscrowd"] = 1
+    missing = next(r for r in single if r is not crowd_only and all(r["ann_id"][0] not in m["ann_id"] for m in multi))
+    missing["ann_id"] = [123_456]
+    contradiction = next(r for r in single if r not in (crowd_only, missing))
+    contradiction["no_target"] = True
+
+
+def test_grefcoco_packs_unions_empty_masks_and_target_counts(gres_release: Path, tmp_path: Path) -> None:
+    root = _as_grefcoco(gres_release, tmp_path / "refer", _spoil)
+    argv = ["--refer", str(root), "--images", str(gres_release / "images"), "--out", str(tmp_path / "out")]
+    assert pack.main([*argv, "--dataset", "grefcoco", "--workers", "1", "--shard-size", "10"]) == 0  # unc: default
+    shards = tmp_path / "out" / "grefcoco"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    refs = {r["ref_id"]: r for r in json.loads((root / "grefcoco" / "grefs(unc).json").read_text())}
+    instances = json.loads((root / "grefcoco" / "instances.json").read_text())
+    anns = {a["id"]: a for a in instances["annotations"]}
+    images = {im["id"]: im for im in instances["images"]}
+    for split, info in manifest["splits"].items():
+        samples = _samples(shards, split)
+        skipped = {s["ref_id"]: s["reason"] for s in info["skipped"]}
+        assert len(samples) + len(skipped) == sum(r["split"] == split for r in refs.values())
+        want_crowd, no_target, multi = 0, [0, 0], [0, 0]
+        for sample in samples:
+            ref = refs[sample["info"]["ref_id"]]
+            image = images[ref["image_id"]]
+            union = np.zeros((image["height"], image["width"]), dtype=np.uint8)
+            listed = [] if ref["ann_id"] == [-1] else [anns[a] for a in ref["ann_id"]]
+            kept = [a for a in listed if not a["iscrowd"]]
+            want_crowd += len(listed) - len(kept)
+            for a in kept:  # pycocotools' own rendering of every polygon, OR-ed
+                rle = mask_utils.frPyObjects(a["segmentation"], image["height"], image["width"])
+                union |= mask_utils.decode(rle).max(axis=2)
+            got = (np.asarray(Image.open(io.BytesIO(sample["mask.png"]))) > 127).astype(np.uint8)
+            np.testing.assert_array_equal(got, union)
+            meta = np.frombuffer(sample["meta"], dtype="<i8")
+            assert len(meta) == 8 and meta[7] == len(kept) == sample["info"]["num_targets"]
+            assert meta[3] == (kept[0]["id"] if kept else -1) and sample["info"]["ann_ids"] == [a["id"] for a in kept]
+            count = [1, len(sample["info"]["sentences"])]
+            no_target = [a + b for a, b in zip(no_target, count, strict=True)] if not kept else no_target
+            multi = [a + b for a, b in zip(multi, count, strict=True)] if len(kept) > 1 else multi
+        assert info["no_target"] == dict(objects=no_target[0], sentences=no_target[1])
+        assert info["multi_target"] == dict(objects=multi[0], sentences=multi[1])
+        assert info["crowd_parts"] == want_crowd
+        expected = {}
+        for r in (r for r in refs.values() if r["split"] == split):
+            if r["ann_id"] == [123_456]:
+                expected[r["ref_id"]] = "annotation 123456 missing"
+            elif r["ann_id"] != [-1] and all(anns[a]["iscrowd"] for a in r["ann_id"]):
+                expected[r["ref_id"]] = "every listed object is a crowd annotation"
+            elif r["no_target"] != (r["ann_id"] == [-1]):
+                expected[r["ref_id"]] = f"no_target is {r['no_target']} but ann_id lists 1 object(s)"
+        assert skipped == expected
+        if split == "val":  # every kind of spoilt ref was seen
+            assert want_crowd >= 1 and no_target[0] > 0 and multi[0] > 0 and len(set(expected.values())) == 3
+    total = sum(len(r["sentences"]) for r in refs.values())
+    assert manifest["count_check"]["differences"] == [
+        f"all splits: {total:,} sentences in the release, published 259,859 ({total - 259859:+,})"
+    ]
+
+
+def test_grefcoco_total_is_checked_after_packing(
+    gres_release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcris.data.release_counts import PUBLISHED_TOTALS
+
+    def drop_annotation(refs: list[dict], instances: dict) -> None:
+        next(r for r in refs if r["ann_id"] != [-1])["ann_id"] = [123_456]
+
+    for name, edit in (("clean", None), ("spoilt", drop_annotation)):
+        root = _as_grefcoco(gres_release, tmp_path / name, edit)
+        refs = json.loads((root / "grefcoco" / "grefs(unc).json").read_text())
+        total = sum(len(r["sentences"]) for r in refs)
+        monkeypatch.setitem(PUBLISHED_TOTALS, ("grefcoco", "unc"), total)  # the release matches the total
+        argv = ["--refer", str(root), "--images", str(gres_release / "images"), "--out", str(tmp_path / f"o{name}")]
+        assert pack.main([*argv, "--dataset", "grefcoco", "--workers", "1"]) == 0
+        check = json.loads((tmp_path / f"o{name}" / "grefcoco" / "manifest.json").read_text())["count_check"]
+        assert check["published"] == {"sentences": total}
+        lost = 0 if edit is None else len(next(r for r in refs if r["ann_id"] == [123_456])["sentences"])
+        want = [] if not lost else [f"all splits: {total - lost:,} sentences packed, published {total:,} ({-lost:+,})"]
+        assert check["differences"] == want and check["match"] is (not lost)
+
+
+def test_old_seven_field_meta_reads_as_one_target(shards: Path, tmp_path: Path) -> None:
+    """Shards of the 7-field meta (packed before the target count) still load: one target per sample."""
+    import webdataset as wds
+    from wds2idx import IndexCreator
+
+    old = tmp_path / "old"
+    shutil.copytree(shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for shard in manifest["splits"]["val"]["shards"]:
+        with tarfile.open(old / shard["tar"]) as tar:
+            members: dict[str, dict] = {}
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                members.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+        with wds.TarWriter(str(old / shard["tar"])) as writer:
+            for sample in members.values():
+                sample["meta"] = sample["meta"][: 7 * 8]  # the first 7 int64 fields
+                writer.write(sample)
+        with IndexCreator(str(old / shard["tar"]), str(old / shard["idx"]), verbose=False) as creator:
+            creator.create_index()
+        with np.load(old / shard["tables"]) as tables:
+            tokens, meta = tables["tokens"], tables["meta"]
+        np.savez(old / shard["tables"], tokens=tokens, meta=meta[:, :7])  # the DALI loader's copy of the meta
+    for kind in ("torch", "dali") if dali_available() else ("torch",):
+        read = dict(loader=kind, train=False, batch_size=4, image_size=56, workers=0 if kind == "torch" else 1)
+        batches, new = list(build_loader(old, "val", **read)), list(build_loader(shards, "val", **read))
+        assert all(b["num_targets"].eq(1).all() for b in batches) and sum(len(b["ref_id"]) for b in batches) > 0
+        for a, b in zip(batches, new, strict=True):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["ref_id"], b["ref_id"]), kind
+            assert torch.equal(a["meta"], b["meta"][:, :7]), kind
+
+
+def test_a_refcoco_and_grefcoco_mix_trains_on_no_held_out_image(gres_release: Path, tmp_path: Path) -> None:
+    """Every RefCOCO ref is put in train, so the images of gRefCOCO's val/test splits sit in RefCOCO's train: the
+    mix must drop them (and keep gRefCOCO's own layout: target counts, empty masks)."""
+    root = _as_grefcoco(gres_release, tmp_path / "refer")
+    grefs = json.loads((root / "grefcoco" / "grefs(unc).json").read_text())
+    refcoco = [
+        dict(r, ann_id=r["ann_id"][0], category_id=r["category_id"][0], split="train", ref_id=10_000 + r["ref_id"])
+        for r in grefs
+        if len(r["ann_id"]) == 1 and r["ann_id"] != [-1]
+    ]
+    (root / "refcoco").mkdir()
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refcoco))
+    shutil.copy(root / "grefcoco" / "instances.json", root / "refcoco" / "instances.json")
+    argv = ["--refer", str(root), "--images", str(gres_release / "images"), "--out", str(tmp_path / "out")]
+    assert pack.main([*argv, "--mix", "refcoco,grefcoco", "--workers", "1"]) == 0
+    held_out = {r["image_id"] for r in grefs if r["split"] != "train"}
+    assert held_out
+    shards = tmp_path / "out" / "mix"
+    samples = _samples(shards, "train")
+    assert samples and not {s["info"]["image_id"] for s in samples} & held_out
+    kept = [r for r in refcoco if r["image_id"] not in held_out] + [r for r in grefs if r["split"] == "train"]
+    assert len(samples) == len(kept)
+    info = json.loads((shards / "manifest.json").read_text())["splits"]["train"]
+    assert info["dropped"] == sum(r["image_id"] in held_out for r in refcoco)
+    assert {s["info"]["dataset"] for s in samples} == {"refcoco", "grefcoco"}
+    nothing = [s for s in samples if np.frombuffer(s["meta"], dtype="<i8")[7] == 0]
+    assert len(nothing) == info["no_target"]["objects"] == sum(r["no_target"] for r in grefs if r["split"] == "train")

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
+from randomised import randomised_model
 from torch.profiler import ProfilerActivity, profile
 
 from dcris.config import preset
@@ -19,17 +19,7 @@ BF16 = torch.bfloat16
 
 def _model(name: str = "tiny-dcris") -> DCRIS:
     """A tiny preset with LayerScales and BatchNorm statistics away from their init, so every branch counts."""
-    torch.manual_seed(0)
-    model = build_model(preset(name).model, pretrained=False)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-        for layer in model.vision.backbone.encoder.layer:
-            layer.layer_scale1.lambda1.uniform_(0.5, 1.5)
-            layer.layer_scale2.lambda1.uniform_(0.5, 1.5)
-    return model
+    return randomised_model(preset(name).model)
 
 
 def _inputs(model: DCRIS, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

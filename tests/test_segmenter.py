@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -266,3 +268,59 @@ def test_cuda_and_bf16_give_the_cpu_masks(tiny_segmenter, probe, tmp_path):
         assert (cuda.mask != cpu.mask).mean() < 2e-3
         assert bf16.mask.shape == cpu.mask.shape and (bf16.mask != cpu.mask).mean() < 0.05
         assert abs(bf16.score - cpu.score) < 0.05
+
+
+@pytest.fixture(scope="module")
+def gres_segmenter(tiny_segmenter, probe) -> Segmenter:
+    """The tiny segmenter's weights plus a no-target output whose bias splits the probe's phrases into found and
+    not found."""
+    from dcris.model import build_model, split_output
+
+    cfg = copy.deepcopy(tiny_segmenter.config)
+    cfg.model.head.no_target = True
+    torch.manual_seed(3)
+    model = build_model(cfg.model, pretrained=False).eval()
+    missing, unexpected = model.load_state_dict(tiny_segmenter.model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("head.no_target.") for k in missing)
+    image, phrases = probe
+    pixels = normalize_image(torch.from_numpy(letterbox_image(Image.fromarray(image), 112)).permute(2, 0, 1))
+    with torch.no_grad():
+        logits = split_output(model(pixels.expand(len(phrases), -1, -1, -1), tokenize(phrases, 17)))[1]
+        model.head.no_target.fc2.bias -= logits.median() + 1e-3  # the middle phrase's logit just above 0
+    return Segmenter(model, cfg)
+
+
+def test_a_phrase_the_model_finds_nothing_for_gets_an_empty_mask(gres_segmenter, tiny_segmenter, probe, tmp_path):
+    from dcris.model import split_output
+    from dcris.predict import main as predict_main
+
+    image, phrases = probe
+    pixels = normalize_image(torch.from_numpy(letterbox_image(Image.fromarray(image), 112)).permute(2, 0, 1))
+    with torch.no_grad():  # the reference: the model's own "no object" logits, one phrase at a time
+        outputs = [gres_segmenter.model(pixels[None], tokenize([p], 17)) for p in phrases]
+        nothing = [torch.sigmoid(split_output(output)[1])[0] for output in outputs]
+    results, plain = gres_segmenter(image, phrases), tiny_segmenter(image, phrases)
+    assert {r.found for r in results} == {True, False}
+    for result, base, p_nothing in zip(results, plain, nothing, strict=True):
+        assert result.target_probability == pytest.approx(1 - float(p_nothing), abs=1e-5)
+        assert result.found == (float(p_nothing) <= 0.5)
+        np.testing.assert_allclose(result.probability, base.probability, atol=1e-5)  # the same mask head
+        if result.found:
+            np.testing.assert_array_equal(result.mask, base.mask)
+        else:
+            assert not result.mask.any() and result.area == 0 and result.score == 0
+    assert all(r.found and r.target_probability == 1.0 for r in plain)  # no no-target output: always a target
+    # dcris predict says so, and writes the empty mask
+    weights = gres_segmenter.save_pretrained(tmp_path / "export")
+    Image.fromarray(image).save(tmp_path / "probe.png")
+    argv = ["--weights", str(weights), "--device", "cpu"]
+    for k, phrase in enumerate(phrases):
+        argv += ["--image", str(tmp_path / "probe.png"), "--text", phrase, "--out", str(tmp_path / f"o{k}.png")]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert predict_main(argv) == 0
+    lines = stdout.getvalue().splitlines()
+    for k, result in enumerate(results):
+        assert ("no object found" in lines[k]) == (not result.found)
+        written = np.asarray(Image.open(tmp_path / f"o{k}_mask.png")) > 0
+        np.testing.assert_array_equal(written, result.mask)

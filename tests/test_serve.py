@@ -7,6 +7,7 @@ import base64
 import io
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -84,6 +85,8 @@ def assert_same_masks(answer: dict, segmenter: Segmenter, image: np.ndarray, phr
         np.testing.assert_array_equal(mask[decided], want.mask[decided])
         assert got["score"] == pytest.approx(want.score, abs=1e-4)
         assert got["truncated"] == want.truncated and got["area"] == pytest.approx(want.area, abs=1e-3)
+        assert got["found"] == want.found
+        assert got["target_probability"] == pytest.approx(want.target_probability, abs=1e-4)
 
 
 def test_api_contract(client, three_sets, probe):
@@ -109,6 +112,13 @@ def test_api_contract(client, three_sets, probe):
     cut = answer["results"][1]
     assert cut["truncated"] and cut["truncation"]["tokens_needed"] > 12 and LONG.startswith(cut["truncation"]["kept"])
     assert answer["results"][0]["truncation"] is None and answer["results"][0]["seconds"] > 0
+    assert answer["results"][0]["target_probability"] == 1.0 and answer["results"][0]["found"]  # no such output
+    # a set with the no-target output (gRefCOCO): its probability that each phrase names something
+    answer = post(client, png(image), PHRASES[:3], model="other").json()
+    assert_same_masks(answer, three_sets["other"], image, PHRASES[:3])
+    assert any(r["target_probability"] < 1 for r in answer["results"])  # read from the model, not the default
+    for r in answer["results"]:
+        assert r["found"] == (r["target_probability"] >= 0.5) and (r["found"] or r["area"] == 0)
     # JSON with the image in base64, PNG masks; no model named: the first one
     request = {"image": base64.b64encode(jpeg(image)).decode(), "phrases": [PHRASES[1]], "mask_format": "png"}
     answer = client.post("/v1/segment", json=request).json()
@@ -191,6 +201,34 @@ def test_a_failing_batch_fails_only_its_request(three_sets, probe):
             if answer.status_code == 200:
                 assert_same_masks(answer.json(), three_sets[name], image, phrases)
         assert c.get("/healthz").json()["status"] == "ok"
+
+
+def test_a_full_queue_is_answered_503_at_once_and_the_server_keeps_serving(three_sets, probe):
+    """With the model held busy, one request runs, ``max_queue`` wait and the rest are refused with 503 without
+    waiting; once the model is free the waiting ones are answered and new requests are served."""
+    image, _ = probe
+    multi = MultiSegmenter(three_sets)
+    forward, free = multi.forward, threading.Event()
+
+    def held(parts):
+        free.wait(60)
+        return forward(parts)
+
+    multi.forward = held
+    with running(multi, ServeOptions(max_batch=1, max_wait_ms=0, max_queue=2, max_phrases=1)) as c:
+        with ThreadPoolExecutor(6) as pool:
+            answers = [pool.submit(post, c, png(image), [PHRASES[0]], model="paper") for _ in range(6)]
+            deadline = time.monotonic() + 60
+            while sum(a.done() for a in answers) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            refused = [a.result() for a in answers if a.done()]
+            free.set()
+            statuses = sorted(a.result().status_code for a in answers)
+        assert [r.status_code for r in refused] == [503] * 3 and statuses == [200] * 3 + [503] * 3
+        assert "busy" in refused[0].json()["error"]
+        later = post(c, png(image), [PHRASES[1]], model="paper")
+        assert later.status_code == 200
+        assert_same_masks(later.json(), three_sets["paper"], image, [PHRASES[1]])
 
 
 def test_concurrent_requests_are_each_answered_with_their_own_masks(three_sets):

@@ -24,7 +24,9 @@ def _pack_commands(lines: list[str]) -> dict[str, int]:
             args = pack._parse_args(shlex.split(line)[2:])
             split_by = None if args.mix else args.split_by
             length = args.context_length or pack.default_context_length(args.dataset, split_by)
-            written[str(Path(args.out) / pack.output_name(args))] = length
+            folder = str(Path(args.out) / pack.output_name(args))
+            assert folder not in written, f"two pack commands write {folder}: the second would replace the first"
+            written[folder] = length
     return written
 
 
@@ -50,6 +52,9 @@ def test_the_readme_packs_the_documented_layout() -> None:
         "data/shards/mix": 17,  # DETRIS_large_mixed: word_len 17
         "data/shards-17/refcocog": 17,
         "data/shards/synthetic": 17,
+        "data/shards/grefcoco": 17,
+        "data/shards/synthetic_gres": 17,
+        "data/shards-gres/mix": 17,  # RefCOCO + gRefCOCO, beside the three-set mix
     }
 
 
@@ -69,7 +74,7 @@ def test_every_config_reads_a_folder_the_readme_writes(path: Path) -> None:
         shards = argv[argv.index("--shards") + 1]
         assert shards in folders, command
         assert argv[argv.index("--weights") + 1] == f"{cfg.train.output_dir}/export", command
-    if path.stem in ("synthetic", "dcris-l_mixed"):
+    if path.stem in ("synthetic", "synthetic_gres", "dcris-l_mixed"):  # no test header, or another set's test splits
         return
     # training evaluates val only; the header scores the test splits afterwards
     assert cfg.data.eval_splits == ["val"], path.name

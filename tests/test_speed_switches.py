@@ -3,11 +3,16 @@ torch.compile of the blocks of both encoders and the head (also under the DeepSp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
+import types
+from collections.abc import Iterator
 
 import pytest
 import torch
+from randomised import randomised_model
 from torch._dynamo.utils import counters
 
 from dcris.config import ModelConfig, preset
@@ -23,21 +28,6 @@ def _inputs(cfg: ModelConfig, batch: int = 2) -> tuple[torch.Tensor, torch.Tenso
     tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, torch.randint(1, 49000, (batch, 5), generator=g), 49407
     masks = (torch.rand(batch, 1, cfg.image_size, cfg.image_size, generator=g) > 0.5).float()
     return images, tokens, masks
-
-
-def _randomised(cfg: ModelConfig) -> DCRIS:
-    """tiny-detris with random BatchNorm statistics and LayerScales, so every branch counts."""
-    torch.manual_seed(0)
-    model = build_model(cfg, pretrained=False)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-        for layer in model.vision.backbone.encoder.layer:
-            layer.layer_scale1.lambda1.uniform_(0.5, 1.5)
-            layer.layer_scale2.lambda1.uniform_(0.5, 1.5)
-    return model
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, name: str = "") -> None:
@@ -64,7 +54,7 @@ def _step(model: DCRIS, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, d
 @pytest.mark.parametrize("switch", ["vision.fused_qkv", "head.channels_last", "head.single_key_gate"])
 def test_switch_gives_the_same_outputs_and_gradients(switch: str):
     base_cfg = preset("tiny-detris").model
-    base = _randomised(base_cfg)
+    base = randomised_model(base_cfg)
     cfg = preset("tiny-detris").model
     section, key = switch.split(".")
     setattr(getattr(cfg, section), key, True)
@@ -112,8 +102,8 @@ def test_compiled_blocks_and_head_give_the_same_outputs_without_graph_breaks():
     (inductor's CPU code generation takes minutes on a small CPU; the GPU check runs the default backend).
     """
     cfg = preset("tiny-detris").model
-    base = _randomised(cfg)
-    compiled = _randomised(cfg)
+    base = randomised_model(cfg)
+    compiled = randomised_model(cfg)
     compiled.load_state_dict(base.state_dict())
     compiled.vision._block_fn = torch.compile(vision_block, backend="aot_eager", dynamic=False)
     compiled.text._block_fn = torch.compile(text_block, backend="aot_eager", dynamic=False)
@@ -142,7 +132,7 @@ def test_compile_switch_runs_inductor_and_matches_eager(monkeypatch: pytest.Monk
     cfg.image_size = 56
     cfg.vision.depth, cfg.vision.taps, cfg.adapters.vision_layers = 2, [0, 1], [0, 1]
     cfg.text.layers, cfg.adapters.text_layers, cfg.head.decoder_layers = 1, [0], 1
-    eager = _randomised(cfg).eval()
+    eager = randomised_model(cfg).eval()
     cfg.compile = True
     compiled = build_model(cfg, pretrained=False).eval()
     compiled.load_state_dict(eager.state_dict())
@@ -178,7 +168,7 @@ def test_fused_dense_switch_reaches_every_dense_branch(fresh_fused_state, monkey
         assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py
     cfg = preset("tiny-detris").model
     cfg.image_size, cfg.adapters.vision_hidden = 56, 64
-    eager = _randomised(cfg).eval()
+    eager = randomised_model(cfg).eval()
     cfg.adapters.fused_dense = True
     fused = build_model(cfg, pretrained=False).eval()
     fused.load_state_dict(eager.state_dict())
@@ -198,15 +188,27 @@ def test_fused_dense_switch_reaches_every_dense_branch(fresh_fused_state, monkey
     _assert_close(got, want, 1e-5, "fused-dense logits")
 
 
+@contextlib.contextmanager
+def _xformers_switch(monkeypatch: pytest.MonkeyPatch, disabled: bool) -> Iterator[types.ModuleType]:
+    """DCRIS_NO_XFORMERS set (``disabled``) or unset, with the attention module's cached xformers probe cleared
+    before and after (the real probe again for later tests); yields ``dcris.attention``."""
+    from dcris import attention as attention_module
+
+    if disabled:
+        monkeypatch.setenv("DCRIS_NO_XFORMERS", "1")
+    else:
+        monkeypatch.delenv("DCRIS_NO_XFORMERS", raising=False)
+    attention_module._xformers_ops.cache_clear()
+    try:
+        yield attention_module
+    finally:
+        attention_module._xformers_ops.cache_clear()
+
+
 @pytest.mark.parametrize("disabled", [False, True])
 def test_no_xformers_variable_forces_sdpa(monkeypatch: pytest.MonkeyPatch, disabled: bool):
     """With CUDA and a working xformers (faked here), the attention entry point takes xformers unless
     DCRIS_NO_XFORMERS=1, which leaves torch's scaled_dot_product_attention."""
-    import sys
-    import types
-
-    from dcris import attention as attention_module
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     fake = types.ModuleType("xformers.ops")
     fake.memory_efficient_attention = lambda q, k, v, **_: q
@@ -215,17 +217,10 @@ def test_no_xformers_variable_forces_sdpa(monkeypatch: pytest.MonkeyPatch, disab
     sys.modules["xformers"].ops = fake
     real_randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: real_randn(*a, **k))  # the probe's, on the CPU
-    if disabled:
-        monkeypatch.setenv("DCRIS_NO_XFORMERS", "1")
-    else:
-        monkeypatch.delenv("DCRIS_NO_XFORMERS", raising=False)
-    attention_module._xformers_ops.cache_clear()
-    try:
+    with _xformers_switch(monkeypatch, disabled) as attention_module:
         found = attention_module._xformers_ops()
         assert (found is None) if disabled else (found is fake)
         assert attention_module.xformers_available() is not disabled
-    finally:
-        attention_module._xformers_ops.cache_clear()  # the real probe again for later tests
 
 
 @pytest.mark.gpu
@@ -235,26 +230,19 @@ def test_which_attention_kernel_runs_on_cuda(monkeypatch: pytest.MonkeyPatch, di
     seen in the profiler's op names (not inferred from the switch)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dcris import attention as attention_module
-
-    if disabled:
-        monkeypatch.setenv("DCRIS_NO_XFORMERS", "1")
-    else:
-        monkeypatch.delenv("DCRIS_NO_XFORMERS", raising=False)
-    attention_module._xformers_ops.cache_clear()
-    try:
+    with _xformers_switch(monkeypatch, disabled) as attention_module:
         if not disabled and not attention_module.xformers_available():
             pytest.skip("xformers' kernels do not load for this torch")
         q, k, v = (torch.randn(2, 8, 1029, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             attention_module.attention(q, k, v)
             torch.cuda.synchronize()
-    finally:
-        attention_module._xformers_ops.cache_clear()
     names = {e.name for e in prof.events()}
     sdpa = any("scaled_dot_product" in n for n in names)
     xformers = any("xformers" in n or "efficient_attention_forward" in n for n in names)
     assert (sdpa and not xformers) if disabled else (xformers and not sdpa), sorted(names)
+
+
 def _block_outputs_and_grads(fn, module: torch.nn.Module, adapter: torch.nn.Module, x: torch.Tensor, *args):
     x = x.clone().requires_grad_(True)
     out = fn(module, adapter, x, *args)
@@ -266,7 +254,7 @@ def _block_outputs_and_grads(fn, module: torch.nn.Module, adapter: torch.nn.Modu
 
 def test_one_vision_and_one_text_block_compile_whole_with_inductor():
     """fullgraph=True: no graph break in a block with its adapter; inductor's kernels equal eager in training."""
-    model = _randomised(preset("tiny-detris").model).train()
+    model = randomised_model(preset("tiny-detris").model).train()
     g = torch.Generator().manual_seed(2)
     words = torch.randn(2, 17, 64, generator=g)
     vision = (model.vision.backbone.encoder.layer[1], model.vision.adapters["1"])

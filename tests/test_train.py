@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import eval_reference
@@ -74,12 +75,14 @@ def test_batch_layout_and_deepspeed_config() -> None:
 
 
 @torch.no_grad()
-def _split_loss(model: torch.nn.Module, shards: Path) -> float:
-    """Mean loss over the train split, BatchNorm on batch statistics as in training, dropout seeded."""
+def _split_loss(model: torch.nn.Module, shards: Path, loss: Callable | None = None) -> float:
+    """Mean loss over the train split, BatchNorm on batch statistics as in training, dropout seeded; ``loss(output,
+    batch)`` instead of the model's own."""
     model.train()
     torch.manual_seed(1)
+    loss = loss or (lambda output, b: model.loss(output, b["mask"], b["num_targets"]))
     losses = [
-        (model.loss(model(b["image"], b["tokens"]), b["mask"]).item(), len(b["image"]))
+        (loss(model(b["image"], b["tokens"]), b).item(), len(b["image"]))
         for b in build_loader(shards, "train", train=True, batch_size=8, image_size=112, loader="torch", workers=0)
     ]
     return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
@@ -164,6 +167,46 @@ def test_dali_and_torch_loaders_give_the_same_training_samples(shards: Path) -> 
             batches = list(train_loader(cfg, rank, world, torch.device("cpu"), epoch=1))
             layouts.append([{k: (tuple(v.shape), v.dtype, v.device.type) for k, v in b.items()} for b in batches])
         assert layouts[0] == layouts[1] and layouts[0][0]["image"] == ((4, 3, size, size), torch.float32, "cpu")
+
+
+@pytest.fixture(scope="module")
+def gres_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic gRefCOCO release (shards/synth.py --gres, 24 images) packed: train, val, testA, testB."""
+    from dcris.data import pack, synth
+
+    root = tmp_path_factory.mktemp("gres")
+    synth.make_synthetic_release(root / "release", images=24, seed=0, gres=True)
+    pack.main(["--refer", str(root / "release"), "--dataset", "synthetic_gres", "--split-by", "unc", "--images",
+               str(root / "release" / "images"), "--out", str(root / "shards"), "--workers", "1"])  # fmt: skip
+    return root / "shards" / "synthetic_gres"
+
+
+def test_the_tiny_preset_trains_on_the_synthetic_gres_release(gres_shards: Path, tmp_path: Path) -> None:
+    """The real entry point with the no-target output: both losses fall, evaluation reports the GRES metrics."""
+    from dcris.head import no_target_loss
+    from dcris.model import split_output
+
+    _train(
+        gres_shards, tmp_path / "run", "model.head.no_target=true", "train.max_steps=16", "train.lr=0.003",
+        "train.log_every_steps=8", "train.keep_checkpoints=1",
+    )  # fmt: skip
+    cfg = preset("tiny-dcris")
+    cfg.model.head.no_target = True
+    torch.manual_seed(0)  # train.seed, as the trainer seeds the model's init
+    initial = build_model(cfg.model, pretrained=True)
+    trained = load_exported(tmp_path / "run" / "export")
+    assert trained.head.no_target is not None
+
+    def nt_loss(output: tuple, batch: dict) -> torch.Tensor:
+        return no_target_loss(split_output(output)[1], batch["num_targets"])
+
+    assert _split_loss(trained, gres_shards) < 0.8 * _split_loss(initial, gres_shards)
+    assert _split_loss(trained, gres_shards, nt_loss) < 0.9 * _split_loss(initial, gres_shards, nt_loss)
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = evaluations[-1]["results"]["val"]
+    assert {"giou", "ciou", "n_acc", "t_acc", "prec@0.7", "prec@0.8", "prec@0.9"} <= set(val)
+    manifest = json.loads((gres_shards / "manifest.json").read_text())["splits"]["val"]
+    assert val["count"] == manifest["sentences"] and val["no_target"] == manifest["no_target"]["sentences"] > 0
 
 
 def test_checkpoint_holds_no_frozen_weights_and_loads_like_the_export(shards: Path, tmp_path: Path) -> None:

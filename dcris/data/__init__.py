@@ -2,10 +2,11 @@
 
 Batches are dicts. Training: ``image`` float32 (B, 3, S, S) CLIP-normalised, ``mask`` float32 (B, 1, S, S) in
 [0, 1], ``tokens`` int64 (B, L) -- one random sentence per object, L the shards' context length (17, or 22 for
-G-Ref umd) -- and ``ref_id`` (B,) int64. Evaluation (one item per (object, sentence)) adds ``sent_idx`` (B,)
-and ``orig_size`` (B, 2) = (h, w), both int64, and ``orig_mask``: a list of B uint8 (h, w) numpy arrays in
-{0, 1}. image, mask and tokens are on ``device``; the ids and sizes stay on the CPU. How ranks split the
-data is in :mod:`dcris.data.common`.
+G-Ref umd) -- ``ref_id`` (B,) int64 and ``num_targets`` (B,) int64, the objects the phrase names (0 for a
+gRefCOCO phrase that names nothing; 1 throughout RefCOCO, RefCOCO+ and G-Ref). Evaluation (one item per (object,
+sentence)) adds ``sent_idx`` (B,) and ``orig_size`` (B, 2) = (h, w), both int64, and ``orig_mask``: a list of
+B uint8 (h, w) numpy arrays in {0, 1}. image, mask and tokens are on ``device``; the ids and sizes stay on the
+CPU. How ranks split the data is in :mod:`dcris.data.common`.
 """
 
 from __future__ import annotations

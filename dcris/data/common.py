@@ -9,7 +9,8 @@ Each loader (DALI, PyTorch) only turns shard samples into *object batches* -- on
     image        float32 (B, 3, S, S), letterboxed and CLIP-normalised, on the loader's device
     mask         float32 (B, 1, S, S) in [0, 1], on the device
     tokens_all   int64 (B, K, L): every sentence of the object, zero rows past its count, on the device
-    meta         int64 (B, 7) on the CPU: sample_index, ref_id, image_id, ann_id, height, width, num_sentences
+    meta         int64 (B, 8) on the CPU: sample_index, ref_id, image_id, ann_id, height, width, num_sentences,
+                 num_targets ((B, 7) from shards packed before num_targets: see :func:`target_counts`)
     orig_mask    evaluation only: list of B uint8 (h, w) arrays in {0, 1}
 
 :class:`ShardLoader` turns those into the batches trainers see (the contract in ``dcris.data``): training
@@ -37,7 +38,7 @@ import torch
 
 from dcris.errors import UserError
 
-META_FIELDS = ("sample_index", "ref_id", "image_id", "ann_id", "height", "width", "num_sentences")
+META_FIELDS = ("sample_index", "ref_id", "image_id", "ann_id", "height", "width", "num_sentences", "num_targets")
 SHARD_FORMAT = "dcris-shards/4"  # the manifest's ``format``: what shards/pack.py writes and the loaders read
 
 
@@ -85,6 +86,11 @@ def split_info(manifest: dict, split: str, shards_dir: str | Path) -> dict:
     return splits[split]
 
 
+def generalized_split(shards_dir: str | Path, split: str) -> bool:
+    """Whether a packed split is gRefCOCO-style (the packer counted its no-target refs): scored with GRES metrics."""
+    return "no_target" in split_info(read_manifest(shards_dir), split, shards_dir)
+
+
 def num_samples(shards_dir: str | Path, split: str, train: bool) -> int:
     """Samples of a split over all ranks: objects for training, (object, sentence) pairs for evaluation."""
     info = split_info(read_manifest(shards_dir), split, shards_dir)
@@ -99,6 +105,14 @@ def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
 def sentence_index(seed: int, epoch: int, sample_index: int, num_sentences: int) -> int:
     """The sentence trained on for an object in an epoch: random, but fixed by (seed, epoch, sample)."""
     return int(np.random.default_rng((seed, epoch, sample_index)).integers(num_sentences))
+
+
+def target_counts(meta: torch.Tensor) -> torch.Tensor:
+    """int64 (B,) objects in each sample's target (0: its phrases name nothing) from meta (B, 8); meta of the older
+    7 fields (shards packed before the count was recorded, all REFER releases of one object per ref) gives 1."""
+    if meta.shape[1] > META_FIELDS.index("num_targets"):
+        return meta[:, META_FIELDS.index("num_targets")]
+    return torch.ones(len(meta), dtype=torch.long)
 
 
 def take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
@@ -224,14 +238,17 @@ class ShardLoader:
             choice = [sentence_index(self.seed, self.epoch, int(m[0]), int(m[6])) for m in meta]  # one per object
             rows = torch.arange(len(choice), device=batch["tokens_all"].device)
             tokens = batch["tokens_all"][rows, torch.tensor(choice, device=rows.device)]  # (B, L)
-            yield dict(image=batch["image"], mask=batch["mask"], tokens=tokens, ref_id=meta[:, 1])
+            yield dict(
+                image=batch["image"], mask=batch["mask"], tokens=tokens, ref_id=meta[:, 1],
+                num_targets=target_counts(meta),
+            )  # fmt: skip
             if step + 1 == steps:
                 return
 
     def _eval_batches(self) -> Iterator[dict[str, Any]]:
         pending: dict[str, Any] | None = None
         for batch in self.object_batches():
-            meta = batch["meta"]  # (B, 7)
+            meta = batch["meta"]  # (B, 8), or (B, 7) from older shards
             counts = meta[:, 6]
             obj = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (P,) object of each pair
             sent = torch.cat([torch.arange(int(c)) for c in counts])  # (P,) sentence index within its object
@@ -241,6 +258,7 @@ class ShardLoader:
                 mask=batch["mask"][obj.to(batch["mask"].device)],
                 tokens=tokens_all[obj.to(tokens_all.device), sent.to(tokens_all.device)],  # (P, L)
                 ref_id=meta[obj, 1],
+                num_targets=target_counts(meta)[obj],
                 sent_idx=sent,
                 orig_size=meta[obj][:, 4:6],  # (P, 2): h, w
                 orig_mask=[batch["orig_mask"][i] for i in obj.tolist()],

@@ -200,10 +200,10 @@ class SplitData:
             shard_of += [k] * len(index)
             with np.load(loader.shards_dir / shard["tables"]) as tables:
                 tokens.append(tables["tokens"])  # int32 (n, K_shard, L)
-                metas.append(tables["meta"])  # int64 (n, 7)
+                metas.append(tables["meta"])  # int64 (n, 8), or (n, 7) from older shards
         self.shard_of = np.asarray(shard_of)  # (N,)
         self.spans = np.asarray(spans, dtype=np.int64).reshape(-1, 4)  # (N, 4): jpg offset, size, png offset, size
-        self.meta = np.concatenate(metas)  # (N, 7)
+        self.meta = np.concatenate(metas)  # (N, 8) (one layout per split: shards/pack.py)
         self.tokens = np.zeros((len(self.meta), loader.max_sentences, loader.context_length), dtype=np.int32)
         first = 0
         for table in tokens:  # (n, K_shard, L) into (N, K_max, L)
@@ -352,7 +352,7 @@ class DaliShardLoader(ShardLoader):
                 image=_as_torch(outputs[0], self.device)[:count],  # (B, 3, S, S)
                 mask=_as_torch(outputs[1], self.device)[:count],  # (B, 1, M, M)
                 tokens_all=to_device(tokens_all, self.device),
-                meta=torch.from_numpy(stream.data.meta[rows]),  # (B, 7), on the host
+                meta=torch.from_numpy(stream.data.meta[rows]),  # (B, 8), on the host
             )
             if not self.train:
                 originals = (np.asarray(outputs[2][i]) for i in range(count))  # (h, w, 1) each

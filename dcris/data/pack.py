@@ -1,16 +1,21 @@
-"""Pack a REFER release (RefCOCO, RefCOCO+, G-Ref, or their mix) into webdataset shards (SPEC 4).
+"""Pack a REFER release (RefCOCO, RefCOCO+, G-Ref, gRefCOCO, or a mix) into webdataset shards (SPEC 4).
 
-One sample per referred object, holding the original data (the letterbox happens in the loader, so one
-packing serves every image size)::
+One sample per ref (a referred object; in gRefCOCO a set of zero, one or several objects), holding the
+original data (the letterbox happens in the loader, so one packing serves every image size)::
 
     KEY.jpg         the COCO JPEG, bytes unchanged (not re-encoded)
-    KEY.mask.png    the object's mask at the original resolution, 8-bit gray, 0 or 255
+    KEY.mask.png    the target's mask at the original resolution, 8-bit gray, 0 or 255: for gRefCOCO the union
+                    of the listed objects (crowd annotations left out, as the official loader does), all zero
+                    for a phrase that names nothing
     KEY.tokens.npy  int32 (num_sentences, L) in ``np.save`` format: CLIP tokens of every sentence, L the context
                     length (``--context-length``; by default 22 for G-Ref umd, 17 otherwise, as the released configs)
     KEY.json        dataset, ref_id, ann_id, image_id, file_name, height, width, category_id, sentences (stripped
-                    text), sent_ids (paired with sentences) and sample_index
-    KEY.meta        int64 little-endian (7,): sample_index, ref_id, image_id, ann_id, height, width,
-                    num_sentences -- the same numbers in a form the DALI pipeline reads without parsing JSON
+                    text), sent_ids (paired with sentences), sample_index and num_targets; gRefCOCO adds
+                    ann_ids (the objects of the union) and its category_id is their list
+    KEY.meta        int64 little-endian (8,): sample_index, ref_id, image_id, ann_id (the first target's, -1 for
+                    none), height, width, num_sentences, num_targets -- the same numbers in a form the DALI
+                    pipeline reads without parsing JSON. Shards packed before num_targets was added carry the
+                    first 7; the loaders read those as one target per sample (every RefCOCO-style ref has one).
 
 Every split is shuffled once with a fixed seed (``--seed``) before it is cut into shards, so any contiguous
 range of samples (what a rank reads) mixes images and, with ``--mix``, data sets.
@@ -19,19 +24,23 @@ Output layout (shard paths in the manifest are relative to ``OUT/NAME``, e.g. ``
 
     OUT/NAME/manifest.json               per split: objects, sentences, shards (tar, idx, tables, samples, sentences,
                                          sha256, sentence_counts), skipped [{ref_id, reason}], blank_sentences
-                                         [{ref_id, sent_id}], dropped; count_check against the published counts;
+                                         [{ref_id, sent_id}], dropped; for gRefCOCO also no_target and
+                                         multi_target ({objects, sentences}) and crowd_parts (left out of the
+                                         unions); count_check against the published counts;
                                          format: dcris.data.common.SHARD_FORMAT, bumped with every format change
     OUT/NAME/SPLIT/NNNNNN.tar            the shards, --shard-size objects each
     OUT/NAME/SPLIT/NNNNNN.idx            their DALI index files
     OUT/NAME/SPLIT/NNNNNN.tables.npz     per shard, in sample order: ``tokens`` int32 (n, K, L), every object's
                                          tokens.npy zero-padded to the shard's most sentences K, and ``meta``
-                                         int64 (n, 7): what the DALI loader reads once instead of per sample
+                                         int64 (n, 8): what the DALI loader reads once instead of per sample
     OUT/NAME/SPLIT/NNNNNN.done.json      one marker per finished shard (with its sha256): what makes a rerun resume
 
 Usage::
 
     python shards/pack.py --refer ROOT --dataset refcoco --split-by unc --images COCO/train2014 --out OUT
     python shards/pack.py --refer ROOT --mix refcoco,refcoco+,refcocog --images COCO/train2014 --out OUT
+    python shards/pack.py --refer ROOT --dataset grefcoco --images COCO/train2014 --out OUT   (grefs(unc).json)
+    python shards/pack.py --refer ROOT --mix refcoco,grefcoco --images COCO/train2014 --out OUT
 """
 
 from __future__ import annotations
@@ -53,12 +62,13 @@ from tqdm import tqdm
 
 from dcris.data.common import SHARD_FORMAT
 from dcris.data.refs import load_refs
-from dcris.data.release_counts import count_differences, published_counts
+from dcris.data.release_counts import PUBLISHED_TOTALS, count_differences, published_counts, total_differences
 from dcris.errors import UserError
 from dcris.tokenizer import CONTEXT_LENGTH, tokenize
 
 FORMAT = SHARD_FORMAT
-STANDARD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # used by --mix
+STANDARD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "grefcoco": "unc"}  # --mix, defaults
+META_LENGTH = 8  # int64 fields of KEY.meta (module docstring)
 SPLIT_ORDER = {s: k for k, s in enumerate(("train", "val", "test", "testA", "testB", "testC"))}  # manifest order
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 # The released configs' word_len: G-Ref umd 22; RefCOCO, RefCOCO+, G-Ref google and the mix (DETRIS_large_mixed) 17.
@@ -95,12 +105,21 @@ class _Plan:
     count_differences: list[str] | None = None  # None: no published counts to compare with
 
 
+def _refs_path(root: Path, dataset: str, split_by: str) -> Path:
+    """gRefCOCO's ``grefs(SPLIT_BY).json`` (or the pickled copy some mirrors have) where the release has one, else
+    REFER's ``refs(SPLIT_BY).p``; a generalized release's refs list their objects (``ann_id`` a list, ``[-1]``:
+    none), which is what :func:`_object_record` goes by."""
+    candidates = [root / dataset / f"grefs({split_by}).{ext}" for ext in ("json", "p")]
+    found = next((c for c in candidates if c.is_file()), None)
+    return found or (candidates[0] if dataset == "grefcoco" else root / dataset / f"refs({split_by}).p")
+
+
 def _load_refs(root: Path, dataset: str, split_by: str) -> list[dict]:
-    path = root / dataset / f"refs({split_by}).p"
+    path = _refs_path(root, dataset, split_by)
     if not path.is_file():
         raise PackError(f"refs file not found: {path}")
     try:
-        refs = load_refs(path)
+        refs = json.loads(path.read_text()) if path.suffix == ".json" else load_refs(path)
     except UserError as e:  # a file naming a class: refused unread
         raise PackError(str(e)) from None
     except Exception as e:  # a truncated or foreign pickle can raise almost anything
@@ -140,18 +159,51 @@ def _release_counts(refs: list[dict]) -> dict[str, dict[str, int]]:
     return counts
 
 
+def _target_parts(ref: dict, annotations: dict) -> list[dict] | None:
+    """The annotations a gRefCOCO ref lists, as ``{ann_id, segmentation, iscrowd}`` (segmentation None when the
+    annotation is missing); ``[]`` for a phrase that names nothing (``ann_id == [-1]``), None for an empty list."""
+    if not ref["ann_id"]:
+        return None
+    if [int(a) for a in ref["ann_id"]] == [-1]:
+        return []
+    parts = []
+    for ann_id in ref["ann_id"]:
+        ann = annotations.get(int(ann_id)) or {}
+        parts.append(dict(ann_id=int(ann_id), segmentation=ann.get("segmentation"), iscrowd=int(ann.get("iscrowd", 0))))
+    return parts
+
+
 def _object_record(ref: dict, dataset: str, key: str, images: dict, annotations: dict) -> dict:
     """What a worker needs to pack one object (plain data, cheap to pickle); ``index`` is set once shuffled.
 
     Sentences are stored stripped (as the released data preparation does); blank ones are dropped together with
-    their ``sent_id`` and listed in ``blank_sent_ids``.
+    their ``sent_id`` and listed in ``blank_sent_ids``. A gRefCOCO ref carries ``parts`` (:func:`_target_parts`)
+    and ``no_target_flag`` (its optional boolean ``no_target``, checked against ``ann_id`` when packed).
     """
     image = images.get(int(ref["image_id"]))
     if image is None:
         raise PackError(f"ref {ref['ref_id']} names image {ref['image_id']}, absent from instances.json")
+    pairs = [(str(s.get("sent") or "").strip(), s.get("sent_id")) for s in ref["sentences"]]
+    if isinstance(ref["ann_id"], list):  # gRefCOCO: a set of objects
+        parts = _target_parts(ref, annotations)
+        return dict(
+            key=key,
+            dataset=dataset,
+            ref_id=int(ref["ref_id"]),
+            image_id=int(ref["image_id"]),
+            ann_id=-1,  # set when packed: the first listed object that is not crowd
+            file_name=image["file_name"],
+            height=int(image["height"]),
+            width=int(image["width"]),
+            category_id=[int(c) for c in ref.get("category_id") or [] if c is not None and int(c) >= 0],
+            parts=parts,
+            no_target_flag=ref.get("no_target"),
+            sentences=[text for text, _ in pairs if text],
+            sent_ids=[sent_id for text, sent_id in pairs if text],
+            blank_sent_ids=[sent_id for text, sent_id in pairs if not text],
+        )
     ann = annotations.get(int(ref["ann_id"]))
     category_id = ref.get("category_id", None if ann is None else ann.get("category_id"))
-    pairs = [(str(s.get("sent") or "").strip(), s.get("sent_id")) for s in ref["sentences"]]
     return dict(
         key=key,
         dataset=dataset,
@@ -188,7 +240,7 @@ def _plan_mix(args: argparse.Namespace, root: Path) -> _Plan:
     objects, dropped, differences = [], 0, []
     for d, (name, refs, images, anns) in enumerate(loaded):
         # Each source release is checked whole: a wrong refs file shows in any of its splits.
-        found = count_differences(name, STANDARD_SPLIT_BY[name], _release_counts(refs), "in the release")
+        found = _release_differences(name, STANDARD_SPLIT_BY[name], _release_counts(refs))
         differences += [f"{name}: {line}" for line in found or []]
         for r in sorted(refs, key=lambda r: int(r["ref_id"])):
             if r["split"] != "train":
@@ -214,7 +266,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if args.mix:
         return _plan_mix(args, root)
     if not args.dataset or not args.split_by:
-        raise PackError("give --dataset and --split-by, or --mix")
+        raise PackError("give --dataset and --split-by, or --mix")  # --split-by defaults to unc for grefcoco
     refs = _load_refs(root, args.dataset, args.split_by)
     images, annotations = _load_instances(root, args.dataset)
     available = sorted({str(r["split"]) for r in refs}, key=split_key)
@@ -233,8 +285,14 @@ def _plan(args: argparse.Namespace) -> _Plan:
         name=output_name(args),
         objects=by_split,
         manifest_fields=dict(mix=None, split_by=args.split_by),
-        count_differences=count_differences(args.dataset, args.split_by, _release_counts(refs), "in the release"),
+        count_differences=_release_differences(args.dataset, args.split_by, _release_counts(refs)),
     )
+
+
+def _release_differences(dataset: str, split_by: str, counts: dict[str, dict[str, int]]) -> list[str] | None:
+    """A release's counts against the published ones: per split where those are known, else the total."""
+    found = count_differences(dataset, split_by, counts, "in the release")
+    return found if found is not None else total_differences(dataset, split_by, counts, "in the release")
 
 
 def _read_image(path: Path, height: int, width: int) -> bytes:
@@ -284,14 +342,49 @@ def _render_mask(segmentation: object, height: int, width: int) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
+def _union_mask(obj: dict) -> tuple[np.ndarray, list[int], int]:
+    """A gRefCOCO ref's target: uint8 (h, w) union of its non-crowd objects (all zero when it lists none), the ids
+    of those objects and how many crowd parts were left out; ValueError names the reason to skip the ref."""
+    parts, flag = obj["parts"], obj["no_target_flag"]
+    if parts is None:
+        raise ValueError("ann_id is an empty list ([-1] marks a phrase that names nothing)")
+    if flag is not None and bool(flag) != (not parts):
+        raise ValueError(f"no_target is {flag} but ann_id lists {len(parts)} object(s)")
+    height, width = obj["height"], obj["width"]
+    mask = np.zeros((height, width), dtype=np.uint8)
+    kept = []
+    for part in parts:
+        if part["segmentation"] is None:
+            raise ValueError(f"annotation {part['ann_id']} missing")
+        if part["iscrowd"]:
+            continue
+        try:
+            mask |= _render_mask(part["segmentation"], height, width)
+        except ValueError as e:
+            raise ValueError(f"annotation {part['ann_id']}: {e}") from None
+        kept.append(part["ann_id"])
+    if parts and not kept:
+        raise ValueError("every listed object is a crowd annotation")
+    return mask, kept, len(parts) - len(kept)
+
+
 def _encode_object(obj: dict, image_dir: Path, context_length: int) -> dict:
     """The webdataset sample of one object; ValueError names the reason to skip it."""
     if not obj["sentences"]:
         raise ValueError("no sentences")
-    if obj["segmentation"] is None:
+    extra: dict = {}
+    if "parts" in obj:
+        mask, kept, crowd_parts = _union_mask(obj)
+        extra = dict(ann_ids=kept, crowd_parts=crowd_parts)
+        num_targets = len(kept)
+        obj = dict(obj, ann_id=kept[0] if kept else -1)  # the first object of the union, as listed
+    elif obj["segmentation"] is None:
         raise ValueError("annotation missing")
+    else:
+        num_targets = 1
     jpeg = _read_image(image_dir / obj["file_name"], obj["height"], obj["width"])
-    mask = _render_mask(obj["segmentation"], obj["height"], obj["width"])
+    if "parts" not in obj:
+        mask = _render_mask(obj["segmentation"], obj["height"], obj["width"])
     png = io.BytesIO()
     Image.fromarray(mask * 255).save(png, format="PNG", compress_level=1)
     tokens = tokenize(obj["sentences"], context_length).numpy().astype("<i4")  # (K, L)
@@ -299,12 +392,15 @@ def _encode_object(obj: dict, image_dir: Path, context_length: int) -> dict:
     np.save(npy, tokens, allow_pickle=False)
     num_sentences = len(obj["sentences"])
     meta = [obj["index"], obj["ref_id"], obj["image_id"], obj["ann_id"], obj["height"], obj["width"], num_sentences]
+    meta.append(num_targets)  # (META_LENGTH,)
     fields = ("dataset", "ref_id", "ann_id", "image_id", "file_name", "height", "width", "category_id")
     info = {k: obj[k] for k in fields} | {
         "sentences": obj["sentences"],
         "sent_ids": obj["sent_ids"],
         "sample_index": obj["index"],
+        "num_targets": num_targets,
     }
+    info |= {"ann_ids": extra["ann_ids"]} if extra else {}
     return {
         "__key__": obj["key"],
         "jpg": jpeg,
@@ -312,6 +408,7 @@ def _encode_object(obj: dict, image_dir: Path, context_length: int) -> dict:
         "tokens.npy": npy.getvalue(),
         "json": json.dumps(info).encode(),
         "meta": np.asarray(meta, dtype="<i8").tobytes(),
+        "crowd_parts": extra.get("crowd_parts", 0),  # bookkeeping for the manifest, not written
     }
 
 
@@ -326,7 +423,8 @@ def _sha256(path: Path) -> str:
 def _fingerprint(objects: list[dict], context_length: int) -> str:
     """Identifies a shard's planned content, so a marker from a different plan is not trusted."""
     planned = [(o["key"], o["index"], o["file_name"], o["sentences"], o["sent_ids"]) for o in objects]
-    return hashlib.sha256(json.dumps([FORMAT, context_length, planned]).encode()).hexdigest()
+    # META_LENGTH: a shard of the older 7-field meta is repacked, so one split never mixes both layouts
+    return hashlib.sha256(json.dumps([FORMAT, META_LENGTH, context_length, planned]).encode()).hexdigest()
 
 
 def _done_marker(out_dir: Path, stem: str, fingerprint: str) -> dict | None:
@@ -362,7 +460,8 @@ def _pack_shard(job: dict) -> dict:
         return done | {"resumed": True}
     tmp_tar = out_dir / f"{stem}.tar.tmp"
     sentence_counts: list[int] = []  # per written sample, so loaders know exact per-rank batch counts
-    tokens, metas = [], []  # per written sample: int32 (K, L) and int64 (7,), for the tables
+    tokens, metas = [], []  # per written sample: int32 (K, L) and int64 (META_LENGTH,), for the tables
+    crowd_parts = 0
     skipped = []
     with wds.TarWriter(str(tmp_tar)) as writer:
         for obj in job["objects"]:
@@ -371,6 +470,7 @@ def _pack_shard(job: dict) -> dict:
             except ValueError as e:
                 skipped.append(dict(ref_id=obj["ref_id"], image_id=obj["image_id"], reason=str(e)))
                 continue
+            crowd_parts += sample.pop("crowd_parts")
             writer.write(sample)
             metas.append(np.frombuffer(sample["meta"], dtype="<i8"))
             tokens.append(np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False))
@@ -378,6 +478,7 @@ def _pack_shard(job: dict) -> dict:
     samples = len(sentence_counts)
     done = dict(stem=stem, fingerprint=fingerprint, tar=None, idx=None, tables=None, sha256=None, samples=samples)
     done.update(sentences=sum(sentence_counts), sentence_counts=sentence_counts, skipped=skipped)
+    done.update(target_counts=[int(meta[7]) for meta in metas], crowd_parts=crowd_parts)
     if samples:
         tar, idx, tmp_idx = out_dir / f"{stem}.tar", out_dir / f"{stem}.idx", out_dir / f"{stem}.idx.tmp"
         os.replace(tmp_tar, tar)
@@ -401,11 +502,29 @@ def _pack_shard(job: dict) -> dict:
     return done | {"resumed": False}
 
 
+def _target_summary(shard_done: list[dict]) -> dict:
+    """A gRefCOCO split's no-target and multi-target refs (with their sentences) and crowd parts left out."""
+    pairs = [(t, c) for d in shard_done for t, c in zip(d["target_counts"], d["sentence_counts"], strict=True)]
+    return dict(
+        no_target=dict(objects=sum(t == 0 for t, _ in pairs), sentences=sum(c for t, c in pairs if t == 0)),
+        multi_target=dict(objects=sum(t > 1 for t, _ in pairs), sentences=sum(c for t, c in pairs if t > 1)),
+        crowd_parts=sum(d["crowd_parts"] for d in shard_done),
+    )
+
+
+def published_total(args: argparse.Namespace) -> dict[str, int] | None:
+    """``{"sentences": n}`` where a release publishes only its total (gRefCOCO), else None."""
+    total = PUBLISHED_TOTALS.get((args.dataset, args.split_by))
+    return None if total is None else {"sentences": total}
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pack a REFER release into webdataset shards (SPEC 4).")
     parser.add_argument("--refer", required=True, help="REFER data root holding DATASET/refs(SPLIT_BY).p")
-    parser.add_argument("--dataset", help="refcoco, refcoco+, refcocog, ... (the output folder name with --mix)")
-    parser.add_argument("--split-by", help="unc, umd or google: which refs(...).p to read")
+    parser.add_argument(
+        "--dataset", help="refcoco, refcoco+, refcocog, grefcoco, ... (the output folder name with --mix)"
+    )
+    parser.add_argument("--split-by", help="unc, umd or google: which refs(...).p to read (grefcoco: unc)")
     parser.add_argument("--images", required=True, help="folder with the COCO train2014 JPEGs")
     parser.add_argument("--out", required=True, help="output root; shards go to OUT/NAME")
     parser.add_argument("--splits", nargs="+", help="splits to pack (default: all in the refs file)")
@@ -420,6 +539,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.workers < 1:
         parser.error("--shard-size and --workers must be at least 1")
+    if args.dataset == "grefcoco" and not args.mix and args.split_by is None:
+        args.split_by = STANDARD_SPLIT_BY[args.dataset]  # the only split-by gRefCOCO is released with
     if args.context_length is not None and not 3 <= args.context_length <= 77:
         parser.error("--context-length must be 3 to 77 (start and end token included; CLIP has 77 positions)")
     return args
@@ -499,13 +620,17 @@ def main(argv: list[str] | None = None) -> int:
             blank_sentences=[dict(ref_id=o["ref_id"], sent_id=i) for o in objects for i in o["blank_sent_ids"]],
             dropped=plan.dropped.get(split, 0),
         )
+        if any("parts" in o for o in objects):
+            manifest["splits"][split].update(_target_summary(shard_done))
     differences = plan.count_differences
     if differences == [] and not args.mix:
         # The release matches: what was packed must too (skipped objects and blank sentences would show here).
         packed = {s: dict(objects=i["objects"], sentences=i["sentences"]) for s, i in manifest["splits"].items()}
         differences = count_differences(args.dataset, args.split_by, packed, "packed", splits=list(packed))
+        if differences is None and not args.splits:  # a published total: checked when every split was packed
+            differences = total_differences(args.dataset, args.split_by, packed, "packed")
     manifest["count_check"] = dict(
-        published=published_counts(args.dataset, args.split_by) if not args.mix else None,
+        published=None if args.mix else published_counts(args.dataset, args.split_by) or published_total(args),
         match=None if differences is None else not differences,
         differences=differences or [],
     )
@@ -515,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{split}: {info['objects']} objects, {info['sentences']} sentences, {len(info['shards'])} shards, "
             f"{len(info['skipped'])} skipped, {len(info['blank_sentences'])} blank sentences dropped, "
             f"{info['dropped']} dropped"
+            + (
+                f"; {info['no_target']['objects']} no-target and {info['multi_target']['objects']} multi-target "
+                f"refs, {info['crowd_parts']} crowd parts left out"
+                if "no_target" in info
+                else ""
+            )
         )
     _report_counts(plan.name, differences)
     resumed = sum(d["resumed"] for d in results.values())

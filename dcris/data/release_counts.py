@@ -8,6 +8,9 @@ RefCOCO+ train: the paper's table repeats RefCOCO's 120,624 expressions. REFER p
 for RefCOCO+ in all, over the same objects per split as listed here (42,278 + 3,805 + 1,975 + 1,798 = 49,856,
 REFER's object total); with val, testA and testB as published that leaves 120,191 for train. The check uses
 120,191: against the paper's figure it would flag a release that agrees with REFER's own totals.
+
+gRefCOCO: only the total is published for the released JSON, 259,859 expressions over train, val, testA and
+testB (the paper's 278,232 includes about 6% withheld for a challenge), so the check compares that total.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ PUBLISHED: dict[tuple[str, str], dict[str, tuple[int, int | None]]] = {
     ("refcocog", "umd"): {"train": (42226, None), "val": (2573, None), "test": (5023, None)},
     ("refcocog", "google"): {"train": (44822, None), "val": (5000, None)},
 }
+
+# (dataset, split_by) -> sentences over every split, where only the total is published
+PUBLISHED_TOTALS: dict[tuple[str, str], int] = {("grefcoco", "unc"): 259859}
 
 
 def published_counts(dataset: str | None, split_by: str | None) -> dict[str, dict[str, int | None]] | None:
@@ -66,3 +72,17 @@ def count_differences(
             if expected is not None and got != expected:
                 lines.append(f"{split}: {got:,} {what} {label}, published {expected:,} ({got - expected:+,})")
     return lines
+
+
+def total_differences(
+    dataset: str | None, split_by: str | None, counts: dict[str, dict[str, int]], label: str
+) -> list[str] | None:
+    """How the sentences summed over ``counts``' splits differ from a published total (one line, or none), or None
+    when no total is published for (dataset, split_by)."""
+    expected = PUBLISHED_TOTALS.get((dataset or "", split_by or ""))
+    if expected is None:
+        return None
+    got = sum(split["sentences"] for split in counts.values())
+    if got == expected:
+        return []
+    return [f"all splits: {got:,} sentences {label}, published {expected:,} ({got - expected:+,})"]

@@ -10,7 +10,13 @@ Each image holds 2-4 circles, squares and triangles. Colours and sizes repeat on
 needs colour, shape, size and position ("the small red circle on the left") to name one object. Everything
 is drawn from one seeded generator: the same seed gives the same files.
 
-Usage: ``python shards/synth.py --out DIR [--images N] [--seed S]``
+With ``--gres`` it writes gRefCOCO's layout instead (the same images), ``DIR/synthetic_gres/grefs(unc).json``
+and ``DIR/synthetic_gres/instances.json``: every ref lists its objects (``ann_id`` a list, ``category_id`` too)
+and carries ``no_target``. Besides the phrases that name one object, each image gets phrases that name several
+("all the red shapes", "all the circles", for every colour or shape seen at least twice) and one that names
+nothing: a colour or a shape that is not in the image ("the yellow square", "the triangle"), ``ann_id == [-1]``.
+
+Usage: ``python shards/synth.py --out DIR [--images N] [--seed S] [--gres]``
 """
 
 from __future__ import annotations
@@ -78,6 +84,33 @@ def _expressions(target: dict, objects: list[dict]) -> list[str]:
     return found
 
 
+def _group_expressions(objects: list[dict], rng: random.Random) -> list[tuple[list[int], list[str]]]:
+    """gRefCOCO-style phrases of an image: (indices of the objects named, phrases), several objects or none.
+
+    Multi-target: every colour and every shape with at least two objects. No-target: one phrase set naming a
+    colour or a shape absent from the image (both when both kinds are absent, one of each).
+    """
+    found: list[tuple[list[int], list[str]]] = []
+    for attr, values in (("colour", list(COLOURS)), ("shape", list(SHAPES))):
+        for value in values:
+            members = [k for k, o in enumerate(objects) if o[attr] == value]
+            if len(members) >= 2:
+                words = [f"all the {value} shapes", f"the {value} ones"] if attr == "colour" else [f"all the {value}s"]
+                found.append((members, words))
+    absent_colours = [c for c in COLOURS if all(o["colour"] != c for o in objects)]
+    absent_shapes = [s for s in SHAPES if all(o["shape"] != s for o in objects)]
+    phrases = []
+    if absent_colours:
+        colour = rng.choice(absent_colours)
+        phrases.append(f"the {colour} {rng.choice(SHAPES)}")
+    if absent_shapes:
+        shape = rng.choice(absent_shapes)
+        phrases.append(f"the {shape}" if rng.random() < 0.5 else f"the {rng.choice(list(COLOURS))} {shape}")
+    if phrases:
+        found.append(([], phrases))
+    return found
+
+
 def _render(objects: list[dict], height: int, width: int, rng: random.Random) -> Image.Image:
     """Draw the objects on a soft random-gradient background."""
     base = np.array([rng.randint(150, 250) for _ in range(3)], dtype=np.float32)
@@ -91,16 +124,25 @@ def _render(objects: list[dict], height: int, width: int, rng: random.Random) ->
     return image
 
 
+def _sentences(texts: list[str], first_id: int) -> list[dict]:
+    """REFER's sentence records of the phrases, numbered from ``first_id``."""
+    return [
+        dict(sent=text, raw=text.capitalize() + ".", tokens=text.split(), sent_id=first_id + k)
+        for k, text in enumerate(texts)
+    ]
+
+
 def make_synthetic_release(
-    out_dir: str | Path, images: int = 200, seed: int = 0, sizes: tuple[int, int] = (160, 320)
+    out_dir: str | Path, images: int = 200, seed: int = 0, sizes: tuple[int, int] = (160, 320), gres: bool = False
 ) -> Path:
     """Write the synthetic release (layout in the module docstring).
 
     Args:
-        out_dir: Root directory; ``synthetic/`` and ``images/`` are created in it.
+        out_dir: Root directory; ``synthetic/`` (``synthetic_gres/`` with ``gres``) and ``images/`` are created in it.
         images: Number of images.
         seed: Seed of every random choice.
         sizes: Range of each image side in pixels (COCO's photos are 427-640: ``(427, 640)``).
+        gres: Write gRefCOCO's format, with multi-target and no-target phrases.
 
     Returns:
         The release root ``out_dir``.
@@ -108,7 +150,8 @@ def make_synthetic_release(
     from pycocotools import mask as mask_utils  # imported here: only the generator needs it
 
     root = Path(out_dir)
-    (root / "synthetic").mkdir(parents=True, exist_ok=True)
+    name = "synthetic_gres" if gres else "synthetic"
+    (root / name).mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     coco_images, annotations, refs = [], [], []
@@ -121,6 +164,7 @@ def make_synthetic_release(
         coco_images.append(dict(id=image_id, file_name=file_name, height=height, width=width))
         # Whole images go to one split, as in REFER's unc split.
         split = rng.choices([s for s, _ in SPLITS], weights=[w for _, w in SPLITS])[0]
+        first_ann = len(annotations) + 1
         for o in objects:
             ann_id = len(annotations) + 1
             polygon = _polygon(o["shape"], o["cx"], o["cy"], o["r"])
@@ -140,27 +184,46 @@ def make_synthetic_release(
             if not candidates:
                 continue  # no expression names it alone: an annotation without a ref, as in REFER
             chosen = rng.sample(candidates, k=min(len(candidates), rng.randint(1, 3)))
-            sentences = []
-            for text in chosen:
-                sentences.append(dict(sent=text, raw=text.capitalize() + ".", tokens=text.split(), sent_id=sent_id))
-                sent_id += 1
+            sentences = _sentences(chosen, sent_id)
+            sent_id += len(sentences)
+            category_id = SHAPES.index(o["shape"]) + 1
             refs.append(
                 dict(
                     ref_id=len(refs),
-                    ann_id=ann_id,
+                    ann_id=[ann_id] if gres else ann_id,
                     image_id=image_id,
                     split=split,
-                    category_id=SHAPES.index(o["shape"]) + 1,
+                    category_id=[category_id] if gres else category_id,
                     file_name=f"synthetic_{image_id:06d}_{ann_id}.jpg",
                     sentences=sentences,
                     sent_ids=[s["sent_id"] for s in sentences],
                 )
+                | (dict(no_target=False) if gres else {})
+            )
+        for members, texts in _group_expressions(objects, rng) if gres else []:
+            sentences = _sentences(rng.sample(texts, k=min(len(texts), rng.randint(1, 2))), sent_id)
+            sent_id += len(sentences)
+            refs.append(
+                dict(
+                    ref_id=len(refs),
+                    ann_id=[first_ann + k for k in members] or [-1],
+                    image_id=image_id,
+                    split=split,
+                    category_id=sorted({SHAPES.index(objects[k]["shape"]) + 1 for k in members}) or [-1],
+                    file_name=f"synthetic_{image_id:06d}.jpg",
+                    sentences=sentences,
+                    sent_ids=[s["sent_id"] for s in sentences],
+                    no_target=not members,
+                )
             )
     categories = [dict(id=k + 1, name=name, supercategory="shape") for k, name in enumerate(SHAPES)]
     instances = dict(images=coco_images, annotations=annotations, categories=categories)
-    (root / "synthetic" / "instances.json").write_text(json.dumps(instances))
-    with open(root / "synthetic" / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f)
+    (root / name / "instances.json").write_text(json.dumps(instances))
+    if gres:
+        (root / name / "grefs(unc).json").write_text(json.dumps(refs))
+    else:
+        with open(root / name / "refs(unc).p", "wb") as f:
+            pickle.dump(refs, f)
     return root
 
 
@@ -171,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=200, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--sizes", default="160,320", help="MIN,MAX pixels of each image side (COCO-like: 427,640)")
+    parser.add_argument("--gres", action="store_true", help="gRefCOCO's format: also no-target and multi-target refs")
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be at least 1")
@@ -180,8 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes takes MIN,MAX in pixels, e.g. 427,640; got {args.sizes!r}")
     if not 16 <= low <= high:
         parser.error(f"--sizes needs 16 <= MIN <= MAX; got {args.sizes}")
-    root = make_synthetic_release(args.out, args.images, args.seed, sizes=(low, high))
-    refs = load_refs(root / "synthetic" / "refs(unc).p")
-    print(f"wrote {args.images} images and {len(refs)} refs to {root}")
+    root = make_synthetic_release(args.out, args.images, args.seed, sizes=(low, high), gres=args.gres)
+    if args.gres:
+        refs = json.loads((root / "synthetic_gres" / "grefs(unc).json").read_text())
+        no_target = sum(r["no_target"] for r in refs)
+        multi = sum(len(r["ann_id"]) > 1 for r in refs)
+        counts = f"{no_target} no-target, {multi} multi-target"
+        print(f"wrote {args.images} images and {len(refs)} refs ({counts}) to {root}")
+    else:
+        refs = load_refs(root / "synthetic" / "refs(unc).p")
+        print(f"wrote {args.images} images and {len(refs)} refs to {root}")
     return 0
-

@@ -31,8 +31,8 @@ def decode_sample(sample: dict[str, Any], image_size: int, context_length: int, 
     """One shard sample (raw bytes per extension: jpg, mask.png, tokens.npy, meta) to letterboxed arrays.
 
     Returns:
-        image uint8 (S, S, 3), mask float32 (1, S, S), tokens int64 (K, 17), meta int64 (7,) and, with
-        ``keep_orig``, orig_mask uint8 (h, w) in {0, 1}.
+        image uint8 (S, S, 3), mask float32 (1, S, S), tokens int64 (K, 17), meta int64 (8,) (older shards: (7,))
+        and, with ``keep_orig``, orig_mask uint8 (h, w) in {0, 1}.
     """
     meta = np.frombuffer(sample["meta"], dtype="<i8")
     tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)  # int32 (K, 17)
@@ -62,7 +62,7 @@ def _stack(samples: list[dict[str, Any]], max_sentences: int) -> dict[str, Any]:
         image=torch.stack([s["image"] for s in samples]),  # (B, S, S, 3) uint8
         mask=torch.stack([s["mask"] for s in samples]),  # (B, 1, S, S)
         tokens_all=tokens_all,  # (B, K_max, L)
-        meta=torch.stack([s["meta"] for s in samples]),  # (B, 7)
+        meta=torch.stack([s["meta"] for s in samples]),  # (B, 8), or (B, 7) from older shards
     )
     if "orig_mask" in samples[0]:
         part["orig_mask"] = [s["orig_mask"] for s in samples]
