@@ -5,6 +5,10 @@ Layout of ``RUN/checkpoints/``: one folder per tag (``step00001234``) holding De
 DeepSpeed rewrites ``latest`` in place (not atomically), so it is told not to and ``latest`` is replaced
 atomically here, after every rank has finished writing.
 
+A run resumed on another number of ranks loads DeepSpeed's universal checkpoint of ``latest`` instead, which
+DeepSpeed's own converter (``deepspeed.checkpoint.ds_to_universal``) writes once into ``universal/TAG``: the
+fp32 weights and the Adam moments of every trainable tensor whole, re-partitioned for the new ranks at load.
+
 The frozen backbones are left out (DeepSpeed's ``exclude_frozen_parameters``): a checkpoint holds the trainable
 tensors, their fp32 Adam state and every buffer (the BatchNorm statistics). Loading rebuilds the frozen parts
 from the config as the run built them (:func:`dcris.train_setup.build_training_model`) and checks them against
@@ -20,6 +24,8 @@ import os
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ from dcris.model import DCRIS
 from dcris.train_setup import build_training_model, frozen_digest
 
 LATEST = "latest"
+UNIVERSAL = "universal"  # RUN/checkpoints/universal/TAG: DeepSpeed's universal copy of TAG, for another world size
 DIGEST_KEY = "frozen_digest"  # client-state key of the frozen parameters' digest
 
 
@@ -43,6 +50,48 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     if not path.is_file():
         return None
     return path.read_text().strip() or None
+
+
+def saved_world_size(ckpt_dir: str | Path) -> int | None:
+    """Ranks that wrote the ``latest`` checkpoint, counted from its ZeRO optimizer partitions (one file a rank);
+    None without a checkpoint, or without ZeRO, whose one optimizer state loads on any number of ranks."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    return len(list((Path(ckpt_dir) / tag).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
+
+
+def write_universal_checkpoint(ckpt_dir: str | Path, rank: int) -> None:
+    """Rank 0 converts ``latest`` into ``universal/TAG`` with DeepSpeed's converter (once; a folder already
+    there is complete, being renamed into place when done); a collective: every rank returns when it is there.
+
+    Raises:
+        UserError: the converter failed (on every rank, with its last line).
+    """
+    tag = latest_tag(ckpt_dir)
+    out = Path(ckpt_dir) / UNIVERSAL / str(tag)
+    failure = None
+    if rank == 0 and not out.is_dir():
+        tmp = out.with_name(f"{tag}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        # its own process: the converter's worker pools and prints stay out of the run
+        converter = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+            str(Path(ckpt_dir) / str(tag)), "--output_folder", str(tmp), "--num_extract_workers", "1",
+            "--num_merge_workers", "1", "--inject_missing_state",
+        ]  # fmt: skip
+        done = subprocess.run(converter, capture_output=True, text=True)
+        if done.returncode == 0:
+            tmp.rename(out)
+        else:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            failure = f"DeepSpeed could not convert {Path(ckpt_dir) / str(tag)} for another number of ranks: {last}"
+    message = [failure]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise UserError(message[0])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -135,7 +184,7 @@ def _load_strict_but_frozen(state: dict[str, torch.Tensor], model: torch.nn.Modu
 
 
 def load_checkpoint(
-    engine: Any, ckpt_dir: str | Path, rank: int, digest: str | None = None
+    engine: Any, ckpt_dir: str | Path, rank: int, digest: str | None = None, universal: bool = False
 ) -> tuple[dict, dict | None] | None:
     """Restores the engine (model, optimizer, LR scheduler) from ``latest``.
 
@@ -145,23 +194,33 @@ def load_checkpoint(
         rank: This process's rank.
         digest: ``frozen_digest`` of the engine's model as built, which must match the checkpoint's (None: not
             checked).
+        universal: Load ``universal/TAG`` (:func:`write_universal_checkpoint`, for an engine built with
+            ``checkpoint.load_universal``): the checkpoint was written by another number of ranks.
 
     Returns:
         None when there is nothing to resume, else the client state saved with it and this rank's RNG states
-        (None when the checkpoint was saved by fewer ranks), for :func:`set_rng_state` once the caller is where
+        (None when the checkpoint was saved by other ranks), for :func:`set_rng_state` once the caller is where
         the saving run was.
     """
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     where = Path(ckpt_dir) / tag
-    _, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, custom_load_fn=lambda src, dst: _load_strict_but_frozen(src, dst, where)
-    )
+    if universal:
+        # DeepSpeed restores the trainable tensors and their Adam moments from universal/TAG/zero, but not the
+        # module's state dict: the buffers (BatchNorm statistics) come from the saving run's rank 0 here
+        _, client_state = engine.load_checkpoint(str(Path(ckpt_dir) / UNIVERSAL), tag=tag)
+        states = torch.load(sorted(where.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+        buffers = {name for name, _ in engine.module.named_buffers()}
+        engine.module.load_state_dict({k: v for k, v in states["module"].items() if k in buffers}, strict=False)
+    else:
+        _, client_state = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, custom_load_fn=lambda src, dst: _load_strict_but_frozen(src, dst, where)
+        )
     if client_state is None:
         raise UserError(f"checkpoint {where} could not be loaded")
     _check_digest(client_state.get(DIGEST_KEY), digest, where)
-    return client_state, read_rng_state(where / f"rng_{rank}.pt")
+    return client_state, None if universal else read_rng_state(where / f"rng_{rank}.pt")
 
 
 def export_engine(engine: Any, cfg: Config, path: str | Path, rank: int, metrics: dict | None = None) -> Path | None:

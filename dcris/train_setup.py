@@ -294,6 +294,7 @@ def build_engine(
     source: str = "DeepSpeed config",
     *,
     steps_per_epoch: int = 1,
+    load_universal: bool = False,
 ) -> EngineSetup:
     """The DeepSpeed engine of a Config: model, trainable parameters, Adam, LR schedule, SyncBatchNorm, ZeRO.
 
@@ -306,6 +307,7 @@ def build_engine(
             ds_configs/single.json).
         source: Where ``deepspeed_base`` came from, for error messages.
         steps_per_epoch: Optimizer steps per epoch, for the LR milestones.
+        load_universal: The engine will load a universal checkpoint (one written by another number of ranks).
     """
     import deepspeed
 
@@ -315,6 +317,8 @@ def build_engine(
     if deepspeed_base is None:
         deepspeed_base, source = read_deepspeed_json(DEFAULT_DEEPSPEED), str(DEFAULT_DEEPSPEED)
     ds_config = deepspeed_config(cfg, world, deepspeed_base, source)
+    if load_universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     device = rank_device(local_rank)
 
     model = build_training_model(cfg)  # identical on every rank (DeepSpeed also broadcasts rank 0's weights)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dcris.checkpoint import DIGEST_KEY, LATEST, export_engine, load_checkpoint, save_checkpoint, set_rng_state
+from dcris.checkpoint import (
+    DIGEST_KEY,
+    LATEST,
+    UNIVERSAL,
+    export_engine,
+    latest_tag,
+    load_checkpoint,
+    save_checkpoint,
+    saved_world_size,
+    set_rng_state,
+    write_universal_checkpoint,
+)
 from dcris.config import Config, load_config, to_dict
 from dcris.data import build_loader, shards_context_length
 from dcris.errors import UserError
@@ -129,12 +141,14 @@ class Run:
         return self.out / "checkpoints"
 
     def loader(self, epoch: int) -> Any:
-        """The training loader of ``epoch`` on this rank."""
-        return train_loader(self.cfg, self.setup.rank, self.setup.world_size, self.setup.device, epoch)
+        """The training loader of ``epoch`` on this rank, from where ``run.step`` stands in it."""
+        start = (self.step - epoch * self.steps_per_epoch) * self.setup.grad_accum  # micro-batches already taken
+        return train_loader(self.cfg, self.setup.rank, self.setup.world_size, self.setup.device, epoch, start)
 
 
-def train_loader(cfg: Config, rank: int, world: int, device: torch.device, epoch: int) -> Any:
-    """The training loader of ``epoch`` on one rank (the benchmark times the same one)."""
+def train_loader(cfg: Config, rank: int, world: int, device: torch.device, epoch: int, start_batch: int = 0) -> Any:
+    """The training loader of ``epoch`` on one rank, after its first ``start_batch`` micro-batches (the benchmark
+    times the same one)."""
     d = cfg.data
     return build_loader(
         d.shards, d.train_split, train=True, batch_size=cfg.train.micro_batch, image_size=cfg.model.image_size,
@@ -142,6 +156,7 @@ def train_loader(cfg: Config, rank: int, world: int, device: torch.device, epoch
         shuffle_buffer=d.shuffle_buffer, context_length=cfg.model.text.context_length,
         hw_decoder_load=d.hw_decoder_load, prefetch_depth=d.prefetch_depth,
         mask_size=4 * cfg.model.image_size // cfg.model.vision.patch_size,  # the logits' side: the loss's resize
+        start_batch=start_batch,
     )  # fmt: skip
 
 
@@ -172,12 +187,19 @@ def start_run(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str
         )
     total_steps = t.epochs * steps_per_epoch if t.max_steps <= 0 else min(t.max_steps, t.epochs * steps_per_epoch)
 
-    setup = build_engine(cfg, deepspeed_base, deepspeed_source, steps_per_epoch=steps_per_epoch)
+    ckpt_dir = Path(t.output_dir) / "checkpoints"
+    saved_world = saved_world_size(ckpt_dir)
+    universal = saved_world not in (None, world)  # written by other ranks: DeepSpeed re-partitions a universal copy
+    if universal:
+        write_universal_checkpoint(ckpt_dir, rank)
+    setup = build_engine(
+        cfg, deepspeed_base, deepspeed_source, steps_per_epoch=steps_per_epoch, load_universal=universal
+    )
     run = Run(cfg, setup, steps_per_epoch, total_steps, RunLog(Path(t.output_dir), rank, setup.engine.monitor))
     if rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    _resume(run)
+    _resume(run, saved_world if universal else None)
     for note in setup.notes:
         run.log.print(note)
     run.log.print(
@@ -188,11 +210,23 @@ def start_run(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str
     return run
 
 
-def _resume(run: Run) -> None:
-    """Continues from ``checkpoints/latest`` when there is one."""
-    resumed = load_checkpoint(run.setup.engine, run.ckpt_dir, run.setup.rank, run.setup.frozen_digest)
+def _resume(run: Run, saved_world: int | None) -> None:
+    """Continues from ``checkpoints/latest`` when there is one; ``saved_world``: the number of ranks that wrote it,
+    when not this run's (its universal copy is loaded, then removed)."""
+    s = run.setup
+    resumed = load_checkpoint(s.engine, run.ckpt_dir, s.rank, s.frozen_digest, universal=saved_world is not None)
     if resumed is None:
         return
+    if saved_world is not None:
+        dist.barrier()  # every rank has read the universal copy
+        if s.rank == 0:
+            shutil.rmtree(run.ckpt_dir / UNIVERSAL)
+        run.log.print(
+            f"{run.ckpt_dir / str(latest_tag(run.ckpt_dir))} was written by {saved_world} rank(s): resumed on "
+            f"{s.world_size} from DeepSpeed's universal checkpoint of it (the same weights, Adam moments and "
+            "BatchNorm statistics, at the same step; the rest of the epoch is what this number of ranks reads in "
+            "its remaining steps, and the RNG starts from the seed)"
+        )
     state, run.rng_state = resumed
     if state["steps_per_epoch"] != run.steps_per_epoch:
         raise UserError(
@@ -209,9 +243,8 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
     the epoch or ``train.max_steps``; logs, evaluates and checkpoints when due."""
     s, t = run.setup, run.cfg.train
     engine = s.engine
-    batches = iter(run.loader(epoch))  # the epoch fixes the order, the sentence choice and the rank's range
-    for _ in range((run.step - epoch * run.steps_per_epoch) * s.grad_accum):
-        next(batches)  # a resumed run skips the micro-batches this epoch already consumed
+    # the epoch fixes the order, the sentence choice and the rank's range; a resumed run starts where it stopped
+    batches = iter(run.loader(epoch))
     if run.rng_state is not None:
         # restored only now: starting the loader draws from the RNG, which the saving run did at epoch start
         set_rng_state(run.rng_state)

@@ -423,6 +423,43 @@ def test_training_batches(shards: Path, release: Path, refs: dict, loader: str) 
     assert not later[0].keys() & later[1].keys() and later[0].keys() != first.keys()
 
 
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_resumed_epoch_starts_mid_way_without_decoding_what_it_skips(
+    shards: Path, loader: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcris.data import dali_loader, torch_loader
+
+    def batches(start: int, workers: int) -> list[dict]:
+        ld = build_loader(
+            shards, "train", train=True, batch_size=2, image_size=16, seed=3, epoch=1, workers=workers,
+            shuffle_buffer=8, loader=loader, start_batch=start,
+        )  # fmt: skip
+        out = list(ld)
+        assert len(out) == len(ld) == ld.epoch_batches() - start
+        return out
+
+    workers = 2 if loader == "torch" else 1  # torch: skipping whole rounds of the two workers, then the rest
+    whole = batches(0, workers)
+    for start in (1, 3, len(whole) // 2 + 1, len(whole) - 1):
+        rest = batches(start, workers)
+        for fresh, resumed in zip(whole[start:], rest, strict=True):
+            assert all(torch.equal(fresh[k], resumed[k]) for k in ("image", "tokens", "mask", "ref_id"))
+    decoded = []  # samples decoded (torch, in this process) or handed to the pipeline (DALI)
+    if loader == "torch":
+        decode = torch_loader.decode_sample
+        monkeypatch.setattr(
+            torch_loader, "decode_sample", lambda sample, *a, **k: decoded.append(1) or decode(sample, *a, **k)
+        )
+    else:
+        encoded = dali_loader.SplitData.encoded
+        monkeypatch.setattr(
+            dali_loader.SplitData, "encoded", lambda self, p: decoded.append(len(p)) or encoded(self, p)
+        )
+    assert len(batches(len(whole) - 2, 0 if loader == "torch" else 1)) == 2
+    # torch: exactly the two batches' samples; DALI also reads ahead up to prefetch_depth=2 batches (of the next epoch)
+    assert sum(decoded) == 4 if loader == "torch" else 4 <= sum(decoded) <= 8
+
+
 def _shard_of_each_object(shards: Path, split: str) -> dict[int, int]:
     """ref_id -> position of its shard in the manifest, read with tarfile."""
     where = {}
@@ -483,7 +520,7 @@ def test_torch_workers_read_only_their_share(shards: Path, monkeypatch: pytest.M
         for worker[0] in range(3):  # the three DataLoader workers, run one after the other in this process
             info = SimpleNamespace(id=worker[0], num_workers=3)
             monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda info=info: info)
-            yielded += [int(r) for part in torch_loader._RankParts(ld) for r in part["meta"][:, 1]]
+            yielded += [int(r) for part in torch_loader._RankParts(ld, [0, 0, 0]) for r in part["meta"][:, 1]]
         read_once = {(tar, k) for _, tar, k in reads}
         assert len(reads) == len(read_once) == total - total // 2  # every sample of rank 1's range read once
         assert sorted(yielded) == sorted(set(yielded)) and len(yielded) == total - total // 2

@@ -38,9 +38,9 @@ class _Poisoned:
 def _poison(monkeypatch: pytest.MonkeyPatch, bad: set[int]) -> None:
     real = dcris.trainer.train_loader
 
-    def loader(cfg: Any, rank: int, world: int, device: torch.device, epoch: int) -> _Poisoned:
-        inner = real(cfg, rank, world, device, epoch)
-        return _Poisoned(inner, epoch * len(inner), bad)
+    def loader(cfg: Any, rank: int, world: int, device: torch.device, epoch: int, start_batch: int) -> _Poisoned:
+        inner = real(cfg, rank, world, device, epoch, start_batch)
+        return _Poisoned(inner, epoch * inner.epoch_batches() + start_batch, bad)
 
     monkeypatch.setattr(dcris.trainer, "train_loader", loader)
 

@@ -1,4 +1,5 @@
-"""Two CPU ranks (gloo): ZeRO-3 training, evaluation and export to the end; the shared-output-folder check."""
+"""Two CPU ranks (gloo): ZeRO-3 training, evaluation and export to the end; resuming on another number of ranks;
+the shared-output-folder check."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _run_two_ranks(argv: list[str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 ARGV``; a run still going after ``timeout_s`` is killed and fails the test."""
+def _run_two_ranks(argv: list[str], cwd: Path, timeout_s: float, ranks: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node RANKS ARGV``; a run still going after ``timeout_s`` is killed and fails the test."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}  # this process's own group is not theirs
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    cmd += ["--master_port", str(free_port())]
     proc = subprocess.Popen(
         [*cmd, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -35,7 +37,7 @@ def _run_two_ranks(argv: list[str], cwd: Path, timeout_s: float) -> subprocess.C
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
         out, err = proc.communicate()
-        pytest.fail(f"the 2-rank run did not finish in {timeout_s} s:\n{err[-3000:]}")
+        pytest.fail(f"the {ranks}-rank run did not finish in {timeout_s} s:\n{err[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -78,6 +80,50 @@ def test_zero3_on_two_ranks_trains_evaluates_and_exports(shards: Path, tmp_path:
     # the checkpoint folder reassembles the ZeRO-3 partitions into the exported weights
     from_folder = load_weights(run / "checkpoints").state_dict()
     assert all(torch.equal(v, from_folder[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_run_resumes_on_another_number_of_ranks(shards: Path, tmp_path: Path, zero: str) -> None:
+    """2 ranks save at step 2, 1 rank resumes and saves at step 4, 2 ranks resume: each resume starts from exactly
+    the state the saving run had (fp32 weights, Adam moments, BatchNorm statistics, step, LR)."""
+    run = tmp_path / "run"
+    common = [
+        "--deepspeed", str(REPO / "ds_configs" / f"{zero}.json"), "--preset", "tiny-dcris", f"data.shards={shards}",
+        f"train.output_dir={run}", "data.loader=torch", "data.workers=0", "train.micro_batch=2",
+        "train.global_batch=4", "train.precision=fp32", "train.save_every_steps=2", "train.eval_every_epochs=0",
+    ]  # fmt: skip
+    states = {}
+    for name, ranks, steps in (("first", 2, 2), ("narrower", 1, 4), ("wider", 2, 4)):
+        argv = [str(REPO / "tests" / "engine_state.py"), str(tmp_path / name), *common, f"train.max_steps={steps}"]
+        proc = _run_two_ranks(argv, tmp_path, timeout_s=300, ranks=ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        states[name] = {
+            when: torch.load(dump) for when in ("start", "end") if (dump := tmp_path / f"{name}.{when}.pt").exists()
+        }
+        if name != "first":
+            assert f"was written by {3 - ranks} rank(s): resumed on {ranks}" in proc.stdout
+            assert not (run / "checkpoints" / "universal").exists()  # the converted copy is gone once loaded
+    for saved, resumed in (("first", "narrower"), ("narrower", "wider")):
+        before, after = states[saved]["end"], states[resumed]["start"]
+        assert before.keys() == after.keys()
+        assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert int(states["first"]["end"]["step"]) == 2 and int(states["narrower"]["end"]["step"]) == 4
+    exp_avg = [k for k in states["first"]["end"] if k.endswith("/exp_avg")]
+    assert exp_avg and all(states["first"]["end"][k].abs().sum() > 0 for k in exp_avg)  # moments were restored
+
+
+def test_a_number_of_ranks_that_cannot_keep_the_global_batch_stops_first(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dcris.trainer
+    from dcris.config import load_config
+
+    monkeypatch.setattr(dcris.trainer, "init_distributed", lambda: (0, 0, 3))  # as a launcher of 3 ranks would
+    cfg = load_config(None, "tiny-dcris", [f"data.shards={shards}", f"train.output_dir={tmp_path / 'run'}",
+                                           "train.micro_batch=2", "train.global_batch=4"])  # fmt: skip
+    with pytest.raises(UserError, match=r"^train.global_batch 4 is not a multiple of train.micro_batch 2 x 3 ranks"):
+        dcris.trainer.start_run(cfg, {}, "DeepSpeed config")
+    assert not (tmp_path / "run").exists()
 
 
 def _shared_folder_worker(rank: int, port: int, runs: list[list[str]], results: dict) -> None:

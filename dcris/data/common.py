@@ -154,6 +154,8 @@ class ShardLoader:
         mask_size: Side of the training ``mask`` (default: ``image_size``): the canvas mask resized (nearest) to
             it, what the loss compares the logits with, so the logits' side gives the same loss from fewer pixels.
             Evaluation's mask stays at ``image_size``.
+        start_batch: Training only: batches of the epoch already consumed (a resumed run's position). Iteration
+            begins after them, and neither loader decodes the samples they hold.
     """
 
     def __init__(
@@ -173,9 +175,12 @@ class ShardLoader:
         shuffle_buffer: int = 1000,
         context_length: int | None = None,
         mask_size: int | None = None,
+        start_batch: int = 0,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if start_batch and not train:
+            raise ValueError("start_batch is for training loaders only")
         self.shards_dir = Path(shards_dir)
         self.split = split
         manifest = read_manifest(shards_dir)  # read once: the split's entry and the context length
@@ -191,6 +196,7 @@ class ShardLoader:
         self.epoch = epoch
         self.shuffle_buffer = shuffle_buffer
         self.mask_size = mask_size if train and mask_size is not None else image_size
+        self.start_batch = start_batch
         self.context_length = int(manifest["context_length"])
         if context_length is not None:
             check_context_length(context_length, self.context_length, shards_dir)
@@ -212,15 +218,20 @@ class ShardLoader:
         return np.random.default_rng((self.seed, epoch)).permutation(count).tolist()
 
     def __len__(self) -> int:
-        """Batches this rank yields in one epoch."""
+        """Batches this rank yields in one epoch (after ``start_batch``)."""
         if self.train:
-            return (self.info["objects"] // self.world_size) // self.batch_size
+            return max(0, self.epoch_batches() - self.start_batch)
         start, end = rank_range(self.info["objects"], self.rank, self.world_size)
         counts = [c for s in self.info["shards"] for c in s["sentence_counts"]][start:end]
         return -(-sum(counts) // self.batch_size)
 
+    def epoch_batches(self) -> int:
+        """Training batches of a whole epoch on this rank: the same on every rank, and ``N // global batch`` steps
+        for any number of ranks at one global batch (``(N // W) // B == N // (W * B)``)."""
+        return (self.info["objects"] // self.world_size) // self.batch_size
+
     def object_batches(self) -> Iterator[dict[str, Any]]:
-        """Object batches (module docstring) of this rank's range for the current epoch."""
+        """Object batches (module docstring) of this rank's range for the current epoch, after ``start_batch``."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -233,7 +233,7 @@ class _Stream:
         self.data = SplitData(loader)
         self.plans = loader.batch_plans(self.data)
         self.pending: deque[tuple[np.ndarray, int]] = deque()
-        self.at = (loader.epoch, 0)  # (epoch, batch) the consumer takes next
+        self.at = (loader.epoch, loader.start_batch)  # (epoch, batch) the consumer takes next
         self.epoch_step = int(loader.train)  # evaluation reads its one pass again and again
         gpu = loader.device.type == "cuda"
         device_id = (
@@ -297,7 +297,7 @@ class DaliShardLoader(ShardLoader):
         """The kept stream standing at the start of this epoch, else a new one (replacing the kept one)."""
         key = self._stream_key()
         stream = _STREAMS.pop(key, None)
-        if stream is None or stream.at != (self.epoch, 0):
+        if stream is None or stream.at != (self.epoch, self.start_batch):
             del stream  # its pipeline goes before the new one is built
             stream = _Stream(self)
         _STREAMS[key] = stream
@@ -320,31 +320,31 @@ class DaliShardLoader(ShardLoader):
         return positions
 
     def object_batches_per_epoch(self) -> int:
-        """Object batches this rank reads an epoch: ``len(self)`` for training (the same on every rank), every
-        object of the range once for evaluation (the last batch partial)."""
+        """Object batches this rank reads a whole epoch: :meth:`epoch_batches` for training (the same on every
+        rank), every object of the range once for evaluation (the last batch partial)."""
         if self.train:
-            return len(self)
+            return self.epoch_batches()
         start, end = rank_range(self.info["objects"], self.rank, self.world_size)
         return -(-(end - start) // self.batch_size)
 
     def batch_plans(self, data: SplitData) -> Iterator[tuple[np.ndarray, int]]:
         """Every batch's positions (padded to the batch size by repeating the last) and number of real samples,
-        from the start of this loader's epoch on: training runs through the epochs, evaluation repeats its one
-        pass."""
-        epoch = self.epoch
+        from ``start_batch`` of this loader's epoch on: training runs through the epochs, evaluation repeats its
+        one pass. Skipped batches are never fed, so never decoded."""
+        epoch, first = self.epoch, self.start_batch * self.batch_size
         while True:
             positions = self.epoch_positions(data, epoch)[: self.object_batches_per_epoch() * self.batch_size]
-            for k in range(0, len(positions), self.batch_size):
+            for k in range(first, len(positions), self.batch_size):
                 batch = positions[k : k + self.batch_size]
                 yield np.pad(batch, (0, self.batch_size - len(batch)), mode="edge"), len(batch)
-            epoch += self.train
+            epoch, first = epoch + self.train, 0
 
     def object_batches(self) -> Iterator[dict[str, Any]]:
         batches = self.object_batches_per_epoch()
-        if batches == 0:
+        if batches <= self.start_batch:
             return
         stream = self._stream()
-        for _ in range(batches):
+        for _ in range(batches - self.start_batch):
             outputs, positions, count = stream.next_batch(batches)
             rows = positions[:count]
             tokens_all = torch.from_numpy(stream.data.tokens[rows]).long()  # (B, K_max, L)

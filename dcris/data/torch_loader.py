@@ -11,6 +11,7 @@ the order the packer shuffled once; the main process normalises on the device.
 from __future__ import annotations
 
 import io
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -135,25 +136,34 @@ class _RankParts(torch.utils.data.IterableDataset):
     The range is cut into chunks of batch_size consecutive samples and worker w of n reads and decodes only chunks
     w, w + n, ...: in evaluation (no shuffle, one part per chunk) the DataLoader's round-robin over workers then
     returns the chunks in order; in training each worker takes its chunks in a random order drawn from (seed,
-    epoch, rank, worker) and shuffles their samples through a buffer.
+    epoch, rank, worker) and shuffles their samples through a buffer. Worker w first passes over
+    ``skipped_parts[w]`` parts of its stream undecoded: raw bytes still run through the shuffle buffer, so what
+    follows is exactly what it would have been.
     """
 
-    def __init__(self, loader: TorchShardLoader) -> None:
-        self.loader = loader
+    def __init__(self, loader: TorchShardLoader, skipped_parts: list[int]) -> None:
+        self.loader, self.skipped_parts = loader, skipped_parts
+
+    @staticmethod
+    def worker_chunks(loader: TorchShardLoader, worker: int, num_workers: int) -> list[list[tuple[int, int, int]]]:
+        """The chunks of the rank's range that ``worker`` of ``num_workers`` reads, in range order."""
+        shards = loader.epoch_shards()
+        start, end = rank_range(loader.info["objects"], loader.rank, loader.world_size)
+        return chunk_segments([s["samples"] for s in shards], start, end, loader.batch_size)[worker::num_workers]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ld = self.loader
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         shards = ld.epoch_shards()
-        start, end = rank_range(ld.info["objects"], ld.rank, ld.world_size)
-        mine = chunk_segments([s["samples"] for s in shards], start, end, ld.batch_size)[worker::num_workers]
+        mine = self.worker_chunks(ld, worker, num_workers)
         rng = random.Random(f"{ld.seed}-{ld.epoch}-{ld.rank}-{worker}")  # str seeds are stable across runs
         if ld.train:
             rng.shuffle(mine)
         samples = self._read(shards, mine)
         if ld.train:
             samples = wds.shuffle(ld.shuffle_buffer, min(ld.shuffle_buffer, 100), rng=rng)(samples)
+            samples = itertools.islice(samples, self.skipped_parts[worker] * ld.batch_size, None)
         part = []
         for sample in samples:
             part.append(decode_sample(sample, ld.image_size, ld.context_length, keep_orig=not ld.train))
@@ -182,9 +192,33 @@ def _as_is(part: dict[str, Any]) -> dict[str, Any]:
 class TorchShardLoader(ShardLoader):
     """Tar + PIL implementation of :class:`~dcris.data.common.ShardLoader`."""
 
+    def skipped_parts(self) -> tuple[list[int], int]:
+        """How ``start_batch`` is skipped: parts each worker passes over undecoded, and batches still to drop after
+        decoding.
+
+        The DataLoader takes one part from each worker in turn, so only whole rounds of full parts can be skipped
+        in the workers without changing the order of what follows; the rest (fewer than a round, or the epoch's
+        tail, where short parts are regrouped) is decoded and dropped.
+        """
+        workers = max(1, self.workers)
+        full = [
+            sum(hi - lo for pieces in _RankParts.worker_chunks(self, w, workers) for _, lo, hi in pieces)
+            // self.batch_size
+            for w in range(workers)
+        ]
+        rounds = min(min(full), self.start_batch // workers)
+        return [rounds] * workers, self.start_batch - rounds * workers
+
     def object_batches(self) -> Iterator[dict[str, Any]]:
+        skipped, dropped = self.skipped_parts()
+        batches = self._regrouped(skipped)
+        for _ in range(dropped):
+            next(batches, None)
+        yield from batches
+
+    def _regrouped(self, skipped_parts: list[int]) -> Iterator[dict[str, Any]]:
         loader = torch.utils.data.DataLoader(
-            _RankParts(self),
+            _RankParts(self, skipped_parts),
             batch_size=None,
             num_workers=self.workers,
             collate_fn=_as_is,
