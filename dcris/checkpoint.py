@@ -90,7 +90,8 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
     """Saves a resumable checkpoint without the frozen parameters on every rank (a collective); returns its tag.
 
     ``client_state`` should hold the ``frozen_digest`` of the model (see :func:`load_weights`). Then keeps only
-    the newest ``cfg.train.keep_checkpoints`` tags (all when 0).
+    the newest ``cfg.train.keep_checkpoints`` tags up to this one (all when 0). A full disk is a :class:`UserError`
+    naming the folder, with ``latest`` and the tags it kept as they were.
     """
     tag = f"step{step:08d}"
     folder = Path(ckpt_dir) / tag
