@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from dcris.config import Config, apply_overrides, from_dict, to_dict
-from dcris.errors import UserError
+from dcris.errors import UserError, disk_full_is_user_error, pause_at
 from dcris.export import WEIGHTS_FILE, exported_keys, load_exported, save_export
 from dcris.model import DCRIS
 from dcris.train_setup import build_training_model, frozen_digest
@@ -139,27 +139,35 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
     """Saves a resumable checkpoint without the frozen parameters on every rank (a collective); returns its tag.
 
     ``client_state`` should hold the ``frozen_digest`` of the model (see :func:`load_weights`). Then keeps only
-    the newest ``cfg.train.keep_checkpoints`` tags (all when 0).
+    the newest ``cfg.train.keep_checkpoints`` tags up to this one (all when 0). A full disk is a :class:`UserError`
+    naming the folder, with ``latest`` and the tags it kept as they were.
     """
     tag = f"step{step:08d}"
     folder = Path(ckpt_dir) / tag
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), folder / f"rng_{rank}.pt")
-    if rank == 0:
-        (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    engine.save_checkpoint(
-        str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
-    )
-    dist.barrier()  # every rank's files are on disk before ``latest`` moves
-    if rank == 0:
-        tmp = Path(ckpt_dir) / f"{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, Path(ckpt_dir) / LATEST)
-        keep = cfg.train.keep_checkpoints
-        tags = sorted(p for p in Path(ckpt_dir).glob("step*") if p.is_dir())  # zero-padded: sorted by step
-        for old in tags[:-keep] if keep > 0 else []:
-            if old.name != tag:
-                shutil.rmtree(old)
+    if rank == 0 and folder.is_dir() and tag != latest_tag(ckpt_dir):
+        shutil.rmtree(folder)  # left by a save that was killed: none of its files are trusted
+    dist.barrier()  # cleared before any rank writes into it
+    with disk_full_is_user_error(ckpt_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), folder / f"rng_{rank}.pt")
+        if rank == 0:
+            (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+        )
+        dist.barrier()  # every rank's files are on disk before ``latest`` moves
+        pause_at("checkpoint-latest")
+        if rank == 0:
+            tmp = Path(ckpt_dir) / f"{LATEST}.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, Path(ckpt_dir) / LATEST)
+    keep = cfg.train.keep_checkpoints
+    if rank == 0 and keep > 0:
+        # Only tags up to this one count: a later one was left by a killed save of an earlier run (``latest``
+        # never named it) and is not one of the checkpoints kept; it is cleared when a save reaches its step.
+        tags = sorted(p for p in Path(ckpt_dir).glob("step*") if p.is_dir() and p.name <= tag)  # zero-padded
+        for old in tags[:-keep]:
+            shutil.rmtree(old)
     return tag
 
 

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dcris.config import Config, apply_overrides, from_dict, to_dict
-from dcris.errors import UserError
+from dcris.errors import UserError, disk_full_is_user_error, pause_at
 from dcris.metrics import GRES_PREC_THRESHOLDS, PREC_THRESHOLDS
 from dcris.model import DCRIS, build_model, is_trainable_key
 
@@ -261,7 +261,7 @@ class ExportedWeights(
         Raises:
             UserError: nothing readable is there; the message says what was looked for.
         """
-        where = str(path_or_id)
+        where = str(export_folder(Path(path_or_id)))
         if Path(where).is_file():
             return cls._from_file(where)
         try:
@@ -347,16 +347,35 @@ def backbones_resolved_in(cfg: Config, folder: Path) -> Config:
     return _map_backbones(cfg, resolved)
 
 
+def _previous(path: Path) -> Path:
+    """Where :func:`_replace_folder` keeps the earlier export while the new one moves in."""
+    return path.with_name(path.name + ".old")
+
+
+def export_folder(path: Path) -> Path:
+    """The folder an export at ``path`` is read from: ``path``, or its earlier export (whole) when a save was killed
+    between the two renames of :func:`_replace_folder`. A finished ``path.tmp`` is not used: nothing says that
+    it was complete when the save stopped."""
+    previous = _previous(path)
+    return previous if not path.exists() and previous.is_dir() else path
+
+
 def _replace_folder(tmp: Path, path: Path) -> None:
     """Moves the finished folder ``tmp`` to ``path``, replacing an earlier export there: a folder that holds
-    nothing the new export does not write (and nothing else)."""
+    nothing the new export does not write (and nothing else).
+
+    A directory cannot be renamed over a non-empty one, so the earlier export steps aside to ``path.old`` first;
+    a kill before ``tmp`` takes its place leaves the earlier export whole there, which readers and the next save
+    take back (:func:`export_folder`).
+    """
     if path.exists():
         ours = {p.name for p in tmp.iterdir()}
         if not path.is_dir() or not {p.name for p in path.iterdir()} <= ours:
             raise UserError(f"{str(path)!r} exists and is not a dcris export folder: not overwriting it")
-        old = path.with_name(path.name + ".old")
+        old = _previous(path)
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
+        pause_at("export-swap")
         tmp.rename(path)
         shutil.rmtree(old)
     else:
@@ -390,18 +409,21 @@ def save_export(
             f"e.g. {str(path.with_suffix(''))!r}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    if export_folder(path) != path:  # the earlier export of a killed save comes back first
+        export_folder(path).rename(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    ExportedWeights.from_state(state, cfg, metrics, folder=path).save_pretrained(tmp)
-    if extra is not None:
-        extra(tmp)
+    with disk_full_is_user_error(path):
+        ExportedWeights.from_state(state, cfg, metrics, folder=path).save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
     _replace_folder(tmp, path)  # a reader never sees a half-written export
     return path
 
 
 def read_export_config(path: str | Path) -> Config:
     """The resolved Config recorded in an export folder or in an earlier single-file export."""
-    path = Path(path)
+    path = export_folder(Path(path))
     if path.is_dir():
         config = path / CONFIG_FILE
         payload = json.loads(config.read_text()) if config.is_file() else {}

@@ -3,9 +3,11 @@ every consumer), the shuffle of every split, the published-count check, blank se
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import pickle
+import re
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -15,10 +17,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
+from save_faults import check_disk_full_message
 
 from dcris.cli import main as cli_main
+from dcris.cli import run as run_command
 from dcris.config import preset
 from dcris.data import build_loader, dali_available, pack
 from dcris.data.release_counts import PUBLISHED
@@ -515,3 +520,36 @@ def test_a_refcoco_and_grefcoco_mix_trains_on_no_held_out_image(gres_release: Pa
     assert {s["info"]["dataset"] for s in samples} == {"refcoco", "grefcoco"}
     nothing = [s for s in samples if np.frombuffer(s["meta"], dtype="<i8")[7] == 0]
     assert len(nothing) == info["no_target"]["objects"] == sum(r["no_target"] for r in grefs if r["split"] == "train")
+
+
+# ------------------------------------------------------------------------------------------- full disk
+
+
+def test_a_full_disk_stops_packing_in_one_line_and_leaves_no_manifest(
+    release: Path, release_as: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    root = release_as(tmp_path / "refer", "refcoco", "unc")
+    argv = ["--refer", str(root), "--images", str(release / "images"), "--out", str(tmp_path / "out"),
+            "--workers", "1", "--shard-size", "10", "--dataset", "refcoco", "--split-by", "unc"]  # fmt: skip
+    assert run_command("dcris.data.pack", argv) == 0  # what shards/pack.py runs
+    shards = tmp_path / "out" / "refcoco"
+    real_write, written = wds.TarWriter.write, []
+
+    def write(self: wds.TarWriter, sample: dict) -> int:
+        written.append(sample["__key__"])
+        if len(written) > 12:  # the disk fills up in the second shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, sample)
+
+    monkeypatch.setattr(wds.TarWriter, "write", write)
+    capsys.readouterr()
+    assert run_command("dcris.data.pack", [*argv, "--seed", "1"]) == 2  # another shuffle: every shard is written again
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    check_disk_full_message(lines[0], shards)
+    assert not (shards / "manifest.json").exists()  # the first pack's would describe shards now rewritten
+    monkeypatch.undo()
+    assert run_command("dcris.data.pack", [*argv, "--seed", "1"]) == 0
+    assert len(json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"]) > 1
+    assert re.search(r"; 1 of \d+ shards were already complete", capsys.readouterr().out)  # the one written whole

@@ -1,4 +1,4 @@
-"""Faults a long run meets, on one CPU rank: non-finite steps."""
+"""Faults a long run meets, on one CPU rank: non-finite steps, a kill while saving a checkpoint, a full disk."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from save_faults import check_disk_full_message, kill_at
 
 import dcris.trainer
 from dcris.errors import UserError
@@ -60,12 +61,15 @@ def _state(tag: Path) -> dict[str, torch.Tensor]:
     return _tensors(model, "module") | _tensors(optim["optimizer_state_dict"], "optim")
 
 
-def _run(shards: Path, out: Path, *overrides: str) -> None:
-    argv = ["--deepspeed", ZERO2, "--preset", "tiny-dcris", f"data.shards={shards}", f"train.output_dir={out}",
+def _argv(shards: Path, out: Path, *overrides: str) -> list[str]:
+    return ["--deepspeed", ZERO2, "--preset", "tiny-dcris", f"data.shards={shards}", f"train.output_dir={out}",
             "data.loader=torch", "data.workers=0", "train.micro_batch=2", "train.global_batch=4",
             "train.precision=fp32", "train.save_every_steps=1", "train.keep_checkpoints=0", "train.log_every_steps=1",
             "data.eval_splits=val", "train.eval_every_epochs=0", "train.eval_pictures=0", *overrides]  # fmt: skip
-    assert train_main(argv) == 0
+
+
+def _run(shards: Path, out: Path, *overrides: str) -> None:
+    assert train_main(_argv(shards, out, *overrides)) == 0
 
 
 def test_a_non_finite_step_is_skipped_and_counted(shards: Path, tmp_path: Path, monkeypatch) -> None:
@@ -103,3 +107,48 @@ def test_non_finite_steps_in_a_row_stop_the_run(shards: Path, tmp_path: Path, mo
     good, latest = _state(ckpt / "step00000002"), _state(ckpt / "step00000004")
     assert all(torch.equal(good[k], latest[k]) for k in good)
     assert not (ckpt / "step00000005").exists() and not (run / "export").exists()
+
+
+def test_a_kill_before_latest_moves_resumes_from_the_previous_checkpoint(
+    shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, keep = tmp_path / "run", "train.keep_checkpoints=2"
+    ckpt = run / "checkpoints"
+    _run(shards, run, "train.max_steps=2", keep)
+    argv = _argv(shards, run, "train.max_steps=4", "train.save_every_steps=0", keep)  # saves step 4 only
+    kill_at("checkpoint-latest", f"import sys; from dcris.trainer import main; sys.exit(main({argv!r}))", tmp_path)
+    assert (ckpt / "latest").read_text() == "step00000002" and (ckpt / "step00000004").is_dir()
+    optim = ckpt / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:1000])  # as a kill inside DeepSpeed's writes leaves it
+    capsys.readouterr()
+    _run(shards, run, "train.max_steps=3", keep)
+    assert f"resumed from {ckpt} at step 2" in capsys.readouterr().out
+    assert (ckpt / "latest").read_text() == "step00000003"
+    # the two newest complete checkpoints: the killed save's folder is neither counted nor deleted
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000002", "step00000003", "step00000004"]
+    good, resumed = _state(ckpt / "step00000002"), _state(ckpt / "step00000003")
+    assert not torch.equal(good["module/head.proj.txt.weight"], resumed["module/head.proj.txt.weight"])
+    _run(shards, run, "train.max_steps=4", keep)  # the save at step 4 replaces what the kill left
+    assert (ckpt / "latest").read_text() == "step00000004"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000003", "step00000004"]
+    assert all(torch.isfinite(v.float()).all() for v in _state(ckpt / "step00000004").values())
+
+
+def test_a_full_disk_stops_a_checkpoint_save_in_one_line(shards: Path, tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    _run(shards, run, "train.max_steps=2")
+    real_save = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if str(f).endswith("optim_states.pt"):
+            # what torch.save to a path raises on a full disk (seen on a 64 KiB tmpfs): no errno, no OSError
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(UserError) as stop:
+        _run(shards, run, "train.max_steps=3")
+    check_disk_full_message(str(stop.value), ckpt)
+    assert (ckpt / "latest").read_text() == "step00000002"
+    assert all(torch.isfinite(v.float()).all() for v in _state(ckpt / "step00000002").values())

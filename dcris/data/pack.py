@@ -63,7 +63,7 @@ from tqdm import tqdm
 from dcris.data.common import SHARD_FORMAT
 from dcris.data.refs import load_refs
 from dcris.data.release_counts import PUBLISHED_TOTALS, count_differences, published_counts, total_differences
-from dcris.errors import UserError
+from dcris.errors import UserError, disk_full_is_user_error
 from dcris.tokenizer import CONTEXT_LENGTH, tokenize
 
 FORMAT = SHARD_FORMAT
@@ -589,10 +589,12 @@ def main(argv: list[str] | None = None) -> int:
                     context_length=context_length,
                 )
             )
+    manifest_path = out_dir / "manifest.json"
+    manifest_path.unlink(missing_ok=True)  # written last: a pack that stopped halfway is not taken for a whole one
     total = sum(len(objects) for objects in plan.objects.values())
     results: dict[str, dict] = {}
     jobs_by_stem = {j["stem"]: j for j in jobs}
-    with tqdm(total=total, unit="obj", desc=f"packing {plan.name}") as bar:
+    with disk_full_is_user_error(out_dir), tqdm(total=total, unit="obj", desc=f"packing {plan.name}") as bar:
         pool = multiprocessing.Pool(args.workers) if args.workers > 1 and len(jobs) > 1 else None
         for done in pool.imap_unordered(_pack_shard, jobs) if pool else map(_pack_shard, jobs):
             results[done["stem"]] = done
@@ -634,7 +636,10 @@ def main(argv: list[str] | None = None) -> int:
         match=None if differences is None else not differences,
         differences=differences or [],
     )
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    tmp_manifest = out_dir / "manifest.json.tmp"
+    with disk_full_is_user_error(out_dir):
+        tmp_manifest.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp_manifest, manifest_path)
     for split, info in manifest["splits"].items():
         print(
             f"{split}: {info['objects']} objects, {info['sentences']} sentences, {len(info['shards'])} shards, "
@@ -650,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     _report_counts(plan.name, differences)
     resumed = sum(d["resumed"] for d in results.values())
     print(
-        f"wrote {out_dir / 'manifest.json'} ({context_length}-token sentences; "
+        f"wrote {manifest_path} ({context_length}-token sentences; "
         f"{resumed} of {len(jobs)} shards were already complete)"
     )
     return 0
