@@ -10,6 +10,7 @@ the order the packer shuffled once; the main process normalises on the device.
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import random
@@ -217,6 +218,10 @@ class TorchShardLoader(ShardLoader):
         yield from batches
 
     def _regrouped(self, skipped_parts: list[int]) -> Iterator[dict[str, Any]]:
+        if self.workers:
+            # Garbage is collected here, not in the forked workers: a DALI pipeline among it (one of an earlier
+            # loader of this process) would shut down in a child that has none of its threads, and hang there.
+            gc.collect()
         loader = torch.utils.data.DataLoader(
             _RankParts(self, skipped_parts),
             batch_size=None,
