@@ -274,23 +274,33 @@ class _Stream:
         self.pending.append((positions, count))
         return self.data.encoded(positions)
 
+    def _decode_error(self, dali_error: str, where: str) -> UserError:
+        """The error for a batch DALI failed on: naming the shard of the sample PIL cannot decode either, among
+        those fed and not yet taken, else naming ``where`` (split and folder)."""
+        lines = dali_error.strip().splitlines()
+        reason = next((line.strip() for line in lines if "failure" in line.lower()), lines[0] if lines else "")
+        fed = np.concatenate([positions for positions, _ in self.pending]) if self.pending else np.zeros(0, int)
+        return self.data.undecodable(fed, reason) or UserError(
+            f"DALI could not read a batch of {where} ({reason}): a shard changed after packing; compare the "
+            "shards' sha256 with manifest.json, re-copy the changed ones or rerun the python shards/pack.py "
+            "command that wrote them"
+        )
+
     def next_batch(self, batches_per_epoch: int, where: str) -> tuple[Any, np.ndarray, int]:
         """The next batch's pipeline outputs, positions (padded to the batch size) and number of real samples.
 
-        A sample DALI cannot decode stops the run with the shard that holds it: it is among the batches fed and
-        not yet taken; ``where`` (split and folder) names the data when no sample can be blamed.
+        A broken shard stops the run with a UserError (:meth:`_decode_error` when DALI cannot decode a sample).
         """
         try:
             outputs = self.pipeline.run()
+        except UserError as e:  # from the source (SplitData.encoded)
+            error = UserError(str(e))
         except RuntimeError as e:
-            dali_error = next((line.strip() for line in str(e).splitlines() if "failure" in line.lower()), "")
-            dali_error = dali_error or str(e).strip().splitlines()[0]
-            fed = np.concatenate([positions for positions, _ in self.pending]) if self.pending else np.zeros(0, int)
-            raise self.data.undecodable(fed, dali_error) or UserError(
-                f"DALI could not read a batch of {where} ({dali_error}): a shard changed after packing; compare the "
-                "shards' sha256 with manifest.json, re-copy the changed ones or rerun the python shards/pack.py "
-                "command that wrote them"
-            ) from None
+            error = self._decode_error(str(e), where)
+        else:
+            error = None
+        if error is not None:  # raised anew, outside the handler: no traceback through DALI keeps the pipeline alive
+            raise error
         positions, count = self.pending.popleft()
         epoch, batch = self.at
         self.at = (epoch + self.epoch_step, 0) if batch + 1 == batches_per_epoch else (epoch, batch + 1)
@@ -386,6 +396,9 @@ class DaliShardLoader(ShardLoader):
                 outputs, positions, count = stream.next_batch(batches, f"split {self.split} in {self.shards_dir}")
             except Exception:
                 _STREAMS.pop(self._stream_key(), None)  # a pipeline that failed cannot run on
+                # Shut it down now, in this process: left to the garbage collector (the traceback holds the
+                # stream), it could be collected in a forked process, whose DALI shutdown never returns.
+                stream.pipeline = None
                 raise
             rows = positions[:count]
             tokens_all = torch.from_numpy(stream.data.tokens[rows]).long()  # (B, K_max, L)
