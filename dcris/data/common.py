@@ -24,6 +24,10 @@ split NVIDIA DALI's readers make for ``shard_id``/``num_shards``. For evaluation
 all ranks, in order. Training yields ``(N // W) // batch_size`` full batches on every rank, so ranks never
 disagree on the number of steps. (The packer shuffled every split once, so any range mixes images and, for a
 mixed split, data sets.)
+
+A shard whose tar no longer matches its index (truncated, or bytes overwritten after packing) stops either loader
+with the same :func:`broken_shard` error, naming the file and the fix: a tar shorter than its index reaches, a
+field's tar header that does not record the index's name and size, or a field that does not decode.
 """
 
 from __future__ import annotations

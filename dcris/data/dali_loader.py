@@ -24,6 +24,10 @@ JPEGs are decoded "mixed" (nvJPEG, ``hw_decoder_load`` of them on the hardware d
 without. PNG masks are decoded on the CPU. A training mask is warped straight to ``mask_size`` (128 for a 448
 canvas: 1/12 of the pixels), at exactly the canvas points the loss's nearest resize of a canvas mask would pick
 (:func:`mask_nodes`); evaluation warps it to the canvas and also returns the original.
+
+A broken shard (:mod:`dcris.data.common`) is found when the stream starts (every tar against its index's size),
+as the source slices a sample (its tar headers), or when DALI fails to decode: the samples fed and not yet taken
+are then decoded with PIL to name the shard, and the failed pipeline is shut down.
 """
 
 from __future__ import annotations

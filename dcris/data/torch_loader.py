@@ -5,7 +5,8 @@ It reads the ``jpg``, ``mask.png``, ``tokens.npy`` (``np.load``) and ``meta`` fi
 format is described in ``shards/pack.py``) straight from their offsets in the tar, which the shard's ``.idx``
 file lists, so each DataLoader worker reads only its own share of the rank's range (see :class:`_RankParts`).
 For training each worker visits its chunks in a seeded random order and shuffles through a buffer, on top of
-the order the packer shuffled once; the main process normalises on the device.
+the order the packer shuffled once; the main process normalises on the device. A broken shard
+(:mod:`dcris.data.common`) met in a worker reaches the main process as the same one-line UserError.
 """
 
 from __future__ import annotations
