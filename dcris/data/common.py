@@ -24,6 +24,10 @@ split NVIDIA DALI's readers make for ``shard_id``/``num_shards``. For evaluation
 all ranks, in order. Training yields ``(N // W) // batch_size`` full batches on every rank, so ranks never
 disagree on the number of steps. (The packer shuffled every split once, so any range mixes images and, for a
 mixed split, data sets.)
+
+A shard whose tar no longer matches its index (truncated, or bytes overwritten after packing) stops either loader
+with the same :func:`broken_shard` error, naming the file and the fix: a tar shorter than its index reaches, a
+field's tar header that does not record the index's name and size, or a field that does not decode.
 """
 
 from __future__ import annotations
@@ -68,6 +72,41 @@ def check_context_length(model_length: int, shards_length: int, shards_dir: str 
         raise UserError(
             f"the model reads {model_length}-token sentences but the shards in {shards_dir} hold {shards_length}-token "
             f"rows: repack with --context-length {model_length}, or use a model of context length {shards_length}"
+        )
+
+
+TAR_BLOCK = 512  # a tar member's header block, just before its bytes
+
+
+def broken_shard(tar: str | Path, problem: str) -> UserError:
+    """The one error for a shard whose tar no longer matches its index (truncated, overwritten or copied in part
+    after packing), whichever loader meets it: names the file, what is wrong and the fix."""
+    return UserError(
+        f"shard {tar} is broken: {problem}. It changed after packing (truncated or overwritten): re-copy the shard, "
+        "or rerun the python shards/pack.py command that wrote it (it repacks every shard whose sha256 no longer "
+        "matches)"
+    )
+
+
+def check_tar_covers(tar: str | Path, tar_size: int, index_end: int) -> None:
+    """Stops when a tar of ``tar_size`` bytes ends before ``index_end``, where its index says its last field ends."""
+    if tar_size < index_end:
+        raise broken_shard(tar, f"it has {tar_size} bytes but its index lists fields up to byte {index_end}")
+
+
+def check_member_header(tar: str | Path, header: bytes, name: str, size: int) -> None:
+    """Stops when the tar header block before a field's bytes does not record that field (``name``, ``size``: the
+    index's), i.e. the tar's bytes have moved or been overwritten since the index was made."""
+    member = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+    try:
+        recorded = int(header[124:136].split(b"\0", 1)[0].strip() or b"-1", 8)  # octal, NUL or space terminated
+    except ValueError:
+        recorded = -1
+    if member != name[:100] or recorded != size:  # long names are cut to the header's 100 bytes
+        raise broken_shard(
+            tar,
+            f"the tar header before the bytes of {name} records {member!r} ({recorded} bytes) where its index "
+            f"has {name!r} ({size} bytes)",
         )
 
 

@@ -24,10 +24,15 @@ JPEGs are decoded "mixed" (nvJPEG, ``hw_decoder_load`` of them on the hardware d
 without. PNG masks are decoded on the CPU. A training mask is warped straight to ``mask_size`` (128 for a 448
 canvas: 1/12 of the pixels), at exactly the canvas points the loss's nearest resize of a canvas mask would pick
 (:func:`mask_nodes`); evaluation warps it to the canvas and also returns the original.
+
+A broken shard (:mod:`dcris.data.common`) is found when the stream starts (every tar against its index's size),
+as the source slices a sample (its tar headers), or when DALI fails to decode: the samples fed and not yet taken
+are then decoded with PIL to name the shard, and the failed pipeline is shut down.
 """
 
 from __future__ import annotations
 
+import io
 import mmap
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -41,10 +46,12 @@ import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
+from PIL import Image
 
-from dcris.data.common import ShardLoader, rank_range, to_device
+from dcris.data.common import TAR_BLOCK, ShardLoader, broken_shard, check_member_header, rank_range, to_device
 from dcris.data.letterbox import CLIP_MEAN, CLIP_MEAN_UINT8, CLIP_STD
-from dcris.data.torch_loader import read_index
+from dcris.data.torch_loader import DECODE_ERRORS, decode_reason, read_shard_index
+from dcris.errors import UserError
 
 _KEPT_STREAMS = 4  # pipelines kept for the process (the training split's and a few evaluation splits')
 _STREAMS: OrderedDict[tuple, _Stream] = OrderedDict()  # by loader configuration, least recently used first
@@ -189,14 +196,16 @@ class SplitData:
 
     def __init__(self, loader: ShardLoader) -> None:
         shards = [dict(s, tar=str(loader.shards_dir / s["tar"])) for s in loader.info["shards"]]
-        self.tars, shard_of, spans = [], [], []
+        self.paths = [s["tar"] for s in shards]
+        self.tars, shard_of, spans, self.keys = [], [], [], []
         tokens = []
         metas = []
         for k, shard in enumerate(shards):
+            index = read_shard_index(shard["tar"], str(loader.shards_dir / shard["idx"]))  # covers the tar's size
             with open(shard["tar"], "rb") as f:
                 self.tars.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-            index = read_index(str(loader.shards_dir / shard["idx"]))
             spans += [(*fields["jpg"], *fields["mask.png"]) for _, fields in index]
+            self.keys += [key for key, _ in index]
             shard_of += [k] * len(index)
             with np.load(loader.shards_dir / shard["tables"]) as tables:
                 tokens.append(tables["tokens"])  # int32 (n, K_shard, L)
@@ -212,14 +221,32 @@ class SplitData:
         self.first = np.cumsum([0] + [s["samples"] for s in shards])  # (S + 1,) first position of every shard
 
     def encoded(self, positions: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The JPEG and PNG bytes of the samples at ``positions`` (views of the tars)."""
+        """The JPEG and PNG bytes of the samples at ``positions`` (views of the tars), each field's tar header
+        checked against the index on the way (the page is read anyway)."""
         jpegs, pngs = [], []
         for position in positions.tolist():
-            tar = self.tars[self.shard_of[position]]
+            shard = self.shard_of[position]
+            tar, path, key = self.tars[shard], self.paths[shard], self.keys[position]
             jpg_at, jpg_size, png_at, png_size = self.spans[position].tolist()
+            check_member_header(path, tar[jpg_at - TAR_BLOCK : jpg_at], f"{key}.jpg", jpg_size)
+            check_member_header(path, tar[png_at - TAR_BLOCK : png_at], f"{key}.mask.png", png_size)
             jpegs.append(np.frombuffer(tar, np.uint8, jpg_size, jpg_at))
             pngs.append(np.frombuffer(tar, np.uint8, png_size, png_at))
         return jpegs, pngs
+
+    def undecodable(self, positions: np.ndarray, dali_error: str) -> UserError | None:
+        """The error naming the shard of the first sample at ``positions`` whose JPEG or PNG PIL cannot decode
+        either (what DALI's error does not say), or None when all decode."""
+        for position in dict.fromkeys(positions.tolist()):  # in order, each once (batches are padded by repeats)
+            for name, encoded in zip(("jpg", "mask.png"), self.encoded(np.asarray([position])), strict=True):
+                try:
+                    with Image.open(io.BytesIO(encoded[0].tobytes())) as image:
+                        image.load()
+                except DECODE_ERRORS as e:
+                    sample = f"{self.keys[position]}.{name}"
+                    problem = f"{sample} does not decode (DALI: {dali_error}; PIL: {decode_reason(e)})"
+                    return broken_shard(self.paths[self.shard_of[position]], problem)
+        return None
 
 
 class _Stream:
@@ -251,9 +278,33 @@ class _Stream:
         self.pending.append((positions, count))
         return self.data.encoded(positions)
 
-    def next_batch(self, batches_per_epoch: int) -> tuple[Any, np.ndarray, int]:
-        """The next batch's pipeline outputs, positions (padded to the batch size) and number of real samples."""
-        outputs = self.pipeline.run()
+    def _decode_error(self, dali_error: str, where: str) -> UserError:
+        """The error for a batch DALI failed on: naming the shard of the sample PIL cannot decode either, among
+        those fed and not yet taken, else naming ``where`` (split and folder)."""
+        lines = dali_error.strip().splitlines()
+        reason = next((line.strip() for line in lines if "failure" in line.lower()), lines[0] if lines else "")
+        fed = np.concatenate([positions for positions, _ in self.pending]) if self.pending else np.zeros(0, int)
+        return self.data.undecodable(fed, reason) or UserError(
+            f"DALI could not read a batch of {where} ({reason}): a shard changed after packing; compare the "
+            "shards' sha256 with manifest.json, re-copy the changed ones or rerun the python shards/pack.py "
+            "command that wrote them"
+        )
+
+    def next_batch(self, batches_per_epoch: int, where: str) -> tuple[Any, np.ndarray, int]:
+        """The next batch's pipeline outputs, positions (padded to the batch size) and number of real samples.
+
+        A broken shard stops the run with a UserError (:meth:`_decode_error` when DALI cannot decode a sample).
+        """
+        try:
+            outputs = self.pipeline.run()
+        except UserError as e:  # from the source (SplitData.encoded)
+            error = UserError(str(e))
+        except RuntimeError as e:
+            error = self._decode_error(str(e), where)
+        else:
+            error = None
+        if error is not None:  # raised anew, outside the handler: no traceback through DALI keeps the pipeline alive
+            raise error
         positions, count = self.pending.popleft()
         epoch, batch = self.at
         self.at = (epoch + self.epoch_step, 0) if batch + 1 == batches_per_epoch else (epoch, batch + 1)
@@ -345,7 +396,14 @@ class DaliShardLoader(ShardLoader):
             return
         stream = self._stream()
         for _ in range(batches - self.start_batch):
-            outputs, positions, count = stream.next_batch(batches)
+            try:
+                outputs, positions, count = stream.next_batch(batches, f"split {self.split} in {self.shards_dir}")
+            except Exception:
+                _STREAMS.pop(self._stream_key(), None)  # a pipeline that failed cannot run on
+                # Shut it down now, in this process: left to the garbage collector (the traceback holds the
+                # stream), it could be collected in a forked process, whose DALI shutdown never returns.
+                stream.pipeline = None
+                raise
             rows = positions[:count]
             tokens_all = torch.from_numpy(stream.data.tokens[rows]).long()  # (B, K_max, L)
             batch = dict(

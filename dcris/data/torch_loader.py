@@ -5,7 +5,8 @@ It reads the ``jpg``, ``mask.png``, ``tokens.npy`` (``np.load``) and ``meta`` fi
 format is described in ``shards/pack.py``) straight from their offsets in the tar, which the shard's ``.idx``
 file lists, so each DataLoader worker reads only its own share of the rank's range (see :class:`_RankParts`).
 For training each worker visits its chunks in a seeded random order and shuffles through a buffer, on top of
-the order the packer shuffled once; the main process normalises on the device.
+the order the packer shuffled once; the main process normalises on the device. A broken shard
+(:mod:`dcris.data.common`) met in a worker reaches the main process as the same one-line UserError.
 """
 
 from __future__ import annotations
@@ -13,20 +14,40 @@ from __future__ import annotations
 import gc
 import io
 import itertools
+import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from dcris.data.common import ShardLoader, concat_rows, rank_range, take_rows, to_device
+from dcris.data.common import (
+    TAR_BLOCK,
+    ShardLoader,
+    broken_shard,
+    check_member_header,
+    check_tar_covers,
+    concat_rows,
+    rank_range,
+    take_rows,
+    to_device,
+)
 from dcris.data.letterbox import letterbox_image, letterbox_mask, normalize_image
+from dcris.errors import UserError
 
 FIELDS = ("jpg", "mask.png", "tokens.npy", "meta")  # what the loader reads of each sample
+# What PIL and np.load raise on bytes that are not the image or array they should be.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def decode_reason(error: Exception) -> str:
+    """What a decode error says, without the in-memory file object PIL names when it recognises no format."""
+    return "not an image" if isinstance(error, UnidentifiedImageError) else str(error)
 
 
 def decode_sample(sample: dict[str, Any], image_size: int, context_length: int, keep_orig: bool) -> dict[str, Any]:
@@ -90,21 +111,37 @@ def read_index(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     return samples
 
 
+def read_shard_index(tar: str, idx: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """:func:`read_index` of a shard, checked against its tar: an index that does not parse, or lists bytes past
+    the end of the tar (a truncated copy), stops the run naming the shard."""
+    try:
+        index = read_index(idx)
+    except (ValueError, IndexError) as e:
+        raise broken_shard(tar, f"its index {idx} does not parse ({e})") from None
+    index_end = max((o + n for _, fields in index for o, n in fields.values()), default=0)
+    check_tar_covers(tar, os.path.getsize(tar), index_end)
+    return index
+
+
 def read_samples(
     tar: str, index: list[tuple[str, dict[str, tuple[int, int]]]], lo: int, hi: int
 ) -> Iterator[dict[str, Any]]:
-    """Samples ``lo`` to ``hi - 1`` of a shard (raw bytes per field), read as one contiguous piece of the tar."""
+    """Samples ``lo`` to ``hi - 1`` of a shard (raw bytes per field, and ``__tar__``: the shard), read as one
+    contiguous piece of the tar; each field's tar header is checked against the index on the way."""
     entries = index[lo:hi]
     spans = [span for _, fields in entries for span in fields.values()]
-    begin, end = min(o for o, _ in spans), max(o + n for o, n in spans)
+    begin, end = min(o for o, _ in spans) - TAR_BLOCK, max(o + n for o, n in spans)  # from the first header on
     with open(tar, "rb") as f:
         f.seek(begin)
         data = f.read(end - begin)
+    check_tar_covers(tar, begin + len(data), end)  # a shard truncated while the run reads it
     for key, fields in entries:
-        sample: dict[str, Any] = {"__key__": key}
+        sample: dict[str, Any] = {"__key__": key, "__tar__": tar}
         for ext in FIELDS:
             offset, size = fields[ext]
-            sample[ext] = data[offset - begin : offset - begin + size]
+            at = offset - begin
+            check_member_header(tar, data[at - TAR_BLOCK : at], f"{key}.{ext}", size)
+            sample[ext] = data[at : at + size]
         yield sample
 
 
@@ -131,6 +168,14 @@ def chunk_segments(sizes: list[int], start: int, end: int, chunk: int) -> list[l
     return chunks
 
 
+@dataclass
+class _WorkerUserError:
+    """A UserError met in a DataLoader worker, handed to the main process as data: raised there, it would arrive
+    as another exception carrying the worker's traceback."""
+
+    message: str
+
+
 class _RankParts(torch.utils.data.IterableDataset):
     """Stacked parts of up to batch_size decoded samples of one rank's range.
 
@@ -152,7 +197,15 @@ class _RankParts(torch.utils.data.IterableDataset):
         start, end = rank_range(loader.info["objects"], loader.rank, loader.world_size)
         return chunk_segments([s["samples"] for s in shards], start, end, loader.batch_size)[worker::num_workers]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | _WorkerUserError]:
+        try:
+            yield from self._parts()
+        except UserError as e:
+            if torch.utils.data.get_worker_info() is None:  # in the main process: it needs no carrying
+                raise
+            yield _WorkerUserError(str(e))
+
+    def _parts(self) -> Iterator[dict[str, Any]]:
         ld = self.loader
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -167,7 +220,11 @@ class _RankParts(torch.utils.data.IterableDataset):
             samples = itertools.islice(samples, self.skipped_parts[worker] * ld.batch_size, None)
         part = []
         for sample in samples:
-            part.append(decode_sample(sample, ld.image_size, ld.context_length, keep_orig=not ld.train))
+            try:
+                part.append(decode_sample(sample, ld.image_size, ld.context_length, keep_orig=not ld.train))
+            except DECODE_ERRORS as e:
+                problem = f"sample {sample['__key__']} does not decode ({decode_reason(e)})"
+                raise broken_shard(sample["__tar__"], problem) from None
             if len(part) == ld.batch_size:
                 yield _stack(part, ld.max_sentences)
                 part = []
@@ -181,7 +238,7 @@ class _RankParts(torch.utils.data.IterableDataset):
         for pieces in chunks:
             for k, lo, hi in pieces:
                 if k not in indices:
-                    indices[k] = read_index(shards[k]["idx"])
+                    indices[k] = read_shard_index(shards[k]["tar"], shards[k]["idx"])
                 yield from read_samples(shards[k]["tar"], indices[k], lo, hi)
 
 
@@ -232,6 +289,8 @@ class TorchShardLoader(ShardLoader):
         pending: dict[str, Any] | None = None
         # Parts are full batches except at the ends of the workers' streams; regroup those into full batches.
         for part in loader:
+            if isinstance(part, _WorkerUserError):
+                raise UserError(part.message)
             if pending is None and len(part["meta"]) == self.batch_size:
                 yield self._to_device(part)  # the usual case: no copy, the pinned tensors go as they are
                 continue
