@@ -27,6 +27,7 @@ import itertools
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,9 +245,11 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
     s, t = run.setup, run.cfg.train
     engine = s.engine
     # the epoch fixes the order, the sentence choice and the rank's range; a resumed run starts where it stopped
-    batches = iter(run.loader(epoch))
+    loader = iter(run.loader(epoch))
+    batches: Iterator[dict] = loader
     if run.rng_state is not None:
-        # restored only now: starting the loader draws from the RNG, which the saving run did at epoch start
+        if run.step > epoch * run.steps_per_epoch:  # mid-epoch: the saving run started this loader before saving
+            batches = itertools.chain([next(loader)], loader)  # starting it draws from the RNG
         set_rng_state(run.rng_state)
         run.rng_state = None
     end = min(run.total_steps, (epoch + 1) * run.steps_per_epoch)
@@ -274,10 +277,10 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
             if run.step % t.log_every_steps == 0 or run.step == run.total_steps:
                 log_progress(run, meter)
             if run.step == end:
-                batches.close()  # stop the loader's workers before evaluating (they compete for the CPU)
+                loader.close()  # stop the loader's workers before evaluating (they compete for the CPU)
             _evaluate_and_save_when_due(run)
     finally:
-        batches.close()  # also when stopped by an error: the workers end now, not at garbage collection
+        loader.close()  # also when stopped by an error: the workers end now, not at garbage collection
 
 
 def batchnorm_statistics(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -39,7 +39,7 @@ class _Poisoned:
 def _poison(monkeypatch: pytest.MonkeyPatch, bad: set[int]) -> None:
     real = dcris.trainer.train_loader
 
-    def loader(cfg: Any, rank: int, world: int, device: torch.device, epoch: int, start_batch: int) -> _Poisoned:
+    def loader(cfg: Any, rank: int, world: int, device: torch.device, epoch: int, start_batch: int = 0) -> _Poisoned:
         inner = real(cfg, rank, world, device, epoch, start_batch)
         return _Poisoned(inner, epoch * inner.epoch_batches() + start_batch, bad)
 
