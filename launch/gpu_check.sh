@@ -72,7 +72,7 @@ quick() {  # the stages of `quick` (header), about 470 s of limits in all
   echo "-- variants, model only ($(date +%T))"
   limited 200 "$out/bench_variants.txt" python launch/bench.py --preset "$preset" --batch "$batch" --model-only \
     --steps "${QUICK_STEPS:-8}" --warmup 3 --out "$out/bench_variants.json" \
-    --variants eager,fp32_frozen,fused,compile,fused_qkv,channels_last,single_key_gate,residual16,cuda_graphs,zero0,zero1,all
+    --variants eager,fp32_frozen,fused_qkv,channels_last,single_key_gate,residual16,zero0,zero1,fused,cuda_graphs,compile,all
   { grep "^| " "$out/bench_variants.txt" | awk '!seen[$0]++' | grep . || echo "| variants: no record |"; } |
     tee -a "$out/rows.md"  # each row is printed as measured and again at the end: once here
   echo "-- shards ($(date +%T))"
@@ -80,7 +80,7 @@ quick() {  # the stages of `quick` (header), about 470 s of limits in all
   echo "-- training with the loader ($(date +%T))"
   bench train_loader 50 --mode train --steps "${QUICK_STEPS:-8}"
   echo "-- evaluation of the train split ($(date +%T))"
-  bench evaluation 60 --mode infer "data.eval_splits=[train]"
+  bench evaluation 60 --mode infer data.eval_splits=train
   echo "-- loaders ($(date +%T))"
   limited 30 "$out/bench_loaders.txt" python shards/bench_loaders.py --shards "$shards" --repeats 1 \
     --batch-size "$batch" --json "$out/bench_loaders.json"
