@@ -110,6 +110,18 @@ def tiny_segmenter(probe):
 
 
 @pytest.fixture(scope="session")
+def seven_object_shards(release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic release in shards of 7 objects: several shards a split, so every epoch's shard order differs
+    and a split has good shards before any other. Tests that change them change a copy."""
+    from dcris.data import pack
+
+    out = tmp_path_factory.mktemp("seven_object_shards")
+    argv = ["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images", str(release / "images")]
+    assert pack.main([*argv, "--out", str(out), "--shard-size", "7", "--workers", "1"]) == 0
+    return out / "synthetic"
+
+
+@pytest.fixture(scope="session")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic release (24 images) packed into shards: train, val, testA and testB."""
     from dcris.data import pack, synth

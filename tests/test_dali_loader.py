@@ -17,7 +17,7 @@ from PIL import Image
 from released_geometry import natural_image, object_mask
 
 from dcris.cli import main as cli_main
-from dcris.data import build_loader, dali_available, pack
+from dcris.data import build_loader, dali_available
 from dcris.data.common import SHARD_FORMAT
 from dcris.errors import UserError
 
@@ -27,13 +27,8 @@ SIZE, MASK = 112, 32  # a small canvas and the logits' side for it (4 x 112 / 14
 
 
 @pytest.fixture(scope="module")
-def shards(release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic release in shards of 7 objects (so every epoch's shard order differs)."""
-    out = tmp_path_factory.mktemp("dali_shards")
-    images = str(release / "images")
-    argv = ["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images", images]
-    assert pack.main([*argv, "--out", str(out), "--shard-size", "7", "--workers", "1"]) == 0
-    return out / "synthetic"
+def shards(seven_object_shards: Path) -> Path:
+    return seven_object_shards
 
 
 def _train_loader(shards: Path, epoch: int, loader: str = "dali", **options: object):  # noqa: ANN202

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dcris.cli import main as cli_main
-from dcris.data import build_loader, dali_available, pack
+from dcris.data import build_loader, dali_available
 from dcris.data.torch_loader import read_index
 from dcris.errors import UserError
 
@@ -20,13 +20,8 @@ SIZE = 28  # a tiny canvas: the faults are in the reading, not the pictures
 
 
 @pytest.fixture(scope="module")
-def shards(release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic release in shards of 7 objects, so a split has a good shard before the broken one."""
-    out = tmp_path_factory.mktemp("fault_shards")
-    images = str(release / "images")
-    argv = ["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images", images]
-    assert pack.main([*argv, "--out", str(out), "--shard-size", "7", "--workers", "1"]) == 0
-    return out / "synthetic"
+def shards(seven_object_shards: Path) -> Path:
+    return seven_object_shards
 
 
 def truncate_half(tar: Path) -> None:
