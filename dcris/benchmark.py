@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         print(records[-1]["markdown"], flush=True)  # as it comes, in case a later variant fails
         _write(args.out, {"variants": records})
         torch.cuda.empty_cache()  # the last engine's memory back before the next is built
+        # each variant compiles as a fresh run would: the compiled block functions' graphs are cached per function
+        # across models, and the variants together would pass dynamo's cache limit and fall back to eager
+        torch.compiler.reset()
     print("\n".join(r["markdown"] for r in records))
     return 0
 
