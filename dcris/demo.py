@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dcris.config import load_config
-    from dcris.data import pack, synth
+    from dcris.data import synth
     from dcris.evaluate import evaluate
     from dcris.export import load_exported
     from dcris.metrics import format_table
@@ -162,13 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     from dcris.trainer import train
 
     out = Path(args.out).resolve()
-    name = "synthetic_gres" if args.gres else "synthetic"
-    release, shards, run = out / "release", out / "shards" / name, out / "run"
+    release, run = out / "release", out / "run"
     times: dict[str, float] = {}
     start = time.time()
     synth.make_synthetic_release(release, images=args.images, seed=0, gres=args.gres)
-    pack.main(["--refer", str(release), "--dataset", name, "--split-by", "unc", "--images",
-               str(release / "images"), "--out", str(out / "shards"), "--workers", "2"])  # fmt: skip
+    shards = synth.pack_synthetic_release(release, out / "shards", "--workers", "2", gres=args.gres)
     times["data_s"] = time.time() - start
 
     recipe = GRES_RECIPE if args.gres else RECIPE

@@ -170,14 +170,12 @@ def _table(samples: list[dict], rows: int = 20) -> str:
 
 def _prepare_data(workdir: Path, images: int) -> Path:
     """The synthetic release packed into shards under ``workdir`` (kept between soaks in the same folder)."""
-    from dcris.data import pack, synth
+    from dcris.data import synth
 
     shards = workdir / "shards" / "synthetic"
     if not (shards / "manifest.json").is_file():
-        release = workdir / "release"
-        synth.make_synthetic_release(release, images=images, seed=0)
-        pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images",
-                   str(release / "images"), "--out", str(workdir / "shards"), "--workers", "1"])  # fmt: skip
+        release = synth.make_synthetic_release(workdir / "release", images=images, seed=0)
+        synth.pack_synthetic_release(release, workdir / "shards", "--workers", "1")
     return shards
 
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from dcris.data import build_loader, dali_available, pack
-from dcris.data.synth import make_synthetic_release
+from dcris.data import build_loader, dali_available
+from dcris.data.synth import make_synthetic_release, pack_synthetic_release
 from dcris.provenance import git_commit
 
 STAGES = ("read", "decode JPEG", "letterbox image", "decode PNG", "letterbox mask")
@@ -135,9 +135,7 @@ def _tune(shards: Path, split: str, device: str, args: argparse.Namespace) -> li
 
 def _synthetic_shards(root: Path, images: int) -> Path:
     release = make_synthetic_release(root / "release", images=images, seed=0)
-    argv = ["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images", str(release / "images")]
-    pack.main([*argv, "--out", str(root / "shards"), "--splits", "train", "--shard-size", "100"])
-    return root / "shards" / "synthetic"
+    return pack_synthetic_release(release, root / "shards", "--splits", "train", "--shard-size", "100")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

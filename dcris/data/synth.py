@@ -227,6 +227,18 @@ def make_synthetic_release(
     return root
 
 
+def pack_synthetic_release(release: str | Path, out: str | Path, *options: str, gres: bool = False) -> Path:
+    """Packs a release written by :func:`make_synthetic_release` into ``OUT/NAME`` with the packer (``options``:
+    more of its arguments, e.g. ``--workers 2``); returns that shards folder."""
+    from dcris.data import pack
+
+    name = "synthetic_gres" if gres else "synthetic"
+    release = Path(release)
+    argv = ["--refer", str(release), "--dataset", name, "--split-by", "unc", "--images", str(release / "images")]
+    pack.main([*argv, "--out", str(out), *options])
+    return Path(out) / name
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
