@@ -337,15 +337,12 @@ def markdown_row(record: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + f" | {record['env']['commit'][:8]} |"
 
 
-def _prepare_shards(cfg: Config, workdir: Path, images: int) -> None:
+def _generated_shards(workdir: Path, images: int) -> str:
     """A synthetic release of COCO-sized images, packed (what ``data.shards`` points at when none is given)."""
-    from dcris.data import pack, synth
+    from dcris.data import synth
 
-    release = workdir / "release"
-    synth.make_synthetic_release(release, images=images, seed=0, sizes=COCO_SIZES)
-    pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images",
-               str(release / "images"), "--out", str(workdir / "shards"), "--workers", "2"])  # fmt: skip
-    cfg.data.shards = str(workdir / "shards" / "synthetic")
+    release = synth.make_synthetic_release(workdir / "release", images=images, seed=0, sizes=COCO_SIZES)
+    return str(synth.pack_synthetic_release(release, workdir / "shards", "--workers", "2"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -392,25 +389,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.count_ops:
         return _count_main(_config(args), args)
-    if not args.variants:
-        record = _record(args, _config(args), args.label, args.zero_stage)
-        _write(args.out, record)
-        shown = {k: v for k, v in record.items() if k != "markdown"}
-        if "train" in shown and "profile" in shown["train"]:
-            print(shown["train"].pop("profile"))
-        print(json.dumps(shown, indent=2))
-        print(record["markdown"])
-        return 0
-    records = []
-    for name in args.variants.split(","):
-        overrides, zero_stage = VARIANTS[name]
-        records.append(_record(args, _config(args, overrides), name, zero_stage))
-        print(records[-1]["markdown"], flush=True)  # as it comes, in case a later variant fails
-        _write(args.out, {"variants": records})
-        torch.cuda.empty_cache()  # the last engine's memory back before the next is built
-        # each variant compiles as a fresh run would: the compiled block functions' graphs are cached per function
-        # across models, and the variants together would pass dynamo's cache limit and fall back to eager
-        torch.compiler.reset()
+    with tempfile.TemporaryDirectory(prefix="dcris-bench-data-") as data:
+        # generated once (when the loader is measured and no --shards is given) for every record of the run
+        shards = args.shards or (None if args.model_only else _generated_shards(Path(data), args.images))
+        if not args.variants:
+            record = _record(args, _config(args), args.label, args.zero_stage, shards)
+            _write(args.out, record)
+            shown = {k: v for k, v in record.items() if k != "markdown"}
+            if "train" in shown and "profile" in shown["train"]:
+                print(shown["train"].pop("profile"))
+            print(json.dumps(shown, indent=2))
+            print(record["markdown"])
+            return 0
+        records = []
+        for name in args.variants.split(","):
+            overrides, zero_stage = VARIANTS[name]
+            records.append(_record(args, _config(args, overrides), name, zero_stage, shards))
+            print(records[-1]["markdown"], flush=True)  # as it comes, in case a later variant fails
+            _write(args.out, {"variants": records})
+            torch.cuda.empty_cache()  # the last engine's memory back before the next is built
+            # each variant compiles as a fresh run would: the compiled block functions' graphs are cached per
+            # function across models, and the variants together would pass dynamo's cache limit and fall back to eager
+            torch.compiler.reset()
     print("\n".join(r["markdown"] for r in records))
     return 0
 
@@ -426,14 +426,14 @@ def _config(args: argparse.Namespace, extra: list[str] = ()) -> Config:
     return load_config(preset_name=args.preset, overrides=overrides)
 
 
-def _record(args: argparse.Namespace, cfg: Config, label: str | None, zero_stage: int | None) -> dict[str, Any]:
-    """One measured record (training and/or inference) of ``cfg``, with its BENCHMARKS.md row."""
+def _record(
+    args: argparse.Namespace, cfg: Config, label: str | None, zero_stage: int | None, shards: str | None
+) -> dict[str, Any]:
+    """One measured record (training and/or inference) of ``cfg`` reading ``shards`` (None: model only), with its
+    BENCHMARKS.md row."""
     with tempfile.TemporaryDirectory(prefix="dcris-bench-") as tmp:
-        if not args.model_only:
-            if args.shards:
-                cfg.data.shards = args.shards
-            else:
-                _prepare_shards(cfg, Path(tmp), args.images)
+        if shards is not None:
+            cfg.data.shards = shards
         cfg.train.output_dir = str(Path(tmp) / "run")
         m = cfg.model
         record: dict[str, Any] = dict(
