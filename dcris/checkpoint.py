@@ -171,6 +171,12 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
     return tag
 
 
+def _rank0_model_states(folder: Path) -> dict[str, Any]:
+    """Rank 0's DeepSpeed model states of a tag folder (``mp_rank_00_...``, or ``zero_pp_rank_0_...`` under
+    ZeRO-3): module buffers and client state, read as DeepSpeed reads its own files (full pickle)."""
+    return torch.load(sorted(folder.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+
+
 def _check_digest(saved: str | None, current: str | None, where: Path) -> None:
     if None not in (saved, current) and saved != current:
         raise UserError(
@@ -218,7 +224,7 @@ def load_checkpoint(
         # DeepSpeed restores the trainable tensors and their Adam moments from universal/TAG/zero, but not the
         # module's state dict: the buffers (BatchNorm statistics) come from the saving run's rank 0 here
         _, client_state = engine.load_checkpoint(str(Path(ckpt_dir) / UNIVERSAL), tag=tag)
-        states = torch.load(sorted(where.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+        states = _rank0_model_states(where)
         buffers = {name for name, _ in engine.module.named_buffers()}
         engine.module.load_state_dict({k: v for k, v in states["module"].items() if k in buffers}, strict=False)
     else:
@@ -273,7 +279,7 @@ def _load_checkpoint_model(ckpt_dir: Path, device: str | torch.device, overrides
     folder = _tag_folder(ckpt_dir)
     cfg = apply_overrides(from_dict(json.loads((folder / "config.json").read_text())), overrides)
     model = build_training_model(cfg)
-    model_states = torch.load(sorted(folder.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+    model_states = _rank0_model_states(folder)
     _check_digest(model_states.get(DIGEST_KEY), frozen_digest(model), folder)
     if list(folder.glob("*zero_pp_rank_*optim_states.pt")):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress

@@ -139,12 +139,17 @@ class Run:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.out / "checkpoints"
+        return checkpoint_dir(self.cfg)
 
     def loader(self, epoch: int) -> Any:
         """The training loader of ``epoch`` on this rank, from where ``run.step`` stands in it."""
         start = (self.step - epoch * self.steps_per_epoch) * self.setup.grad_accum  # micro-batches already taken
         return train_loader(self.cfg, self.setup.rank, self.setup.world_size, self.setup.device, epoch, start)
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    """``RUN/checkpoints``: where a run's checkpoints go and a rerun resumes from."""
+    return Path(cfg.train.output_dir) / "checkpoints"
 
 
 def train_loader(cfg: Config, rank: int, world: int, device: torch.device, epoch: int, start_batch: int = 0) -> Any:
@@ -188,7 +193,7 @@ def start_run(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str
         )
     total_steps = t.epochs * steps_per_epoch if t.max_steps <= 0 else min(t.max_steps, t.epochs * steps_per_epoch)
 
-    ckpt_dir = Path(t.output_dir) / "checkpoints"
+    ckpt_dir = checkpoint_dir(cfg)
     saved_world = saved_world_size(ckpt_dir)
     universal = saved_world not in (None, world)  # written by other ranks: DeepSpeed re-partitions a universal copy
     if universal:
@@ -397,6 +402,14 @@ def save_run(run: Run) -> None:
     run.log.print(f"saved checkpoint {run.ckpt_dir / tag}")
 
 
+def train_steps(run: Run) -> None:
+    """Every optimizer step from ``run.step`` to ``run.total_steps``, epoch by epoch."""
+    run.setup.engine.train()
+    meter = LossMeter(run.setup.device)
+    while run.step < run.total_steps:
+        train_one_epoch(run, run.step // run.steps_per_epoch, meter)
+
+
 def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "DeepSpeed config") -> dict[str, Any]:
     """Trains (or resumes) one run; every rank calls it.
 
@@ -409,10 +422,7 @@ def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "
         ``step``, ``epoch``, ``lr``, ``loss`` (last logged), ``metrics`` (the final evaluation) and ``export``.
     """
     run = start_run(cfg, deepspeed_base, deepspeed_source)
-    run.setup.engine.train()
-    meter = LossMeter(run.setup.device)
-    while run.step < run.total_steps:
-        train_one_epoch(run, run.step // run.steps_per_epoch, meter)
+    train_steps(run)
     evaluate_run(run, final_splits(cfg))
     export = export_engine(run.setup.engine, cfg, run.out / EXPORT_NAME, run.setup.rank, run.metrics)
     if export is not None:

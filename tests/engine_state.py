@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcris.config import load_config  # noqa: E402
 from dcris.train_setup import read_deepspeed_json  # noqa: E402
-from dcris.trainer import LossMeter, Run, parse_args, start_run, train_one_epoch  # noqa: E402
+from dcris.trainer import Run, parse_args, start_run, train_steps  # noqa: E402
 
 
 def engine_state(run: Run) -> dict[str, torch.Tensor]:
@@ -43,14 +43,16 @@ def engine_state(run: Run) -> dict[str, torch.Tensor]:
 def main() -> None:
     dump, args = Path(sys.argv[1]), parse_args(sys.argv[2:])
     run = start_run(load_config(args.config, args.preset, args.overrides), read_deepspeed_json(args.deepspeed), "")
-    for when in ("start", "end"):
-        state = engine_state(run) if run.step else None
-        if state is not None and run.setup.rank == 0:
-            torch.save(state, f"{dump}.{when}.pt")
-        run.setup.engine.train()
-        meter = LossMeter(run.setup.device)
-        while run.step < run.total_steps:
-            train_one_epoch(run, run.step // run.steps_per_epoch, meter)
+    if run.step:  # resumed
+        _save(run, f"{dump}.start.pt")
+    train_steps(run)
+    _save(run, f"{dump}.end.pt")
+
+
+def _save(run: Run, path: str) -> None:
+    state = engine_state(run)  # every rank: a collective under ZeRO-3
+    if run.setup.rank == 0:
+        torch.save(state, path)
 
 
 if __name__ == "__main__":
