@@ -14,6 +14,10 @@ meta kernel), nor is DeepSpeed's ZeRO bookkeeping.
 
 With ``--compile``, the model is compiled as ``model.compile=true`` compiles it, and the count is of the
 compiled graphs entered per step (forward and backward graphs, through AOTAutograd with eager kernels).
+
+``--host-steps N`` times N eager training steps (forward, loss, backward, Adam) on the CPU instead, at tiny widths
+with the preset's depth and structure (:func:`at_tiny_width`): the arithmetic costs next to nothing there, so the
+step time is the host's. Run it in the trees to compare, one after the other (``farm-bench`` pairs the runs).
 """
 
 from __future__ import annotations
@@ -103,6 +107,50 @@ def meta_model(cfg: Config) -> torch.nn.Module:
     cfg.model.vision.weights = cfg.model.text.weights = ""
     with torch.device("meta"):
         return build_model(cfg.model, pretrained=False)
+
+
+def at_tiny_width(cfg: Config) -> Config:
+    """``cfg`` with the widths of ``tiny-dcris`` and everything else kept: its blocks, adapter places, taps and
+    head layers; random weights, 112 px (an 8x8 patch grid whose position embedding is resized)."""
+    from dcris.config import preset
+
+    tiny = preset("tiny-dcris").model
+    cfg.model.image_size = tiny.image_size
+    cfg.model.vision.weights = cfg.model.text.weights = ""
+    widths = dict(vision=("width", "heads", "pretrained_size"), text=("width", "heads", "embed_dim", "positions"),
+                  adapters=("vision_hidden", "text_hidden", "cross_width", "cross_heads"),
+                  head=("width", "decoder_heads", "ffn_dim", "projector_dim"))  # fmt: skip
+    for section, keys in widths.items():
+        for key in keys:
+            setattr(getattr(cfg.model, section), key, getattr(getattr(tiny, section), key))
+    return cfg
+
+
+def host_step_ms(cfg: Config, batch: int, steps: int, warmup: int = 3) -> dict[str, float]:
+    """Milliseconds of eager training steps on the CPU, one thread: median and interquartile range."""
+    import statistics
+    import time
+
+    from dcris.model import build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False).train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    size, side = cfg.model.image_size, 4 * cfg.model.image_size // cfg.model.vision.patch_size
+    images, masks = torch.randn(batch, 3, size, size), (torch.rand(batch, 1, side, side) > 0.5).float()
+    tokens = torch.zeros(batch, cfg.model.text.context_length, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1:5], tokens[:, 5] = 49406, torch.randint(1, 49000, (batch, 4)), 49407
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        model.loss(model(images, tokens), masks).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    q1, median, q3 = statistics.quantiles(times, n=4)
+    return dict(step_ms_median=1e3 * median, step_ms_iqr=1e3 * (q3 - q1), steps=steps, batch=batch)
 
 
 def _inputs(cfg: Config, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,6 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", default="dcris-b", help="preset counted at its full width (default dcris-b)")
     parser.add_argument("--batch", type=int, default=32, help="images per step (the counts hardly depend on it)")
     parser.add_argument("--compile", action="store_true", help="also count the compiled graphs entered per step")
+    parser.add_argument("--host-steps", type=int, default=0, metavar="N",
+                        help="instead: time N eager training steps at tiny widths on the CPU (the host's time)")
     parser.add_argument("--out", default="count_ops.json", help="JSON record to write")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_intermixed_args(argv)
@@ -224,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def config() -> Config:
         return load_config(preset_name=args.preset, overrides=args.overrides)
+
+    if args.host_steps:
+        record = dict(config=dict(preset=args.preset, widths="tiny", overrides=args.overrides),
+                      env=dict(torch=torch.__version__, machine=platform.machine(), commit=git_commit()),
+                      host=host_step_ms(at_tiny_width(config()), args.batch, args.host_steps))  # fmt: skip
+        Path(args.out).write_text(json.dumps(record, indent=2))
+        print(json.dumps(record["host"]))
+        return 0
 
     steps = model_steps(config(), args.batch)
     record: dict[str, Any] = dict(
