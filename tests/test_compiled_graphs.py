@@ -144,6 +144,30 @@ def test_xformers_branch_inside_the_compiled_model(xformers_decided_on_cpu: _Sta
     assert xformers_decided_on_cpu.traced == unmasked
 
 
+def test_fused_dense_switch_compiles_without_a_graph_break(monkeypatch: pytest.MonkeyPatch):
+    """``model.adapters.fused_dense=true`` (the fused path is live on the CPU in Triton's interpreter, as on a GPU):
+    the compiled model runs the dense branch's eager form in its graph and never tries the fused path."""
+    from dcris.kernels import dense_branch
+
+    cfg = preset("tiny-dcris").model
+    cfg.adapters.fused_dense = True
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).eval()
+    images, tokens, _ = _inputs(cfg)
+    if not model.vision.adapters["1"].dense.use_fused(images.new_zeros(1, 32, 2, 2)):
+        pytest.skip("the fused path is off here (no Triton, or DCRIS_NO_TRITON=1)")
+    tried = []
+    monkeypatch.setattr(dense_branch.DenseBranch, "_fused_forward", lambda self, h: tried.append(h))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    with torch.no_grad():
+        got = compiled(images, tokens)
+        assert not tried
+        monkeypatch.setenv("DCRIS_NO_TRITON", "1")  # eager and unfused: the reference
+        want = model(images, tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_build_model_decides_the_kernel_before_compiling(monkeypatch: pytest.MonkeyPatch):
     probes = []
     monkeypatch.setattr(attention_module, "_xformers_kernels", {})
