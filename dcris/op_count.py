@@ -16,8 +16,8 @@ With ``--compile``, the model is compiled as ``model.compile=true`` compiles it,
 compiled graphs entered per step (forward and backward graphs, through AOTAutograd with eager kernels).
 
 ``--host-steps N`` times N eager training steps (forward, loss, backward, Adam) on the CPU instead, at tiny widths
-with the preset's depth and structure (:func:`at_tiny_width`): the arithmetic costs next to nothing there, so the
-step time is the host's. Run it in the trees to compare, one after the other (``farm-bench`` pairs the runs).
+with the preset's depth and structure (:func:`at_tiny_width`), where the arithmetic is small and the step time
+is mostly the cost of each operation. Run it in the trees to compare, in turn (``farm-bench`` pairs the runs).
 """
 
 from __future__ import annotations

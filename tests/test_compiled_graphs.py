@@ -41,24 +41,28 @@ def _inputs(cfg: ModelConfig, batch: int = 2) -> tuple[torch.Tensor, torch.Tenso
 
 
 def test_dcris_b_forward_and_backward_compile_whole_without_a_graph_break():
-    """fullgraph=True fails on any graph break: training forward, loss and backward, then evaluation."""
+    """fullgraph=True fails on any graph break: the training forward in one graph, its backward through
+    AOTAutograd, the same loss and gradients as eager (the same dropout draws)."""
     cfg = dcris_b_structure()
     torch.manual_seed(0)
-    model = build_model(cfg, pretrained=False)
+    model = build_model(cfg, pretrained=False).train()
     images, tokens, masks = _inputs(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(forward) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(5)
+        loss = model.loss(forward(images, tokens), masks)
+        grads = torch.autograd.grad(loss, params)
+        return loss.detach(), grads
+
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
-    model.train()
-    model.loss(compiled(images, tokens), masks).backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert grads and all(g is not None for g in grads)  # the backward graph reached every trainable tensor
-    model.eval()
-    with torch.no_grad():
-        got = compiled(images, tokens)
-        want = model(images, tokens)
-    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2  # training, evaluation
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False))
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    want = loss_and_grads(model)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for g, w in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_tiny_run_builds_one_graph_per_mode(shards, tmp_path, monkeypatch: pytest.MonkeyPatch):
