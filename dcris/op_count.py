@@ -1,5 +1,6 @@
-"""Operations one training step and one inference batch of a preset dispatch, at full width on the meta device:
-``launch/count_ops.py``.
+"""Operations a training step and an inference batch dispatch at full width on the meta device, compiled graphs.
+
+``launch/count_ops.py`` counts them for a preset (dcris-b by default).
 
 On a GPU every operation that is not a view costs the host a kernel launch (5-10 us each), whatever the batch, so
 these counts are the host's share of a step. The meta device runs no arithmetic: dcris-b at its real width and
