@@ -121,10 +121,10 @@ class WheelCache:
     """The target's wheels under ~/.cache/dcris/carry/cpXY/: the newest cached one that a requirement allows, or
     the newest release pip finds (a binary wheel for the target, else a pure-Python wheel built here)."""
 
-    def __init__(self, python: str) -> None:
+    def __init__(self, python: str, directory: Path | None = None) -> None:
         self.python = python
         self.tags = target_tags(python)
-        self.dir = CACHE / f"cp{python.replace('.', '')}"
+        self.dir = directory or CACHE / f"cp{python.replace('.', '')}"
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def find(self, req: Requirement) -> Path | None:

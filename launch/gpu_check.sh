@@ -21,12 +21,15 @@
 # second call on the still-warm machine goes on with those that did not (FRESH=1 starts over). The rows that
 # decide the defaults come first, each in its own process under its own limit (s): install 60 | eager 45 | all
 # switches 90 | compile 75 | CUDA graphs 75 | ZeRO 0 30 | ZeRO 1 30 (ZeRO 2 is eager's) | shards 40 | training on
-# DALI's GPU decoding 35: 480 s in all. Eager is the process's start (imports, dcris-b's build, DeepSpeed's
-# engine: the rehearsal's eager row is mostly that) plus about 30 s of steps; the compiled rows add inductor's
-# compile; the ZeRO rows time training only. Then, in a second call where the first ran out: the GPU tests 120
-# | evaluation of the train split in one pass (about 3,000 sentences) beside the model alone 60 | the loaders 60 |
-# each other switch alone, 35 each | training on the PyTorch loader 40 | a profiler table of one step 40. The
-# rehearsal's wall time per stage is in BENCHMARKS.md.
+# DALI's GPU decoding 35: 480 s in all. Then, in a second call: the GPU tests 120 | evaluation of the train split
+# (about 3,000 sentences) in one pass beside the model alone 60 | the loaders 60 | each other switch alone, 35 each
+# | training on the PyTorch loader 40 | a profiler table of one step 40.
+# Sized from the rehearsal (BENCHMARKS.md): on 2 busy CPU cores at tiny width each row's process took 55-85 s,
+# the steps a few seconds of it and the imports alone about 20 s; the rest is the model and DeepSpeed's engine.
+# The limits assume that the GPU machine's 16 idle cores start such a process in about 15 s (not yet measured
+# there) and add what is known of dcris-b on an H200: 11 training steps at 163 ms (BENCHMARKS.md's model-only row)
+# and its inference; the compiled rows leave 30-45 s more for inductor, the ZeRO rows time training only. The
+# rehearsal's install took 61 s for the 308 MB of wheels.
 #
 # `rehearse` builds (once, cached in ~/.cache/dcris/rehearsal) a virtual environment holding only the image's
 # packages at the image's versions, carries the wheels for this machine's Python the same way (its own pieces,
@@ -54,8 +57,8 @@ rows=$out/rows.md
 mkdir -p "$out"
 
 limited() {  # SECONDS LOG CMD...: CMD under a time limit, its output to LOG, its table rows printed as they come
-  local seconds=$1 log=$2; shift 2
-  timeout -k 10 "$seconds" "$@" 2>&1 | tee "$log" | { grep --line-buffered '^| ' || true; } | tee -a "$rows"
+  local seconds=$1 log=$2; shift 2  # (once each: launch/bench.py --variants repeats its rows at the end)
+  timeout -k 10 "$seconds" "$@" 2>&1 | tee "$log" | awk '/^\| / && !seen[$0]++ { print; fflush() }' | tee -a "$rows"
   local rc=${PIPESTATUS[0]}
   { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && echo "(stopped after ${seconds} s: $*)" | tee -a "$log"
   return "$rc"
