@@ -5,7 +5,8 @@
 #
 #   launch/gpu_check.sh [STAGE ...]   stages: tests kernels shards model_only rows loaders profile compiled (default)
 #   launch/gpu_check.sh receive       on the GPU machine: keep the carried piece of this call (see below)
-#   launch/gpu_check.sh quick         on the GPU machine: install the carry, then the stages below, 8 minutes a call
+#   launch/gpu_check.sh install       on the GPU machine: the carry (once all its pieces came) and the project
+#   launch/gpu_check.sh quick         on the GPU machine: install, then the stages below, 8 minutes a call
 #   launch/gpu_check.sh rehearse      on a CPU machine: `quick` in an environment of the GPU image's packages alone
 #
 # The GPU machine's image lacks much of what the project needs (launch/gpu_image.txt lists what it has). Here,
@@ -89,8 +90,9 @@ receive() {  # keeps the pieces carried in this call under $store/SHA; succeeds 
     mkdir -p "$store/$sha" && cp "$piece"/carry.tar.* "$manifest" "$store/$sha/" || return 1
     echo "$sha" > "$store/latest"
   done
-  [ -f "$store/latest" ] || { echo "carry: no pieces here or earlier ($carry/pieceK from launch/gpu_carry.py)"; return 1; }
-  sha=$(cat "$store/latest")
+  sha=$(cat "$store/latest" 2>/dev/null)
+  [ -n "$sha" ] && [ -f "$store/$sha/manifest.json" ] ||
+    { echo "carry: no pieces here or earlier ($carry/pieceK from launch/gpu_carry.py)"; return 1; }
   local n k missing=()
   n=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["pieces"])' "$store/$sha/manifest.json")
   for ((k = 0; k < n; k++)); do [ -f "$store/$sha/carry.tar.$k" ] || missing+=("$k"); done
@@ -153,7 +155,7 @@ quick_stage() {  # NAME SECONDS FUNCTION: FUNCTION once per machine, within what
   local name=$1 seconds=$(($2 * scale)) fn=$3
   if [ -f "$state/done/$name" ]; then echo "-- $name: done in an earlier call"; return 0; fi
   local left=$((budget - (SECONDS - began)))
-  if [ $left -lt 20 ]; then echo "-- $name: not started, ${left} s left of this call's ${budget} s"; return 0; fi
+  if [ $left -lt 20 ]; then echo "-- $name: not started, under 20 s left of this call's ${budget} s"; return 0; fi
   [ $seconds -gt $left ] && seconds=$left
   echo "-- $name ($(date +%T), limit ${seconds} s)"
   local start=$SECONDS
@@ -297,7 +299,8 @@ for stage in "${stages[@]}"; do
     install) install_carry && install_project || exit 1 ;;
     quick) quick ;;
     rehearse) rehearse ;;
-    *) echo "unknown stage '$stage' (receive, quick, rehearse, or: tests kernels shards model_only rows loaders profile compiled)"
+    *) echo "unknown stage '$stage' (receive, install, quick, rehearse, or: tests kernels shards model_only rows" \
+         "loaders profile compiled)"
        exit 2 ;;
   esac
 done
