@@ -237,7 +237,7 @@ rehearse() {  # quick on this CPU machine, in an environment of the GPU image's 
     echo "== the image's packages into $venv ($(date +%T))"
     rm -rf "$venv" && "$py" -m venv "$venv" &&
       "$venv/bin/python" -m pip install -q --disable-pip-version-check -r launch/gpu_image.txt &&
-      "$venv/bin/python" -m pip uninstall -q -y setuptools &&  # a Python 3.12 image has none: the carry brings it
+      "$venv/bin/python" -m pip uninstall -q -y setuptools &&  # a Python 3.12 venv has none: the carry's is used
       touch "$venv/.complete" || { echo "rehearse: the image's environment failed to build"; return 1; }
   fi
   echo "   image environment: $((SECONDS - begun)) s"
