@@ -372,10 +372,10 @@ def _paused(counter: HostSyncCounter) -> Callable[[Any], Any]:
     return make
 
 
-def _summary(counter: HostSyncCounter, sections: list[str], unit: str) -> dict[str, Any]:
+def _summary(counter: HostSyncCounter, sections: list[str], unit: str, plural: str) -> dict[str, Any]:
     counts = [counter.count(s) for s in sections]
     return {
-        unit: len(sections),
+        plural: len(sections),
         f"syncs_per_{unit}": sum(counts) / max(len(sections), 1),
         f"syncs_by_{unit}": counts,
         "by_kind": {k: n / max(len(sections), 1) for k, n in _merge(counter, sections).items()},
@@ -420,7 +420,7 @@ def count_training_syncs(
             _patched(stack, trainer, name, _paused(counter))
         with counter:
             trainer.train_steps(run)
-    return _summary(counter, [f"step {s}" for s in range(first + 2, run.step)], "step"), run
+    return _summary(counter, [f"step {s}" for s in range(first + 2, run.step)], "step", "steps"), run
 
 
 def count_evaluation_syncs(model: Any, shards: str, split: str, *, image_size: int, batch_size: int,
@@ -451,4 +451,4 @@ def count_evaluation_syncs(model: Any, shards: str, split: str, *, image_size: i
         with counter:
             results = evaluation.evaluate(model, shards, [split], image_size=image_size, batch_size=batch_size,
                                           workers=workers, loader=loader, device=device, dtype=dtype)  # fmt: skip
-    return dict(_summary(counter, batches[1:], "batch"), results=results[split])
+    return dict(_summary(counter, batches[1:], "batch", "batches"), results=results[split])
