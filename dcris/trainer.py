@@ -206,7 +206,7 @@ def start_run(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str
     t, d = cfg.train, cfg.data
     rank, local_rank, world = init_distributed()
     micro, accum = batch_layout(t, world)
-    deepspeed_config(cfg, world, deepspeed_base, deepspeed_source)  # a contradicting JSON fails now
+    zero_stage = deepspeed_config(cfg, world, deepspeed_base, deepspeed_source)["zero_optimization"].get("stage", 0)
     split_size(d.shards, d.train_split, train=True)
     for split in final_splits(cfg):
         split_size(d.shards, split, train=False)
@@ -225,6 +225,12 @@ def start_run(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str
 
     ckpt_dir = checkpoint_dir(cfg)
     saved_world = saved_world_size(ckpt_dir)
+    if latest_tag(ckpt_dir) is not None and (saved_world is not None) != (zero_stage > 0):
+        written = "with ZeRO" if saved_world else "without ZeRO"
+        raise UserError(
+            f"{ckpt_dir} was written {written} and {deepspeed_source} has ZeRO stage {zero_stage}: resume with the "
+            "DeepSpeed config the run started with (--deepspeed), or use a new train.output_dir"
+        )
     universal = saved_world not in (None, world)  # written by other ranks: DeepSpeed re-partitions a universal copy
     if universal:
         write_universal_checkpoint(ckpt_dir, rank)
