@@ -69,7 +69,7 @@ def main() -> int:
         parser.error("--steps must be at least 3 (the first and the last step are not counted)")
     from dcris.data import pack, synth
 
-    rows = []
+    rows, commit = [], git_commit()  # the measured code's, before anything changes under the run
     with tempfile.TemporaryDirectory(prefix="dcris-syncs-") as tmp:
         release = synth.make_synthetic_release(Path(tmp) / "release", images=24, seed=0)
         pack.main(["--refer", str(release), "--dataset", "synthetic", "--split-by", "unc", "--images",
@@ -79,7 +79,7 @@ def main() -> int:
             rows.append(measure(deepspeed, shards, Path(tmp) / f"run{i}", args))
             print(_row(args.label, rows[-1]), flush=True)  # as it comes
     record = dict(
-        label=args.label, commit=git_commit(), preset=args.preset, precision=args.precision,
+        label=args.label, commit=commit, preset=args.preset, precision=args.precision,
         micro_batch=args.micro_batch, steps=args.steps, rows=rows,
         env=dict(python=platform.python_version(), torch=torch.__version__, cpu=_cpu()),
     )  # fmt: skip
