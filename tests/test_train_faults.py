@@ -156,3 +156,32 @@ def test_a_full_disk_stops_a_checkpoint_save_in_one_line(shards: Path, tmp_path:
     check_disk_full_message(str(stop.value), ckpt)
     assert (ckpt / "latest").read_text() == "step00000002"
     assert all(torch.isfinite(v.float()).all() for v in _state(ckpt / "step00000002").values())
+
+
+def test_skipping_adam_is_fused_adam_until_a_gradient_is_not_finite() -> None:
+    """Finite gradients: bitwise torch's fused Adam. A NaN anywhere: weights, moments and step counts unchanged,
+    and ``skipped`` says so on the device."""
+    from dcris.train_setup import SkippingAdam
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    ours = [w.clone().requires_grad_() for w in weights]
+    theirs = [w.clone().requires_grad_() for w in weights]
+    opt, reference = SkippingAdam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2, fused=True)
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+        assert not opt.skipped and all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+    before = [p.detach().clone() for p in ours], {k: dict(v) for k, v in opt.state_dict()["state"].items()}
+    for p in ours:
+        p.grad = torch.randn_like(p)
+    ours[1].grad[3] = float("nan")
+    opt.step()
+    assert opt.skipped.dtype == torch.bool and bool(opt.skipped)
+    assert all(torch.equal(p, b) for p, b in zip(ours, before[0], strict=True))
+    state = opt.state_dict()["state"]
+    assert all(torch.equal(state[k][n], before[1][k][n]) for k in state for n in state[k])
+    assert not hasattr(opt, "found_inf")  # nothing left for the next step
