@@ -23,26 +23,56 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
+# Run from a checkout, the subpackage dcris.kernels is the top-level kernels/ folder beside dcris/ (pyproject's
+# package-dir); installed from a wheel, it is the folder dcris/kernels/ and no sibling of dcris/ is ours (the
+# folder kernels/ beside it in site-packages is Hugging Face's package).
+_ROOT = Path(__file__).resolve().parent.parent
+_CHECKOUT_KERNELS = (
+    _ROOT / "kernels"
+    if not (Path(__file__).resolve().parent / "kernels").is_dir()
+    and (_ROOT / "pyproject.toml").is_file()
+    and (_ROOT / "kernels" / "__init__.py").is_file()
+    else None
+)
+
+
+def _bind_checkout_kernels() -> None:
+    """Binds ``dcris.kernels`` to this checkout's ``kernels/`` folder before anything imports it: an editable
+    install of another checkout maps ``dcris.kernels`` to that checkout's folder (setuptools' editable finder),
+    which ``PYTHONPATH=$PWD`` puts ``dcris`` ahead of but not its kernels."""
+    if _CHECKOUT_KERNELS is None or "dcris.kernels" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "dcris.kernels", _CHECKOUT_KERNELS / "__init__.py", submodule_search_locations=[str(_CHECKOUT_KERNELS)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dcris.kernels"] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module  # what the import system does for a submodule it loads
+
+
 def _import_hub_kernels_unshadowed() -> None:
     """Imports Hugging Face's ``kernels`` package, which transformers imports where it is installed, past this
     checkout's own top-level ``kernels/`` folder (``dcris.kernels``): with the checkout's root on ``sys.path``
     (``python -m ...`` run from it) that folder would be found first and transformers' import of it would fail."""
-    own = Path(__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.find_spec("kernels") if "kernels" not in sys.modules else None
-    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != own:
+    if _CHECKOUT_KERNELS is None or "kernels" in sys.modules:
+        return
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != _CHECKOUT_KERNELS:
         return
     try:
         importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:  # not installed: transformers does not import it
         return
     kept = sys.path[:]
-    sys.path[:] = [p for p in kept if Path(p or ".").resolve() != own.parent]
+    sys.path[:] = [p for p in kept if Path(p or ".").resolve() != _ROOT]
     try:
         importlib.import_module("kernels")
     finally:
         sys.path[:] = kept
 
 
+_bind_checkout_kernels()
 _import_hub_kernels_unshadowed()
 __all__ = ["MultiSegmenter", "Segmentation", "Segmenter", "__version__"]
 

@@ -266,8 +266,8 @@ def _time_model_only_inference(model: nn.Module, cfg: Config, batch: int, steps:
 
 
 def bench_inference(cfg: Config, batch: int, steps: int, warmup: int, model_only: bool) -> dict[str, Any]:
-    """Times evaluation's own loop (loader, autocast forward, inverse letterbox, metrics) on ``data.eval_splits[0]``,
-    or autocast forwards of synthetic tensors with ``model_only``.
+    """Times evaluation's own loop (loader, autocast forward, inverse letterbox, metrics) in one pass over
+    ``data.eval_splits[0]``, or autocast forwards of synthetic tensors with ``model_only``.
 
     The evaluation record also holds the model-only rate measured in the same process (``model_only_images_per_s``)
     and ``evaluate_vs_model_only``, the ratio of the two rates: what the loader and the metrics cost.
@@ -291,8 +291,10 @@ def bench_inference(cfg: Config, batch: int, steps: int, warmup: int, model_only
                  workers=cfg.data.workers, loader=cfg.data.loader, device=device, dtype=dtype)  # fmt: skip
 
     images = num_samples(cfg.data.shards, split, train=False)
-    flops = count_flops(step)
-    times = time_steps(step, max(1, steps // 10), min(warmup, 1), device)  # a whole split per timed call
+    # one pass over the split, its loader's start included: the model is warm from the model-only timing, and
+    # the model's FLOPs per sample are those counted there (the metrics count none)
+    flops = round(model_only_summary["gflop_per_sample"] * 1e9 * images)
+    times = time_steps(step, 1, 0, device)
     summary = _summary(times, images, flops, matmul_peak(device, dtype))
     return dict(
         summary,
@@ -356,7 +358,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision blocks and head")
     parser.add_argument("--model-only", action="store_true", help="synthetic tensors instead of the loader")
     parser.add_argument("--mode", choices=("train", "infer", "both"), default="both")
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps (inference: a tenth, whole splits)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (evaluation: one pass over the split)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--shards", help="packed shards (default: a generated synthetic release of COCO-sized JPEGs)")
     parser.add_argument("--images", type=int, default=400, help="images of the generated release")

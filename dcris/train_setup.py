@@ -122,8 +122,10 @@ def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source:
     absent or ``"auto"`` in ``base``; a concrete value that differs from the Config is refused, and so is an
     ``optimizer`` or ``scheduler`` section (the optimizer and the LR schedule come from the Config). Unless
     ``base`` says otherwise, gradients are reduced in fp32 (``lower_precision_safe_modules`` empty), as DDP does.
-    ZeRO keeps its gradient norm: its one host read a step is what skips a non-finite step on every rank alike
-    (``zero_optimization.compute_grad_norm=false`` in ``base`` drops both).
+    ZeRO keeps its gradient norm: its host reads a step are what skip a non-finite step on every rank alike
+    (``zero_optimization.compute_grad_norm=false`` in ``base`` drops both); without ZeRO (stage 0), the optimizer
+    skips such a step on the device (:class:`SkippingAdam`). DeepSpeed's throughput timer is off unless ``base``
+    turns it on (it synchronises the device twice a micro-step).
 
     Raises:
         ConfigError: ``base`` contradicts the Config; the message names the key.
@@ -158,6 +160,8 @@ def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source:
             )
         node[path[-1]] = value
     out["torch_autocast"].setdefault("lower_precision_safe_modules", [])
+    # DeepSpeed's throughput timer synchronises the device at every forward and step; the trainer times itself
+    out.setdefault("timers", {}).setdefault("throughput", {"enabled": False})
     zero = out.setdefault("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         # ZeRO-3's memory-efficient linear replaces torch.nn.functional.linear for the whole process, for good:
@@ -283,6 +287,40 @@ def _zero_dim_params_as_1d(model: torch.nn.Module) -> Iterator[None]:
                 p.data = p.data.reshape(())
 
 
+class SkippingAdam(torch.optim.Adam):
+    """Fused Adam that skips a step with a non-finite gradient on the device, without a host read.
+
+    The fused kernel's ``found_inf`` (what torch's GradScaler sets) is raised when the gradients' norm is not
+    finite, or when a GradScaler found an overflow: weights, moments and step counts stay as they were. The
+    optimizer of a run without ZeRO; ZeRO's own optimizer reads the norm on the host instead.
+
+    Attributes:
+        skipped: After a step, a 0-d bool tensor on the device: whether it was skipped.
+    """
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, fused=True, **kwargs)
+        self.skipped: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        skipped = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        scaler_found_inf = getattr(self, "found_inf", None)  # a GradScaler's (fp16), which also unscales
+        if scaler_found_inf is not None:
+            skipped |= scaler_found_inf > 0
+        self.found_inf = skipped.float()
+        try:
+            out = super().step(closure)
+        finally:
+            if scaler_found_inf is None:
+                del self.found_inf
+            else:
+                self.found_inf = scaler_found_inf  # the GradScaler removes its own after the step
+        self.skipped = skipped
+        return out
+
+
 @dataclass
 class EngineSetup:
     """A DeepSpeed engine built from a Config, with what the training loop needs to know about it."""
@@ -296,6 +334,17 @@ class EngineSetup:
     num_trainable: int  # trainable parameters (counted before ZeRO-3 partitions them)
     frozen_digest: str  # frozen_digest() of the model as built
     notes: list[str]  # one-line facts about the set-up for the log (e.g. the BatchNorm decision)
+
+    def step_skipped(self) -> torch.Tensor:
+        """After an optimizer step: whether it was discarded for a non-finite loss or gradients, as a 0-d bool
+        tensor on the device. Without ZeRO it never left the device (:class:`SkippingAdam`); ZeRO decided on the
+        host, and its discarded step still counts in the LR schedule here (DeepSpeed does not step it then)."""
+        if isinstance(self.engine.optimizer, SkippingAdam):
+            return self.engine.optimizer.skipped
+        applied = self.engine.was_step_applied()
+        if not applied:
+            self.scheduler.step()
+        return torch.full((), not applied, device=self.device)
 
 
 def build_engine(
@@ -342,8 +391,10 @@ def build_engine(
         notes.append(f"SyncBatchNorm runs on GPUs only: the {world} CPU ranks keep per-rank BatchNorm statistics")
     params = [p for p in model.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in params)  # counted now: ZeRO-3 empties the partitioned tensors
-    # fused Adam is a CUDA kernel; DeepSpeed's own FusedAdam needs a CUDA build of its ops
-    optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    if ds_config["zero_optimization"].get("stage", 0) == 0:
+        optimizer: torch.optim.Adam = SkippingAdam(params, lr=t.lr, weight_decay=t.weight_decay)
+    else:  # ZeRO checks the gradients itself; fused Adam is a CUDA kernel (DeepSpeed's FusedAdam needs its ops)
+        optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, t))
     with _zero_dim_params_as_1d(model):
         engine, _, _, scheduler = deepspeed.initialize(

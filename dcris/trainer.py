@@ -96,24 +96,52 @@ class RunLog:
 
 
 class LossMeter:
-    """Mean training loss between log lines; it stays on the device, so a step costs no host sync."""
+    """Mean training loss of the applied steps between log lines; sum and count stay on the device, so a step
+    costs no host sync."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.total, self.count = torch.zeros((), device=self.device), 0
+        self.total = torch.zeros((), device=self.device)
+        self.count = torch.zeros((), dtype=torch.long, device=self.device)
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.total, self.count = self.total + loss.detach().float(), self.count + 1
+    def add(self, loss: torch.Tensor, applied: torch.Tensor) -> None:
+        """``loss`` counts when ``applied`` (a 0-d bool tensor on the device) is true."""
+        self.total = self.total + torch.where(applied, loss.detach().float(), 0.0)
+        self.count = self.count + applied
 
     def mean_over_ranks(self) -> float:
         """The mean since the last call over all ranks (one host sync; NaN when every step since was skipped),
         then starts again."""
-        (total,) = all_reduce_values([self.total.item() / self.count if self.count else float("nan")])
+        total, count = torch.stack([self.total.double(), self.count.double()]).tolist()
+        (mean,) = all_reduce_values([total / count if count else float("nan")])
         self.reset()
-        return total / dist.get_world_size()
+        return mean / dist.get_world_size()
+
+
+class BatchNormGuard:
+    """The running statistics of every BatchNorm layer, put back on the device after a discarded step.
+
+    A training forward changes them besides the weights. Each step saves them in one copy per dtype, and after
+    it selects saved or new ones by the step's flag: no host read, and bit for bit what the layers hold.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        buffers = [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+        self.groups = [[b for b in buffers if b.dtype == dtype] for dtype in dict.fromkeys(b.dtype for b in buffers)]
+        self.saved: list[torch.Tensor] = []
+
+    def save(self) -> None:
+        self.saved = [torch.cat([b.reshape(-1) for b in group]) for group in self.groups]
+
+    def restore_if(self, skipped: torch.Tensor) -> None:
+        """Puts the saved statistics back where ``skipped`` (a 0-d bool tensor) is true."""
+        for group, saved in zip(self.groups, self.saved, strict=True):
+            kept = torch.where(skipped, saved, torch.cat([b.reshape(-1) for b in group]))
+            parts = kept.split([b.numel() for b in group])
+            torch._foreach_copy_(group, [p.view_as(b) for p, b in zip(parts, group, strict=True)])
 
 
 @dataclass
@@ -132,6 +160,8 @@ class Run:
     started_at: tuple[int, float] = (0, 0.0)  # (step, time) this process started training at, for images/s
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradients, over the whole run
     skipped_in_row: int = 0  # of those, the ones since the last step that was applied
+    # (step, 0-d bool on the device: skipped?) of the steps not yet read back; read at log lines and saves
+    unread_steps: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     @property
     def out(self) -> Path:
@@ -176,7 +206,7 @@ def start_run(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str
     t, d = cfg.train, cfg.data
     rank, local_rank, world = init_distributed()
     micro, accum = batch_layout(t, world)
-    deepspeed_config(cfg, world, deepspeed_base, deepspeed_source)  # a contradicting JSON fails now
+    zero_stage = deepspeed_config(cfg, world, deepspeed_base, deepspeed_source)["zero_optimization"].get("stage", 0)
     split_size(d.shards, d.train_split, train=True)
     for split in final_splits(cfg):
         split_size(d.shards, split, train=False)
@@ -195,6 +225,12 @@ def start_run(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str
 
     ckpt_dir = checkpoint_dir(cfg)
     saved_world = saved_world_size(ckpt_dir)
+    if latest_tag(ckpt_dir) is not None and (saved_world is not None) != (zero_stage > 0):
+        written = "with ZeRO" if saved_world else "without ZeRO"
+        raise UserError(
+            f"{ckpt_dir} was written {written} and {deepspeed_source} has ZeRO stage {zero_stage}: resume with the "
+            "DeepSpeed config the run started with (--deepspeed), or use a new train.output_dir"
+        )
     universal = saved_world not in (None, world)  # written by other ranks: DeepSpeed re-partitions a universal copy
     if universal:
         write_universal_checkpoint(ckpt_dir, rank)
@@ -258,10 +294,10 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
         set_rng_state(run.rng_state)
         run.rng_state = None
     end = min(run.total_steps, (epoch + 1) * run.steps_per_epoch)
-    norm_buffers = batchnorm_statistics(engine.module)
+    statistics = BatchNormGuard(engine.module)
     try:
         while run.step < end:
-            statistics = [b.clone() for b in norm_buffers]  # a skipped step puts them back
+            statistics.save()  # a skipped step puts them back
             losses = []
             for batch in itertools.islice(batches, s.grad_accum):
                 # asynchronous copies (from pinned memory; a no-op for DALI's device batches): no host sync
@@ -273,12 +309,12 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
                 engine.step()  # DeepSpeed steps the optimizer and the LR schedule every ``grad_accum`` calls
                 losses.append(loss.detach())
             run.step += 1
-            if engine.was_step_applied():
-                run.skipped_in_row = 0
-                for loss in losses:
-                    meter.add(loss)
-            else:
-                _skip_step(run, norm_buffers, statistics)
+            # decided on the device (read back at the next log line or save): no host sync between log lines
+            skipped = s.step_skipped()
+            statistics.restore_if(skipped)
+            for loss in losses:
+                meter.add(loss, ~skipped)
+            run.unread_steps.append((run.step, skipped))
             if run.step % t.log_every_steps == 0 or run.step == run.total_steps:
                 log_progress(run, meter)
             if run.step == end:
@@ -288,40 +324,46 @@ def train_one_epoch(run: Run, epoch: int, meter: LossMeter) -> None:
         loader.close()  # also when stopped by an error: the workers end now, not at garbage collection
 
 
-def batchnorm_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The running statistics of every BatchNorm layer: what a training forward changes besides the weights."""
-    return [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+def read_skipped_steps(run: Run) -> None:
+    """Reads back which of the steps since the last call were discarded (one host sync), logs and counts those,
+    and stops the run once ``train.max_bad_steps`` were in a row.
 
-
-def _skip_step(run: Run, norm_buffers: list[torch.Tensor], statistics: list[torch.Tensor]) -> None:
-    """After a step ZeRO discarded for a non-finite gradient norm (all-reduced, so on every rank alike): puts the
-    BatchNorm statistics back, keeps the LR schedule on the data's step, counts it, and stops after
-    ``train.max_bad_steps`` in a row."""
-    for buffer, saved in zip(norm_buffers, statistics, strict=True):
-        buffer.copy_(saved)
-    run.setup.scheduler.step()  # DeepSpeed does not step the schedule on a discarded step
-    run.skipped_steps += 1
-    run.skipped_in_row += 1
-    run.log.record(
-        "train_log.jsonl", run.step, {"train/skipped_steps": run.skipped_steps},
-        dict(step=run.step, skipped=True, skipped_steps=run.skipped_steps),
-    )  # fmt: skip
-    run.log.print(
-        f"step {run.step}: non-finite loss or gradients, step skipped (weights, Adam state and BatchNorm "
-        f"statistics unchanged; {run.skipped_in_row} in a row, {run.skipped_steps} in all)"
-    )
-    limit = run.cfg.train.max_bad_steps
-    if 0 < limit <= run.skipped_in_row:
-        raise UserError(
-            f"{run.skipped_in_row} steps in a row, up to step {run.step}, had a non-finite loss or gradients "
-            f"(train.max_bad_steps={limit}); the run stops and {run.ckpt_dir / LATEST} names the last good "
-            "checkpoint: lower train.lr, set train.grad_clip or train.precision=fp32, or check the data, then rerun"
+    A discarded step (a non-finite gradient norm, all-reduced, so on every rank alike) left the weights, Adam's
+    state and the BatchNorm statistics as they were, and its LR schedule step was taken.
+    """
+    if not run.unread_steps:
+        return
+    steps = [step for step, _ in run.unread_steps]
+    flags = torch.stack([skipped for _, skipped in run.unread_steps]).tolist()
+    run.unread_steps = []
+    for step, skipped in zip(steps, flags, strict=True):
+        if not skipped:
+            run.skipped_in_row = 0
+            continue
+        run.skipped_steps += 1
+        run.skipped_in_row += 1
+        run.log.record(
+            "train_log.jsonl", step, {"train/skipped_steps": run.skipped_steps},
+            dict(step=step, skipped=True, skipped_steps=run.skipped_steps),
+        )  # fmt: skip
+        run.log.print(
+            f"step {step}: non-finite loss or gradients, step skipped (weights, Adam state and BatchNorm "
+            f"statistics unchanged; {run.skipped_in_row} in a row, {run.skipped_steps} in all)"
         )
+        limit = run.cfg.train.max_bad_steps
+        if 0 < limit <= run.skipped_in_row:
+            raise UserError(
+                f"{run.skipped_in_row} steps in a row, up to step {step}, had a non-finite loss or gradients "
+                f"(train.max_bad_steps={limit}); the run stops and {run.ckpt_dir / LATEST} names the last good "
+                "checkpoint: lower train.lr, set train.grad_clip or train.precision=fp32, or check the data, then "
+                "rerun"
+            )
 
 
 def log_progress(run: Run, meter: LossMeter) -> None:
     """One log line: loss (mean over ranks since the last line), LR, images/s, peak GPU memory, ETA."""
     t, step = run.cfg.train, run.step
+    read_skipped_steps(run)
     run.last_loss = meter.mean_over_ranks()
     start_step, start_time = run.started_at
     elapsed = time.time() - start_time
@@ -352,9 +394,12 @@ def _evaluate_and_save_when_due(run: Run) -> None:
     eval_due = (end_of_epoch and t.eval_every_epochs > 0 and epochs_done % t.eval_every_epochs == 0) or (
         t.eval_every_steps > 0 and step % t.eval_every_steps == 0
     )
+    save_due = end_of_epoch or last or (t.save_every_steps > 0 and step % t.save_every_steps == 0)
+    if (eval_due and not last) or save_due:
+        read_skipped_steps(run)  # a run that must stop stops before it saves
     if eval_due and not last:
         evaluate_run(run, t.eval_splits)
-    if end_of_epoch or last or (t.save_every_steps > 0 and step % t.save_every_steps == 0):
+    if save_due:
         save_run(run)
 
 
@@ -408,6 +453,7 @@ def train_steps(run: Run) -> None:
     meter = LossMeter(run.setup.device)
     while run.step < run.total_steps:
         train_one_epoch(run, run.step // run.steps_per_epoch, meter)
+    read_skipped_steps(run)
 
 
 def train(cfg: Config, deepspeed_base: dict[str, Any], deepspeed_source: str = "DeepSpeed config") -> dict[str, Any]:

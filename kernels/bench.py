@@ -72,7 +72,7 @@ def _variants(branch: DenseBranch) -> dict[str, Callable[[torch.Tensor], torch.T
     return {
         "eager": branch.reference_forward,
         "compile": compiled,
-        "triton": lambda x: fused_dense_branch(x, branch),
+        "triton": lambda x: fused_dense_branch(x, branch.blocks),
     }
 
 

@@ -5,7 +5,9 @@ kernels: forward kernels in :mod:`~dcris.kernels.dense_branch_fwd`, backward ker
 :mod:`~dcris.kernels.dense_branch_bwd`, the device functions both share in :mod:`~dcris.kernels.dense_branch_jit`,
 launchers in :mod:`~dcris.kernels.dense_branch_launch`, the autograd Function and the entry point
 :func:`~dcris.kernels.dense_branch_autograd.fused_dense_branch` in :mod:`~dcris.kernels.dense_branch_autograd`.
-This module imports none of them at import time (Triton may be missing), and none of them imports it.
+The imports go one way: this module over the autograd Function, which is over the launchers, which are over the
+kernels; each of them sees only the five blocks (:attr:`DenseBranch.blocks`), never this module. This module
+imports the fused path only when it is first tried (Triton may be missing).
 
 The vision adapter uses the 2-D form (C = 128, widths (64, 8, 32, 8, 32)); the released text adapter the 1-D
 form over token positions (C = 64, widths (32, 4, 16, 4, 16)). The fused path is used for the 2-D form with
@@ -63,7 +65,7 @@ import warnings
 import torch
 from torch import nn
 
-from .dense_branch_ref import ConvBNReLU, dense_branch_reference
+from .dense_branch_ref import ConvBNReLU, dense_branch_reference, running_statistics_with_gradients
 
 _DISABLE_ENV = "DCRIS_NO_TRITON"  # set to 1 to force the eager PyTorch path
 # the first fused call's tolerance against eager, relative to eager's max |value|: loose enough for bf16 and
@@ -115,6 +117,11 @@ class DenseBranch(nn.Module):
         self.branch2 = nn.Sequential(ConvBNReLU(channels + w1, s2, 1, dims), ConvBNReLU(s2, w2, 3, dims))
         self.branch3 = nn.Sequential(ConvBNReLU(channels + w1 + w2, s3, 1, dims), ConvBNReLU(s3, w3, 5, dims))
 
+    @property
+    def blocks(self) -> tuple[ConvBNReLU, ...]:
+        """The five ConvBNReLU blocks in the order of the fused passes: 1, 2a, 2b, 3a, 3b."""
+        return (self.branch1, self.branch2[0], self.branch2[1], self.branch3[0], self.branch3[1])
+
     def reference_forward(self, h: torch.Tensor) -> torch.Tensor:
         """Eager forward: (B, C, *spatial) -> (B, C, *spatial)."""
         return dense_branch_reference(h, self.branch1, self.branch2, self.branch3)
@@ -123,7 +130,9 @@ class DenseBranch(nn.Module):
         """Whether :meth:`forward` tries the Triton path for this input.
 
         Triton runs on CUDA, or anywhere in its interpreter (``TRITON_INTERPRET=1``, the CPU tests). BatchNorm
-        converted to SyncBatchNorm needs statistics over all ranks, which the fused kernels do not compute.
+        converted to SyncBatchNorm needs statistics over all ranks, which the fused kernels do not compute. In
+        eval mode with gradients wanted (rare) autograd runs the eager path: the fused kernels have no backward
+        with running statistics.
         """
         return (
             self.fused
@@ -132,6 +141,7 @@ class DenseBranch(nn.Module):
             and os.environ.get(_DISABLE_ENV, "0") != "1"
             and not _fused_failure
             and not any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
+            and not running_statistics_with_gradients(h, self.blocks)
             and triton_available()
         )
 
@@ -150,12 +160,12 @@ class DenseBranch(nn.Module):
 
         kind = (h.device.type, h.dtype, self.training)
         if kind in _checked_kinds:
-            return dense_branch_autograd.fused_dense_branch(h, self)
+            return dense_branch_autograd.fused_dense_branch(h, self.blocks)
         # in training the eager check runs on a copy, whose BatchNorm statistics absorb its step
         reference = copy.deepcopy(self) if self.training else self
         buffers = {name: b.clone() for name, b in self.named_buffers()}
         try:
-            out = dense_branch_autograd.fused_dense_branch(h, self)
+            out = dense_branch_autograd.fused_dense_branch(h, self.blocks)
             with torch.no_grad():
                 want = reference.reference_forward(h)
                 error = (out.detach().float() - want.float()).abs().max().item()

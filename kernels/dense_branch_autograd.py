@@ -1,10 +1,10 @@
 """The training-mode autograd Function of the fused dense branch and :func:`fused_dense_branch`, the entry point
-that :class:`~dcris.kernels.dense_branch.DenseBranch` calls (notation and passes in
+that :class:`~dcris.kernels.dense_branch.DenseBranch` calls with its five blocks (notation and passes in
 :mod:`dcris.kernels.dense_branch`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -26,7 +26,6 @@ from .dense_branch_launch import (
     _BLOCK_P_TRAIN,
     _bn_backward_stats,
     _bn_forward_stats,
-    _cbrs,
     _check_inputs,
     _dense_branch_infer,
     _dot_mode,
@@ -37,25 +36,24 @@ from .dense_branch_launch import (
     _pixel_strides,
     _train_grid,
 )
-
-if TYPE_CHECKING:
-    from .dense_branch import DenseBranch
+from .dense_branch_ref import ConvBNReLU, running_statistics_with_gradients, uses_batch_statistics
 
 
 class DenseBranchFunction(torch.autograd.Function):
     """Training-mode fused dense branch: BatchNorm with batch statistics, running statistics updated.
 
-    ``apply(h, branch, *params)`` with params the 20 tensors of :func:`_train_params` (conv weight, conv bias,
+    ``apply(h, blocks, *params)`` with blocks the five ConvBNReLU in pass order and params the 20 tensors of
+    :func:`_train_params` (conv weight, conv bias,
     BN weight, BN bias of each ConvBNReLU in the order 1, 2a, 2b, 3a, 3b); returns (B, C, H, W) like h.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, branch: DenseBranch, *params: torch.Tensor) -> torch.Tensor:
-        m = _meta(branch)
+    def forward(ctx, h: torch.Tensor, blocks: Sequence[ConvBNReLU], *params: torch.Tensor) -> torch.Tensor:
+        m = _meta(blocks)
         c = h.shape[1]
         n, hw, hh, ww, n_prog = _train_grid(h)
         dev = h.device
-        bns = [cbr.bn for cbr in _cbrs(branch)]
+        bns = [cbr.bn for cbr in blocks]
         w1, c1, w2a, c2a, w2b, c2b, w3a, c3a, w3b, c3b = [params[i] for i in (0, 1, 4, 5, 8, 9, 12, 13, 16, 17)]
         grid = (n_prog,)
         hs = _pixel_strides(h)
@@ -97,16 +95,16 @@ class DenseBranchFunction(torch.autograd.Function):
             h, out, w1, c1, st1, z2b, st2b, z3b, st3b, n, hw, ww, *hs, *_pixel_strides(out),
             C=c, W1=m["W1"], W2=m["W2"], W3=m["W3"], **common,
         )  # fmt: skip
-        ctx.branch = branch
+        ctx.blocks = blocks
         ctx.save_for_backward(h, z2a, z2b, z3a, z3b, st1, st2a, st2b, st3a, st3b, *params)
         return out
 
     @staticmethod
     def backward(ctx, gout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, z2a, z2b, z3a, z3b, st1, st2a, st2b, st3a, st3b, *params = ctx.saved_tensors
-        branch = ctx.branch
-        bns = [cbr.bn for cbr in _cbrs(branch)]
-        m = _meta(branch)
+        blocks = ctx.blocks
+        bns = [cbr.bn for cbr in blocks]
+        m = _meta(blocks)
         c = h.shape[1]
         n, hw, hh, ww, n_prog = _train_grid(h)
         dev = h.device
@@ -151,18 +149,18 @@ class DenseBranchFunction(torch.autograd.Function):
         )
         coef3b = finish(4, p, st3b, m["W3"])
 
-        g3a, wp3b, coef3a = conv_bwd(g3b, z3b, st3b, coef3b, z3a, st3a, w3b, branch.branch3[1].conv, "S3", "W3", 5, 3)
+        g3a, wp3b, coef3a = conv_bwd(g3b, z3b, st3b, coef3b, z3a, st3a, w3b, blocks[4].conv, "S3", "W3", 5, 3)
 
-        g2b, p, wp3a = outputs("W2", branch.branch3[0].conv)
+        g2b, p, wp3a = outputs("W2", blocks[3].conv)
         _dense_branch_squeeze3_bwd_kernel[grid](
             h, gout, w1, c1, st1, z2b, st2b, g3a, z3a, st3a, coef3a, w3a, g2b, p, wp3a, n, hw, ww, *hs, *gs,
             C=c, W1=m["W1"], W2=m["W2"], S3=m["S3"], S3P=m["S3P"], **common,
         )  # fmt: skip
         coef2b = finish(2, p, st2b, m["W2"])
 
-        g2a, wp2b, coef2a = conv_bwd(g2b, z2b, st2b, coef2b, z2a, st2a, w2b, branch.branch2[1].conv, "S2", "W2", 3, 1)
+        g2a, wp2b, coef2a = conv_bwd(g2b, z2b, st2b, coef2b, z2a, st2a, w2b, blocks[2].conv, "S2", "W2", 3, 1)
 
-        g1, p, wp2a = outputs("W1", branch.branch2[0].conv)
+        g1, p, wp2a = outputs("W1", blocks[1].conv)
         _dense_branch_squeeze2_bwd_kernel[grid](
             h, gout, w1, c1, st1, g2a, z2a, st2a, coef2a, g3a, z3a, st3a, coef3a, w2a, w3a, g1, p, wp2a,
             n, hw, ww, *hs, *gs, **squeezes, **common,
@@ -170,14 +168,14 @@ class DenseBranchFunction(torch.autograd.Function):
         coef1 = finish(0, p, st1, m["W1"])
 
         dh = torch.empty_like(h)
-        wp1 = wpart(branch.branch1.conv)
+        wp1 = wpart(blocks[0].conv)
         _dense_branch_input_bwd_kernel[grid](
             h, gout, dh, w1, c1, st1, coef1, g1, g2a, z2a, st2a, coef2a, g3a, z3a, st3a, coef3a, w2a, w3a, wp1,
             n, hw, ww, *hs, *gs, *_pixel_strides(dh), **squeezes, **common,
         )  # fmt: skip
 
         grads: list[torch.Tensor] = []
-        for cbr, wp, (dgamma, dbeta) in zip(_cbrs(branch), (wp1, wp2a, wp2b, wp3a, wp3b), bn_grads, strict=True):
+        for cbr, wp, (dgamma, dbeta) in zip(blocks, (wp1, wp2a, wp2b, wp3a, wp3b), bn_grads, strict=True):
             w, bias = cbr.conv.weight, cbr.conv.bias
             flat = wp.sum(0)  # (weight numel + bias numel,)
             grads += [
@@ -189,34 +187,36 @@ class DenseBranchFunction(torch.autograd.Function):
         return (dh, None, *grads)
 
 
-def _train_params(branch: DenseBranch) -> list[torch.Tensor]:
+def _train_params(blocks: Sequence[ConvBNReLU]) -> list[torch.Tensor]:
     """Conv weight, conv bias, BN weight, BN bias of each ConvBNReLU, in the order 1, 2a, 2b, 3a, 3b."""
-    return [t for cbr in _cbrs(branch) for t in (cbr.conv.weight, cbr.conv.bias, cbr.bn.weight, cbr.bn.bias)]
+    return [t for cbr in blocks for t in (cbr.conv.weight, cbr.conv.bias, cbr.bn.weight, cbr.bn.bias)]
 
 
-def fused_dense_branch(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
+def fused_dense_branch(h: torch.Tensor, blocks: Sequence[ConvBNReLU]) -> torch.Tensor:
     """The dense branch with the fused Triton kernels.
 
-    In eval mode (BatchNorm with running statistics) it is one kernel launch (when gradients are needed in
-    eval mode it runs the eager reference instead); in training mode it runs :class:`DenseBranchFunction`,
-    which uses per-rank batch statistics and updates the running statistics exactly as nn.BatchNorm2d does.
+    With BatchNorm in eval mode (running statistics) it is one kernel launch, which has no backward; in training
+    mode it runs :class:`DenseBranchFunction`, which uses per-rank batch statistics and updates the running
+    statistics exactly as nn.BatchNorm2d does.
 
     Args:
         h: (B, C, H, W) float32/bfloat16/float16 on CUDA (or on CPU under TRITON_INTERPRET=1), contiguous
             or channels-last.
-        branch: the module whose parameters and BatchNorm buffers are used (``dims == 2``).
+        blocks: the branch's five 2-D ConvBNReLU blocks in pass order (1, 2a, 2b, 3a, 3b), whose parameters and
+            BatchNorm buffers are used in place.
 
     Returns:
         (B, C, H, W) in h's dtype and memory format.
+
+    Raises:
+        ValueError: bad input (see :func:`_check_inputs`), or eval-mode BatchNorm with gradients needed.
     """
-    h = _check_inputs(h, branch)
-    bns = [cbr.bn for cbr in _cbrs(branch)]
-    use_batch_stats = branch.training or any(bn.running_mean is None for bn in bns)
-    if not use_batch_stats:
-        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in branch.parameters())):
-            return branch.reference_forward(h)  # eval mode with gradients: rare, left to autograd
-        return _dense_branch_infer(h, branch)
+    h = _check_inputs(h, blocks)
+    if running_statistics_with_gradients(h, blocks):
+        raise ValueError("the fused dense branch has no backward with running statistics (eval mode)")
+    if not uses_batch_statistics(blocks):
+        return _dense_branch_infer(h, blocks)
     bsz, _, hh, ww = h.shape
     if bsz * hh * ww < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got input of shape {tuple(h.shape)}")
-    return DenseBranchFunction.apply(h, branch, *_train_params(branch))
+    return DenseBranchFunction.apply(h, blocks, *_train_params(blocks))

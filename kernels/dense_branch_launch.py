@@ -1,10 +1,14 @@
 """Launchers of the dense branch's Triton kernels: input checks (which raise on bad input), grids, buffers, the
-one-launch inference call and the BatchNorm finalize calls of the training passes."""
+one-launch inference call and the BatchNorm finalize calls of the training passes.
+
+They read the branch as its five :class:`~dcris.kernels.dense_branch_ref.ConvBNReLU` blocks in pass order (1, 2a,
+2b, 3a, 3b; ``DenseBranch.blocks``): the widths come from the convolutions, the parameters and BatchNorm buffers
+are used in place."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -12,9 +16,7 @@ from torch import nn
 
 from .dense_branch_bwd import _bn_stats_bwd_kernel
 from .dense_branch_fwd import _bn_stats_fwd_kernel, _dense_branch_fwd_kernel
-
-if TYPE_CHECKING:
-    from .dense_branch import DenseBranch
+from .dense_branch_ref import ConvBNReLU
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DOT_MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -23,6 +25,7 @@ _BLOCK_P_INFER = 128  # pixels per program-block in the inference kernel
 _SUB_INFER = 64  # pixels per chunk inside the inference stages (one software-pipeline stage: Hopper's default of
 # three needs 308 KiB of shared memory for this kernel, over the 227 KiB a program may have)
 _BLOCK_R = 64  # partial rows per step in the finalize kernels
+_PASS_NAMES = ("1", "2a", "2b", "3a", "3b")  # the blocks in pass order
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,16 +63,16 @@ def _grad_dot_mode(dtype: torch.dtype) -> int:
     return 4
 
 
-def _check_inputs(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
-    """Validate h and the branch for the fused kernels; returns h with a flattenable pixel stride."""
-    if branch.dims != 2:
-        raise ValueError(f"the fused dense branch supports dims=2 only, got dims={branch.dims}")
-    c = branch.channels
-    w1, s2, w2, s3, w3 = branch.widths
-    if not all(_pow2(v) and v >= 16 for v in (c, w1, w2, w3)) or max(s2, s3) > 16:
+def _check_inputs(h: torch.Tensor, blocks: Sequence[ConvBNReLU]) -> torch.Tensor:
+    """Validate h and the blocks for the fused kernels; returns h with a flattenable pixel stride."""
+    if not all(isinstance(cbr.conv, nn.Conv2d) for cbr in blocks):
+        raise ValueError(f"the fused dense branch supports dims=2 only, got {type(blocks[0].conv).__name__} blocks")
+    m = _meta(blocks)
+    c, widths = m["C"], tuple(m[k] for k in ("W1", "S2", "W2", "S3", "W3"))
+    if not all(_pow2(m[k]) and m[k] >= 16 for k in ("C", "W1", "W2", "W3")) or max(m["S2"], m["S3"]) > 16:
         raise ValueError(
             f"the fused dense branch needs power-of-two channels/branch widths >= 16 and squeeze widths <= 16, "
-            f"got channels={c}, widths={branch.widths}"
+            f"got channels={c}, widths={widths}"
         )
     if not isinstance(h, torch.Tensor) or h.dim() != 4:
         raise ValueError(f"h must be a 4-D (B, C, H, W) tensor, got shape {tuple(getattr(h, 'shape', ()))}")
@@ -81,12 +84,12 @@ def _check_inputs(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
         raise ValueError(f"h is empty: shape {tuple(h.shape)}")
     if not (h.is_cuda or _interpreting()):
         raise ValueError(f"h must be a CUDA tensor (or run under TRITON_INTERPRET=1), got device {h.device}")
-    for name, prm in branch.named_parameters():
-        if prm.device != h.device:
-            raise ValueError(f"parameter {name} is on {prm.device} but h is on {h.device}")
-    for name, mod in branch.named_modules():
-        if isinstance(mod, nn.BatchNorm2d) and not mod.affine:
-            raise ValueError(f"{name} must be affine")
+    for i, cbr in zip(_PASS_NAMES, blocks, strict=True):
+        for name, prm in cbr.named_parameters():
+            if prm.device != h.device:
+                raise ValueError(f"parameter {name} of block {i} is on {prm.device} but h is on {h.device}")
+        if not cbr.bn.affine:
+            raise ValueError(f"the BatchNorm of block {i} must be affine")
     return _flat_pixels(h)
 
 
@@ -114,20 +117,17 @@ def _train_grid(h: torch.Tensor) -> tuple[int, int, int, int, int]:
     return n, hh * ww, hh, ww, triton.cdiv(n, _BLOCK_P_TRAIN)
 
 
-def _cbrs(branch: DenseBranch) -> list[nn.Module]:
-    """The five ConvBNReLU blocks in pass order: 1, 2a, 2b, 3a, 3b."""
-    return [branch.branch1, branch.branch2[0], branch.branch2[1], branch.branch3[0], branch.branch3[1]]
+def _meta(blocks: Sequence[ConvBNReLU]) -> dict[str, int]:
+    """Channels C, branch widths W1..W3 and squeeze widths S2, S3 (padded: S2P, S3P), read from the convolutions."""
+    c = blocks[0].conv.in_channels
+    w1, s2, w2, s3, w3 = (cbr.conv.out_channels for cbr in blocks)
+    return dict(C=c, W1=w1, S2=s2, S2P=_squeeze_pad(s2), W2=w2, S3=s3, S3P=_squeeze_pad(s3), W3=w3)
 
 
-def _meta(branch: DenseBranch) -> dict[str, int]:
-    w1, s2, w2, s3, w3 = branch.widths
-    return dict(C=branch.channels, W1=w1, S2=s2, S2P=_squeeze_pad(s2), W2=w2, S3=s3, S3P=_squeeze_pad(s3), W3=w3)
-
-
-def _dense_branch_infer(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
+def _dense_branch_infer(h: torch.Tensor, blocks: Sequence[ConvBNReLU]) -> torch.Tensor:
     """Eval-mode forward in one launch (BatchNorm with running statistics)."""
     bsz, c, hh, ww = h.shape
-    meta = _meta(branch)
+    meta = _meta(blocks)
     n, hw = bsz * hh * ww, hh * ww
     out = torch.empty_like(h)
     n_blocks = triton.cdiv(n, _BLOCK_P_INFER)
@@ -138,10 +138,10 @@ def _dense_branch_infer(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
     sc = meta["W1"] + meta["S2P"] + meta["W2"] + meta["S3P"]
     scratch = _f32(nprog, region, sc, device=h.device)  # per-program slabs
     args = []
-    for cbr in _cbrs(branch):
+    for cbr in blocks:
         args += [cbr.conv.weight, cbr.conv.bias, cbr.bn.weight, cbr.bn.bias, cbr.bn.running_mean, cbr.bn.running_var]
     _dense_branch_fwd_kernel[(nprog,)](
-        h, out, *args, scratch, *[cbr.bn.eps for cbr in _cbrs(branch)],
+        h, out, *args, scratch, *[cbr.bn.eps for cbr in blocks],
         n, hw, hh, ww, n_blocks, region,
         *_pixel_strides(h), *_pixel_strides(out),
         **meta, BLOCK_P=_BLOCK_P_INFER, SUB=_SUB_INFER, DOT=_dot_mode(h.dtype), num_warps=4, num_stages=1,

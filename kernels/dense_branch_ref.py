@@ -13,6 +13,8 @@ the oracle of the fused kernels in tests and their baseline in benchmarks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,3 +55,16 @@ def dense_branch_reference(h: torch.Tensor, branch1: nn.Module, branch2: nn.Modu
     b2 = branch2(torch.cat([h, b1], dim=1))
     b3 = branch3(torch.cat([h, b1, b2], dim=1))
     return torch.cat([b1, b2, b3], dim=1) + h
+
+
+def uses_batch_statistics(blocks: Sequence[ConvBNReLU]) -> bool:
+    """Whether the blocks' BatchNorms normalise with the batch's statistics (training mode, or none tracked)."""
+    return any(cbr.bn.training or cbr.bn.running_mean is None for cbr in blocks)
+
+
+def running_statistics_with_gradients(h: torch.Tensor, blocks: Sequence[ConvBNReLU]) -> bool:
+    """Eval-mode BatchNorm (running statistics) where autograd needs the branch's gradients: the fused kernels
+    have no backward for that case, so the branch runs :func:`dense_branch_reference`."""
+    if uses_batch_statistics(blocks) or not torch.is_grad_enabled():
+        return False
+    return h.requires_grad or any(p.requires_grad for cbr in blocks for p in cbr.parameters())

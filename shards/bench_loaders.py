@@ -3,8 +3,8 @@
 Measures the PyTorch loader and DALI on the CPU, and on a GPU also DALI with "mixed" (GPU) JPEG decoding and
 the PyTorch loader feeding the GPU. Each run iterates one full training epoch after one warm-up epoch; the
 median of ``--repeats`` runs is reported. The loaders are the trainer's: the training mask at the logits' side
-(``--mask-size``, default 4 x image size / 14), DALI's pipeline kept from epoch to epoch. Prints a table and
-writes JSON.
+(``--mask-size``, default 4 x image size / 14), DALI's pipeline kept from epoch to epoch. Prints a Markdown row per
+loader as soon as it is measured (and updates the JSON), then the profile and tuning tables.
 
 ``--profile`` says where DALI's time goes: pipelines that stop after each stage of the loader's graph (read the
 encoded bytes; + JPEG decode; + image letterbox; + PNG decode; + mask letterbox, the whole graph) run over the
@@ -171,28 +171,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("no GPU: skipping DALI 'mixed' decoding and the GPU-fed PyTorch loader", file=sys.stderr)
     dali_device = "cuda" if gpu else "cpu"
-    profile, tuned = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        shards = Path(args.shards) if args.shards else _synthetic_shards(Path(tmp), args.images)
-        rows = [
-            dict(loader=loader, device=device, decode="mixed" if loader == "dali" and device == "cuda" else "cpu",
-                 images_per_s=round(_images_per_second(shards, args.split, loader, device, args), 1))
-            for loader, device in cases
-        ]  # fmt: skip
-        if args.profile:
-            profile = _stage_times(shards, args.split, dali_device, args)
-        if args.tune:
-            tuned = _tune(shards, args.split, dali_device, args)
+    rows, profile, tuned = [], [], []
     result = dict(
         rows=rows, profile=profile, tune=tuned, batch_size=args.batch_size, image_size=args.image_size,
         mask_size=args.mask_size, workers=args.workers, hw_decoder_load=args.hw_decoder_load,
         prefetch_depth=args.prefetch_depth, cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
         gpu=torch.cuda.get_device_name() if gpu else None, commit=git_commit(),
     )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(args.shards) if args.shards else _synthetic_shards(Path(tmp), args.images)
+        print("| loader | delivered to | decoding | images/s |\n|---|---|---|---|", flush=True)
+        for loader, device in cases:  # each row printed and written as it is measured: a time limit keeps it
+            decode = "mixed" if loader == "dali" and device == "cuda" else "cpu"
+            rate = _images_per_second(shards, args.split, loader, device, args)
+            rows.append(dict(loader=loader, device=device, decode=decode, images_per_s=round(rate, 1)))
+            print(f"| {loader} | {device} | {decode} | {rate:.1f} |", flush=True)
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        if args.profile:
+            profile += _stage_times(shards, args.split, dali_device, args)
+        if args.tune:
+            tuned += _tune(shards, args.split, dali_device, args)
     Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"\n{'loader':<8}{'device':<8}{'decode':<8}{'images/s':>10}")
-    for row in rows:
-        print(f"{row['loader']:<8}{row['device']:<8}{row['decode']:<8}{row['images_per_s']:>10.1f}")
     if profile:
         print(f"\nDALI on {dali_device}, pipeline up to each stage:\n{'stage':<18}{'ms/batch':>10}{'stage adds':>12}")
         for row in profile:

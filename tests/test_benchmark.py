@@ -20,7 +20,12 @@ def test_matmul_peak_and_flop_counter_are_consistent():
 
 
 @pytest.mark.parametrize("model_only", [False, True])
-def test_bench_records_training_and_inference_at_tiny_width(tmp_path: Path, model_only: bool):
+def test_bench_records_training_and_inference_at_tiny_width(tmp_path: Path, model_only: bool, monkeypatch):
+    import dcris.evaluate
+
+    passes = []  # evaluation is timed in one pass over the split
+    real_evaluate = dcris.evaluate.evaluate
+    monkeypatch.setattr(dcris.evaluate, "evaluate", lambda *a, **k: passes.append(1) or real_evaluate(*a, **k))
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny-dcris", "--batch", "4", "--steps", "3", "--warmup", "1", "--images", "12",
             "--precision", "fp32", "--out", str(out), "data.loader=torch", "data.workers=0"]  # fmt: skip
@@ -42,6 +47,7 @@ def test_bench_records_training_and_inference_at_tiny_width(tmp_path: Path, mode
         assert infer["model_only_images_per_s"] > 0
         ratio = infer["images_per_s"] / infer["model_only_images_per_s"]
         assert infer["evaluate_vs_model_only"] == pytest.approx(ratio)
+    assert len(passes) == (0 if model_only else 1)
 
 
 def test_variants_are_measured_in_one_process_a_row_each(tmp_path: Path):

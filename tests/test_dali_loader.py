@@ -216,3 +216,8 @@ def test_bench_profile_times_every_stage(shards: Path, tmp_path: Path, capsys: p
     assert np.allclose(sums, [row["ms_per_batch"] for row in profile], atol=0.02)
     printed = capsys.readouterr().out
     assert all(stage in printed for stage in bench.STAGES)
+    # a Markdown row per loader, printed before the profile (as measured: a time limit keeps the rows)
+    rows = [line for line in printed.splitlines() if line.startswith(("| torch |", "| dali |"))]
+    assert [r.rsplit(" | ", 1)[0] for r in rows] == ["| torch | cpu | cpu", "| dali | cpu | cpu"]
+    assert all(float(r.rsplit(" | ", 1)[1].strip(" |")) > 0 for r in rows)
+    assert printed.index(rows[-1]) < printed.index(bench.STAGES[0])

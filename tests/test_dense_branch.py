@@ -76,7 +76,7 @@ def _train_step(branch: DenseBranch, h: torch.Tensor, gout: torch.Tensor, fused:
     branch.train()
     branch.zero_grad(set_to_none=True)
     x = h.detach().clone().requires_grad_()
-    out = dense_branch.fused_dense_branch(x, branch) if fused else branch.reference_forward(x)
+    out = dense_branch.fused_dense_branch(x, branch.blocks) if fused else branch.reference_forward(x)
     out.backward(gout)
     return out.detach(), x.grad
 
@@ -123,14 +123,17 @@ def test_eager_paths() -> None:
     assert text(torch.randn(2, 64, 16)).shape == (2, 64, 16)
     assert not text.use_fused(torch.randn(2, 64, 16))
     branch.fused = True
-    assert branch.use_fused(h.to(DEVICE))  # CUDA, or Triton's interpreter on a CPU
-    os.environ["DCRIS_NO_TRITON"] = "1"
-    try:
-        assert not branch.use_fused(h.to(DEVICE))
-    finally:
-        del os.environ["DCRIS_NO_TRITON"]
-    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(branch))
-    assert not synced.use_fused(h.to(DEVICE))  # statistics over all ranks: the kernels compute local ones
+    with torch.no_grad():
+        assert branch.use_fused(h.to(DEVICE))  # CUDA, or Triton's interpreter on a CPU
+        os.environ["DCRIS_NO_TRITON"] = "1"
+        try:
+            assert not branch.use_fused(h.to(DEVICE))
+        finally:
+            del os.environ["DCRIS_NO_TRITON"]
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(branch))
+        assert not synced.use_fused(h.to(DEVICE))  # statistics over all ranks: the kernels compute local ones
+    # eval mode with gradients wanted: the kernels have no backward with running statistics, so autograd's path
+    assert not branch.use_fused(h.to(DEVICE)) and branch.train().use_fused(h.to(DEVICE))
 
 
 @pytest.fixture
@@ -146,10 +149,9 @@ def fresh_first_call(monkeypatch: pytest.MonkeyPatch):
 def test_a_failing_first_fused_call_falls_back_to_eager(fresh_first_call, monkeypatch, failure: str) -> None:
     """A kernel that raises or computes something else: one warning, the eager result, statistics stepped once."""
 
-    def broken(h: torch.Tensor, branch: DenseBranch) -> torch.Tensor:
-        for mod in branch.modules():  # a half-run kernel may already have touched the statistics
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.add_(1.0)
+    def broken(h: torch.Tensor, blocks: tuple[nn.Module, ...]) -> torch.Tensor:
+        for block in blocks:  # a half-run kernel may already have touched the statistics
+            block.bn.running_mean.add_(1.0)
         if failure == "raises":
             raise RuntimeError("PTX compile failed\nsecond line")
         return torch.zeros_like(h)
@@ -185,16 +187,19 @@ def test_a_passing_first_fused_call_keeps_the_fused_path(fresh_first_call, monke
 
 def test_input_checks() -> None:
     branch = DenseBranch().to(DEVICE).eval()
+    text_widths = (32, 4, 16, 4, 16)
     with pytest.raises(ValueError, match="128 channels"):
-        dense_branch.fused_dense_branch(torch.randn(1, 64, 4, 4, device=DEVICE), branch)
+        dense_branch.fused_dense_branch(torch.randn(1, 64, 4, 4, device=DEVICE), branch.blocks)
     with pytest.raises(ValueError, match="4-D"):
-        dense_branch.fused_dense_branch(torch.randn(1, 128, 4, device=DEVICE), branch)
+        dense_branch.fused_dense_branch(torch.randn(1, 128, 4, device=DEVICE), branch.blocks)
     with pytest.raises(TypeError, match="float32"):
-        dense_branch.fused_dense_branch(torch.ones(1, 128, 4, 4, device=DEVICE, dtype=torch.int32), branch)
+        dense_branch.fused_dense_branch(torch.ones(1, 128, 4, 4, device=DEVICE, dtype=torch.int32), branch.blocks)
     with pytest.raises(ValueError, match="dims=2"):
-        dense_branch.fused_dense_branch(torch.randn(1, 64, 4, device=DEVICE), DenseBranch(64, (32, 4, 16, 4, 16), 1))
+        dense_branch.fused_dense_branch(torch.randn(1, 64, 4, device=DEVICE), DenseBranch(64, text_widths, 1).blocks)
+    with pytest.raises(ValueError, match="no backward with running statistics"):
+        dense_branch.fused_dense_branch(torch.randn(1, 128, 4, 4, device=DEVICE, requires_grad=True), branch.blocks)
     with pytest.raises(ValueError, match="more than 1 value"):
-        dense_branch.fused_dense_branch(torch.randn(1, 128, 1, 1, device=DEVICE), branch.train())
+        dense_branch.fused_dense_branch(torch.randn(1, 128, 1, 1, device=DEVICE), branch.train().blocks)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +210,7 @@ def test_inference_fp32(shape: tuple[int, int, int, int], channels_last: bool) -
     branch = _randomize(DenseBranch(), 1).to(DEVICE).eval()
     h = _make_input(shape, torch.float32, channels_last, 2)
     with torch.no_grad():
-        out = dense_branch.fused_dense_branch(h, branch)
+        out = dense_branch.fused_dense_branch(h, branch.blocks)
         ref = branch.reference_forward(h)
     assert out.shape == ref.shape and out.dtype == h.dtype
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -235,7 +240,7 @@ def _bf16_check(shape: tuple[int, int, int, int], seed: int, check_grads: bool =
     base = _randomize(DenseBranch(), seed).to(DEVICE, torch.bfloat16)
     h = _make_input(shape, torch.bfloat16, False, seed + 1)
     with torch.no_grad():
-        out = dense_branch.fused_dense_branch(h, base.eval())
+        out = dense_branch.fused_dense_branch(h, base.eval().blocks)
         ref = copy.deepcopy(base).float().reference_forward(h.float())
     assert out.dtype == torch.bfloat16
     _assert_close(out, ref, 1e-2, "bf16 inference output")
@@ -273,8 +278,8 @@ def test_dispatch_cuda(dtype: torch.dtype) -> None:
     branch = _randomize(DenseBranch(), 7).cuda().eval()
     branch.fused = True
     h = _make_input((4, 128, 32, 32), dtype, False, 8)
-    assert branch.use_fused(h)
     with torch.no_grad():
+        assert branch.use_fused(h)
         _assert_close(branch(h), branch.reference_forward(h), 1e-5 if dtype == torch.float32 else 1e-2, "output")
 
 
@@ -287,7 +292,8 @@ def test_real_size_fp32(hw: int) -> None:
     h = _make_input(shape, torch.float32, hw == 37, 10)
     gout = torch.randn(shape, device="cuda")
     with torch.no_grad():
-        _assert_close(dense_branch.fused_dense_branch(h, fused.eval()), ref.eval().reference_forward(h), 1e-5, "eval")
+        out = dense_branch.fused_dense_branch(h, fused.eval().blocks)
+        _assert_close(out, ref.eval().reference_forward(h), 1e-5, "eval")
     out, dh = _train_step(fused, h, gout, fused=True)
     out_ref, dh_ref = _train_step(ref, h, gout, fused=False)
     _compare_training(fused, ref, out, out_ref, dh, dh_ref, 1e-5)

@@ -168,14 +168,14 @@ def test_fused_dense_switch_reaches_every_dense_branch(fresh_fused_state, monkey
     ran = []
     real = dense_branch_autograd.fused_dense_branch
     monkeypatch.setattr(
-        dense_branch_autograd, "fused_dense_branch", lambda h, branch: ran.append(branch) or real(h, branch)
+        dense_branch_autograd, "fused_dense_branch", lambda h, blocks: ran.append(blocks) or real(h, blocks)
     )
     images, tokens, _ = _inputs(cfg)
     with torch.no_grad():
         got, want = fused(images, tokens), eager(images, tokens)
     vision_branches = [a.dense for a in fused.vision.adapters.values()]
     assert len(vision_branches) == len(cfg.adapters.vision_layers) == 2
-    assert len(ran) == len(vision_branches) and all(any(b is r for r in ran) for b in vision_branches)
+    assert len(ran) == len(vision_branches) and all(any(b.blocks == r for r in ran) for b in vision_branches)
     assert not fresh_fused_state._fused_failure and not [w for w in recwarn if w.category is RuntimeWarning]
     assert all(not a.dense.use_fused(torch.zeros(1, 16, 5)) for a in fused.text.adapters.values())
     _assert_close(got, want, 1e-5, "fused-dense logits")

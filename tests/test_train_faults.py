@@ -17,6 +17,7 @@ from dcris.trainer import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
+SINGLE = str(REPO / "ds_configs" / "single.json")  # no ZeRO: the step is skipped on the device
 
 
 class _Poisoned:
@@ -55,27 +56,30 @@ def _tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _state(tag: Path) -> dict[str, torch.Tensor]:
-    """The trainable weights, buffers and optimizer state (fp32 partition and Adam moments) a checkpoint holds."""
-    model = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    optim = torch.load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
-    return _tensors(model, "module") | _tensors(optim["optimizer_state_dict"], "optim")
+    """The trainable weights, buffers and optimizer state (Adam moments and step counts; ZeRO's fp32 partition) a
+    checkpoint holds."""
+    states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    zero = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim = torch.load(zero, weights_only=False)["optimizer_state_dict"] if zero.is_file() else states["optimizer"]
+    return _tensors(states["module"], "module") | _tensors(optim, "optim")
 
 
-def _argv(shards: Path, out: Path, *overrides: str) -> list[str]:
-    return ["--deepspeed", ZERO2, "--preset", "tiny-dcris", f"data.shards={shards}", f"train.output_dir={out}",
+def _argv(shards: Path, out: Path, *overrides: str, deepspeed: str = ZERO2) -> list[str]:
+    return ["--deepspeed", deepspeed, "--preset", "tiny-dcris", f"data.shards={shards}", f"train.output_dir={out}",
             "data.loader=torch", "data.workers=0", "train.micro_batch=2", "train.global_batch=4",
             "train.precision=fp32", "train.save_every_steps=1", "train.keep_checkpoints=0", "train.log_every_steps=1",
             "data.eval_splits=val", "train.eval_every_epochs=0", "train.eval_pictures=0", *overrides]  # fmt: skip
 
 
-def _run(shards: Path, out: Path, *overrides: str) -> None:
-    assert train_main(_argv(shards, out, *overrides)) == 0
+def _run(shards: Path, out: Path, *overrides: str, deepspeed: str = ZERO2) -> None:
+    assert train_main(_argv(shards, out, *overrides, deepspeed=deepspeed)) == 0
 
 
-def test_a_non_finite_step_is_skipped_and_counted(shards: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("deepspeed", [ZERO2, SINGLE], ids=["zero2", "no-zero"])
+def test_a_non_finite_step_is_skipped_and_counted(shards: Path, tmp_path: Path, monkeypatch, deepspeed) -> None:
     _poison(monkeypatch, {5})  # the second micro-batch of step 3: the first one's gradients go as well
     run = tmp_path / "run"
-    _run(shards, run, "train.max_steps=5")
+    _run(shards, run, "train.max_steps=5", deepspeed=deepspeed)
     ckpt = run / "checkpoints"
     before, skipped, after = (_state(ckpt / f"step{s:08d}") for s in (2, 3, 4))
     assert before.keys() == skipped.keys() and any("running_mean" in k for k in before)
@@ -152,3 +156,32 @@ def test_a_full_disk_stops_a_checkpoint_save_in_one_line(shards: Path, tmp_path:
     check_disk_full_message(str(stop.value), ckpt)
     assert (ckpt / "latest").read_text() == "step00000002"
     assert all(torch.isfinite(v.float()).all() for v in _state(ckpt / "step00000002").values())
+
+
+def test_skipping_adam_is_fused_adam_until_a_gradient_is_not_finite() -> None:
+    """Finite gradients: bitwise torch's fused Adam. A NaN anywhere: weights, moments and step counts unchanged,
+    and ``skipped`` says so on the device."""
+    from dcris.train_setup import SkippingAdam
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    ours = [w.clone().requires_grad_() for w in weights]
+    theirs = [w.clone().requires_grad_() for w in weights]
+    opt, reference = SkippingAdam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2, fused=True)
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+        assert not opt.skipped and all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+    before = [p.detach().clone() for p in ours], {k: dict(v) for k, v in opt.state_dict()["state"].items()}
+    for p in ours:
+        p.grad = torch.randn_like(p)
+    ours[1].grad[3] = float("nan")
+    opt.step()
+    assert opt.skipped.dtype == torch.bool and bool(opt.skipped)
+    assert all(torch.equal(p, b) for p, b in zip(ours, before[0], strict=True))
+    state = opt.state_dict()["state"]
+    assert all(torch.equal(state[k][n], before[1][k][n]) for k in state for n in state[k])
+    assert not hasattr(opt, "found_inf")  # nothing left for the next step

@@ -155,13 +155,17 @@ def target_counts(meta: torch.Tensor) -> torch.Tensor:
 
 
 def take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-    """Rows ``index`` of every field of a batch (tensors on their own device, lists by position)."""
+    """Rows ``index`` (a host tensor) of every field of a batch (tensors on their own device, lists by
+    position); the index crosses to each other device once, without waiting."""
     out = {}
+    moved = {index.device: index}
     for key, value in batch.items():
         if isinstance(value, list):
             out[key] = [value[i] for i in index.tolist()]
-        else:
-            out[key] = value[index.to(value.device)]
+            continue
+        if value.device not in moved:
+            moved[value.device] = to_device(index, value.device)
+        out[key] = value[moved[value.device]]
     return out
 
 
@@ -286,8 +290,9 @@ class ShardLoader:
         for step, batch in enumerate(self.object_batches()):
             meta = batch["meta"]
             choice = [sentence_index(self.seed, self.epoch, int(m[0]), int(m[6])) for m in meta]  # one per object
-            rows = torch.arange(len(choice), device=batch["tokens_all"].device)
-            tokens = batch["tokens_all"][rows, torch.tensor(choice, device=rows.device)]  # (B, L)
+            device = batch["tokens_all"].device
+            rows = torch.arange(len(choice), device=device)
+            tokens = batch["tokens_all"][rows, to_device(torch.tensor(choice), device)]  # (B, L)
             yield dict(
                 image=batch["image"], mask=batch["mask"], tokens=tokens, ref_id=meta[:, 1],
                 num_targets=target_counts(meta),
@@ -303,10 +308,11 @@ class ShardLoader:
             obj = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (P,) object of each pair
             sent = torch.cat([torch.arange(int(c)) for c in counts])  # (P,) sentence index within its object
             tokens_all = batch["tokens_all"]
+            on_device = to_device(obj, tokens_all.device)  # image, mask and tokens share the loader's device
             items = dict(
-                image=batch["image"][obj.to(batch["image"].device)],
-                mask=batch["mask"][obj.to(batch["mask"].device)],
-                tokens=tokens_all[obj.to(tokens_all.device), sent.to(tokens_all.device)],  # (P, L)
+                image=batch["image"][on_device],
+                mask=batch["mask"][on_device],
+                tokens=tokens_all[on_device, to_device(sent, tokens_all.device)],  # (P, L)
                 ref_id=meta[obj, 1],
                 num_targets=target_counts(meta)[obj],
                 sent_idx=sent,

@@ -37,9 +37,14 @@ _TAB_SIZE = 32  # ... and of the rounded source coordinate (INTER_BITS = 5)
 
 def normalize_image(canvas: torch.Tensor) -> torch.Tensor:
     """uint8 RGB (..., 3, S, S) on any device -> float32 normalised with the CLIP mean and std."""
-    mean = torch.tensor(CLIP_MEAN, device=canvas.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=canvas.device).view(3, 1, 1)
+    mean, std = _clip_statistics(canvas.device)
     return (canvas.float() / 255 - mean) / std
+
+
+@functools.cache
+def _clip_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLIP mean and std (3, 1, 1) on ``device``, copied there once (a copy per batch would wait for it)."""
+    return tuple(torch.tensor(v).view(3, 1, 1).to(device) for v in (CLIP_MEAN, CLIP_STD))
 
 
 def _corners(heights: torch.Tensor, widths: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
