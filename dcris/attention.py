@@ -10,11 +10,11 @@ at 1,029 tokens it costs 3.6x the time and 4.7x the memory.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import os
 import warnings
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,13 @@ from torch import nn
 _DISABLE_ENV = "DCRIS_NO_XFORMERS"  # set to 1 to force SDPA on CUDA
 
 
-@functools.cache
-def _xformers_ops():
-    """xformers.ops when its CUDA kernels work with this torch, else None (probed once, silently)."""
+# device type -> xformers.ops, or None for SDPA: decided once and kept as plain data, so that a compiled forward
+# reads the decision and never traces the probe (its import and stderr redirection cannot be traced)
+_xformers_kernels: dict[str, ModuleType | None] = {}
+
+
+def _probe_xformers() -> ModuleType | None:
+    """xformers.ops when its CUDA kernels work with this torch, else None (silently)."""
     if os.environ.get(_DISABLE_ENV, "0") == "1" or not torch.cuda.is_available():
         return None
     try:
@@ -42,9 +46,22 @@ def _xformers_ops():
         return None
 
 
+def xformers_ops(device_type: str = "cuda") -> ModuleType | None:
+    """xformers.ops when :func:`attention` uses its kernel on ``device_type`` (CUDA only), else None.
+
+    Decided by the first call for CUDA and kept. ``build_model`` decides before it compiles a model, so a compiled
+    forward only reads the decision (and other device types never change it).
+    """
+    if device_type not in _xformers_kernels:
+        if device_type != "cuda":
+            return None
+        _xformers_kernels[device_type] = _probe_xformers()
+    return _xformers_kernels[device_type]
+
+
 def xformers_available() -> bool:
     """Whether :func:`attention` uses xformers on CUDA in this process."""
-    return _xformers_ops() is not None
+    return xformers_ops("cuda") is not None
 
 
 def attention(
@@ -68,7 +85,7 @@ def attention(
     Returns:
         (B, H, Lq, D).
     """
-    xops = _xformers_ops() if q.is_cuda else None
+    xops = xformers_ops(q.device.type)
     if xops is not None and mask is None and q.dtype in (torch.float16, torch.bfloat16):
         # xformers takes (B, L, H, D)
         bias = xops.LowerTriangularMask() if causal else None
@@ -110,6 +127,21 @@ class MultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
+    def _project(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The in-projections (B, L, C) of query, key and value, one GEMM for each distinct input."""
+        w, b, d = self.in_proj_weight, self.in_proj_bias, self.dim
+        if query is key and key is value:
+            return F.linear(query, w, b).chunk(3, dim=-1)
+        if query is key:
+            (w_qk, w_v), (b_qk, b_v) = w.split([2 * d, d]), b.split([2 * d, d])
+            return (*F.linear(query, w_qk, b_qk).chunk(2, dim=-1), F.linear(value, w_v, b_v))
+        if key is value:
+            (w_q, w_kv), (b_q, b_kv) = w.split([d, 2 * d]), b.split([d, 2 * d])
+            return (F.linear(query, w_q, b_q), *F.linear(key, w_kv, b_kv).chunk(2, dim=-1))
+        return tuple(F.linear(x, wi, bi) for x, wi, bi in zip((query, key, value), w.chunk(3), b.chunk(3), strict=True))
+
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.dim // self.heads).transpose(1, 2)  # (B, H, N, D/H)
@@ -124,13 +156,10 @@ class MultiheadAttention(nn.Module):
     ) -> torch.Tensor:
         """Attends ``query`` (B, Lq, C) to ``key``/``value`` (B, Lk, C).
 
-        ``key_padding_mask`` (B, Lk) is True where a key is padding (torch's convention).
+        ``key_padding_mask`` (B, Lk) is True where a key is padding (torch's convention). Projections of the
+        same tensor share one GEMM (self-attention: one for q, k and v; a shared key and value: one for k and v).
         """
-        wq, wk, wv = self.in_proj_weight.chunk(3)
-        bq, bk, bv = self.in_proj_bias.chunk(3)
-        q = self._split(F.linear(query, wq, bq))
-        k = self._split(F.linear(key, wk, bk))
-        v = self._split(F.linear(value, wv, bv))
+        q, k, v = (self._split(t) for t in self._project(query, key, value))
         mask = None
         if key_padding_mask is not None:
             mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk), True = attend

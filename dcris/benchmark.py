@@ -47,6 +47,7 @@ from dcris.train_setup import (
     rank_device,
     read_deepspeed_json,
     store_frozen_as_configured,
+    use_fixed_shape_kernels,
 )
 
 ZERO2 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
@@ -276,6 +277,7 @@ def bench_inference(cfg: Config, batch: int, steps: int, warmup: int, model_only
     from dcris.model import build_model
 
     device, dtype = rank_device(0), precision_dtype(cfg.train)
+    use_fixed_shape_kernels(device)  # as dcris eval
     model = build_model(cfg.model, pretrained=True)
     store_frozen_as_configured(model, cfg.train)  # as the training engine holds them
     model = model.to(device).eval()
@@ -410,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             print(records[-1]["markdown"], flush=True)  # as it comes, in case a later variant fails
             _write(args.out, {"variants": records})
             torch.cuda.empty_cache()  # the last engine's memory back before the next is built
-            # each variant compiles as a fresh run would: the compiled block functions' graphs are cached per
-            # function across models, and the variants together would pass dynamo's cache limit and fall back to eager
+            # each variant compiles as a fresh run would: the compiled forward's graphs are cached per code object
+            # across models, and the variants together would pass dynamo's cache limit and fall back to eager
             torch.compiler.reset()
     print("\n".join(r["markdown"] for r in records))
     return 0

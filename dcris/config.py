@@ -106,7 +106,7 @@ class ModelConfig:
 
     image_size: int = 448  # square letterbox input; a multiple of the patch size
     allow_download: bool = False  # fetch named weights from the hub when not cached locally
-    compile: bool = False  # torch.compile the blocks of both encoders (one function each) and the head
+    compile: bool = False  # torch.compile the whole forward: one graph (and one backward graph) per step
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead": CUDA graphs (where BatchNorm allows)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -138,7 +138,7 @@ class TrainConfig:
     output_dir: str = "runs/dcris"  # checkpoints, logs, exports, metrics
     epochs: int = 50  # passes over the train split
     global_batch: int = 32  # images per optimizer step over all ranks
-    micro_batch: int = 16  # images per rank per forward pass
+    micro_batch: int = 32  # images per rank per forward pass (one GPU: dcris-b's whole step; see docs/training.md)
     lr: float = 1e-4  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
     lr_milestones: list[int] = field(default_factory=lambda: [35])  # epochs at which the lr is multiplied

@@ -7,7 +7,9 @@ torchrun --nproc_per_node 8 launch/eval.py ...      (samples sharded over ranks,
 
 Every rank runs the same number of forward passes per split: a rank with fewer batches than the busiest one runs
 padding batches whose outputs are dropped. ZeRO-3 gathers parameters inside every forward (a collective), so
-ranks that stopped early would wait forever for the others.
+ranks that stopped early would wait forever for the others. Every forward has the same shape: a split's last,
+partial batch is filled up with padding rows whose outputs are dropped, so a compiled model never recompiles for
+it (and cuDNN's choices and CUDA graphs hold for the whole split).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dcris.errors import UserError
 from dcris.metrics import GresAccumulator, IoUAccumulator, format_table
 from dcris.model import split_output
 from dcris.tokenizer import tokenize
-from dcris.train_setup import AUTOCAST_DTYPES, all_reduce_values, init_distributed
+from dcris.train_setup import AUTOCAST_DTYPES, all_reduce_values, init_distributed, use_fixed_shape_kernels
 
 
 def split_size(shards: str, split: str, train: bool) -> int:
@@ -96,7 +98,7 @@ def evaluate(
             progress = f"eval {split}" if rank == 0 else ""
             split_batches = functools.partial(on_batch, split) if on_batch else None
             acc = GresAccumulator() if generalized_split(shards, split) else IoUAccumulator()  # gRefCOCO: GRES metrics
-            _score_rank(model, data, image_size, device, dtype, progress, acc, split_batches)
+            _score_rank(model, data, image_size, batch_size, device, dtype, progress, acc, split_batches)
             acc.all_reduce()
             if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
                 raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")
@@ -110,6 +112,7 @@ def _score_rank(
     model: nn.Module,
     data: Any,
     image_size: int,
+    batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
     progress: str,
@@ -124,10 +127,17 @@ def _score_rank(
         on_batch: Sees every real batch with its per-sample IoUs.
     """
     (steps,) = all_reduce_values([len(data)], dist.ReduceOp.MAX)
+    padding = _padding_batch(image_size, data.context_length, device, batch_size)
     seen = 0
     with autocast(device, dtype):
         for batch in tqdm(data, total=int(steps), desc=progress, disable=not progress, leave=False, dynamic_ncols=True):
-            logits, no_target_logits = split_output(model(batch["image"].to(device), batch["tokens"].to(device)))
+            images, tokens = batch["image"].to(device), batch["tokens"].to(device)
+            rows = len(images)
+            if rows < batch_size:  # the last batch, filled up to the one shape every forward has
+                images, tokens = _filled_up(images, padding[0]), _filled_up(tokens, padding[1])
+            logits, no_target_logits = split_output(model(images, tokens))
+            logits = logits[:rows]
+            no_target_logits = None if no_target_logits is None else no_target_logits[:rows]
             # (B, 1, 4S/14, 4S/14) and (B,) or None; orig_size is on the CPU, the sums stay on the device: no sync
             # unless on_batch wants the IoUs
             masks, sizes = batch["orig_mask"], batch["orig_size"]
@@ -140,16 +150,28 @@ def _score_rank(
             seen += 1
         if seen != len(data):  # the other ranks would wait for the missing forward passes
             raise RuntimeError(f"the loader yielded {seen} batches, its len() is {len(data)}")
-        if seen < steps:
-            image, tokens = _padding_batch(image_size, data.context_length, device)
-            for _ in range(int(steps) - seen):
-                model(image, tokens)  # output dropped: padding never reaches the metrics
+        if seen:  # in the layout of this rank's batches
+            padding = _filled_up(images[:0], padding[0]), _filled_up(tokens[:0], padding[1])
+        for _ in range(int(steps) - seen):
+            model(*padding)  # output dropped: padding never reaches the metrics
 
 
-def _padding_batch(image_size: int, context_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One blank image and an empty sentence (start and end tokens): a well-formed input whose output is dropped."""
-    image = torch.zeros(1, 3, image_size, image_size, device=device)
-    return image, tokenize([""], context_length).to(device)  # (1, L)
+def _filled_up(x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """``x`` (n, ...) continued with the rows of ``padding`` (B, ...) after its n-th, in ``x``'s memory layout (a
+    compiled model guards on strides as well as on shapes)."""
+    full = torch.empty_strided(padding.shape, x.stride(), dtype=x.dtype, device=x.device)
+    full[: len(x)] = x
+    full[len(x) :] = padding[len(x) :]
+    return full
+
+
+def _padding_batch(
+    image_size: int, context_length: int, device: torch.device, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` blank images and empty sentences (start and end tokens): a well-formed input whose output is
+    dropped, (rows, 3, S, S) and (rows, L)."""
+    images = torch.zeros(rows, 3, image_size, image_size, device=device)
+    return images, tokenize([""], context_length).to(device).repeat(rows, 1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -191,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if precision != "fp32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_fixed_shape_kernels(device)
     own_group = world > 1 and not dist.is_initialized()  # a group made here is ended here, and no other
     if world > 1:  # launched by torchrun / deepspeed: shard the samples, reduce the sums
         rank, _, world = init_distributed()

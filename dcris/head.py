@@ -265,7 +265,8 @@ class Decoder(nn.Module):
         b, c, h, w = x.shape
         vis = x.flatten(2).transpose(1, 2)  # (B, hw, C)
         # under autocast the LayerNorms give float32, so the positions are float32; otherwise the input's dtype
-        pos_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        pos_dtype = torch.float32 if autocast else x.dtype
         # compiled, the encodings become constants of the graph: the host-side cache is for eager runs
         pos_2d, pos_1d = (
             (sine_position_2d.__wrapped__, sine_position_1d.__wrapped__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dcris.attention import xformers_available
 from dcris.baselines import build_baseline
 from dcris.bridger import Bridger
 from dcris.config import ModelConfig
@@ -125,9 +126,11 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> DCRIS:
     vision = VisionEncoder(cfg.vision, cfg.adapters, cfg.text.width, backbone)
     head = SegmentationHead(cfg.head, cfg.vision.width, cfg.text.embed_dim)
     baseline = build_baseline(cfg, text, vision)  # after loading (LoRA re-wraps backbone layers), after the head
-    if cfg.compile:  # last: the compiled functions see the final modules (hooks and LoRA layers included)
-        # regional: one compiled function for all blocks of each encoder, not one graph of the whole model
-        text.compile_blocks(cfg.compile_mode)
-        vision.compile_blocks(cfg.compile_mode)
-        head.compile(dynamic=False, mode=cfg.compile_mode)
-    return DCRIS(cfg, text, vision, head, baseline)
+    model = DCRIS(cfg, text, vision, head, baseline)
+    if cfg.compile:
+        # the whole forward as one graph (and its backward as one): one graph entered per step, not one per block
+        # and the head; fixed shapes (evaluation pads its last batch). The attention kernel is chosen first: its
+        # probe cannot be traced
+        xformers_available()
+        model.compile(dynamic=False, mode=cfg.compile_mode)
+    return model

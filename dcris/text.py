@@ -60,7 +60,6 @@ class TextEncoder(nn.Module):
         self.adapters = nn.ModuleDict(
             {str(i): TextAdapter(cfg.width, adapters.text_hidden, released=released) for i in adapters.text_layers}
         )
-        self._block_fn = text_block
 
     def _init_like_clip(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -90,14 +89,10 @@ class TextEncoder(nn.Module):
         """Token plus position embeddings of tokens (B, L): the input (B, L, width) of block 0."""
         return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
 
-    def compile_blocks(self, mode: str = "default") -> None:
-        """Runs every block through one ``torch.compile`` d function (blocks of one structure share a graph)."""
-        self._block_fn = torch.compile(text_block, dynamic=False, mode=mode)
-
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Block ``i`` (with its TextAdapter, if any) on the residual stream x (B, L, width)."""
         adapter = self.adapters[str(i)] if str(i) in self.adapters else None
-        return self._block_fn(self.transformer.resblocks[i], adapter, x, self.scale)
+        return text_block(self.transformer.resblocks[i], adapter, x, self.scale)
 
     def finish(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's output x (B, L, width) to f_t (B, L, width) and f_s (B, embed_dim)."""

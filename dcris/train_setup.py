@@ -77,6 +77,16 @@ def rank_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def use_fixed_shape_kernels(device: torch.device) -> None:
+    """On CUDA, lets cuDNN time its convolution algorithms on the first call of each shape and keep the fastest.
+
+    Training and evaluation forwards have one shape each (evaluation fills its last batch up), so the search is
+    paid once per run; the chosen algorithms may differ between runs in the last bits.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def all_reduce_values(values: list[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:
     """``values`` reduced over all ranks (float64; on the rank's GPU under NCCL); unchanged without a group."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -369,6 +379,7 @@ def build_engine(
     if load_universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     device = rank_device(local_rank)
+    use_fixed_shape_kernels(device)
 
     model = build_training_model(cfg)  # identical on every rank (DeepSpeed also broadcasts rank 0's weights)
     digest = frozen_digest(model)  # of the fp32 weights as built, before they are stored in the compute dtype

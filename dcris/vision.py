@@ -193,17 +193,12 @@ class VisionEncoder(nn.Module):
         if cfg.fused_qkv:
             for layer in self.backbone.encoder.layer:
                 fuse_qkv(layer.attention)
-        self._block_fn = vision_block
         self._position_cache: tuple[tuple, torch.Tensor] | None = None  # (key, resized embedding)
-
-    def compile_blocks(self, mode: str = "default") -> None:
-        """Runs every block through one ``torch.compile`` d function (blocks of one structure share a graph)."""
-        self._block_fn = torch.compile(vision_block, dynamic=False, mode=mode)
 
     def block(self, i: int, x: torch.Tensor, words: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
         """Block ``i`` (with its DenseCrossAdapter attending to ``words``, if it has one) on x (B, N, C)."""
         adapter = self.adapters[str(i)] if str(i) in self.adapters else None
-        return self._block_fn(self.backbone.encoder.layer[i], adapter, x, words, grid, self.cfg.heads, self.scale)
+        return vision_block(self.backbone.encoder.layer[i], adapter, x, words, grid, self.cfg.heads, self.scale)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images (B, 3, S, S) to the input of block 0 and the patch grid (H, W).
@@ -224,9 +219,11 @@ class VisionEncoder(nn.Module):
         A frozen embedding resizes to the same tensor every step, and the resize is slow on a GPU (one 37x37 to
         32x32 bicubic resize of 768 channels took 7 ms of a 162 ms training step on an H200): it is computed
         once per grid and kept until the stored tensor changes (another device, dtype, storage or in-place write).
+        A compiled forward computes it inside its graph (where the resize is one small generated kernel).
         """
         stored = self.backbone.embeddings.position_embeddings
-        if stored.requires_grad and torch.is_grad_enabled():  # trained (full-tune): the gradient must flow
+        # trained (full-tune): the gradient must flow
+        if torch.compiler.is_compiling() or (stored.requires_grad and torch.is_grad_enabled()):
             return dinov2_position_embeddings(stored, grid)
         key = (tuple(grid), stored.device, stored.dtype, stored.data_ptr(), stored._version)
         if self._position_cache is None or self._position_cache[0] != key:

@@ -146,8 +146,9 @@ class DenseBranch(nn.Module):
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, C, *spatial) -> (B, C, *spatial); see the module docstring."""
-        if self.use_fused(h):
+        """(B, C, *spatial) -> (B, C, *spatial); see the module docstring. A compiled model runs the eager form,
+        whose kernels the compiler generates itself (the fused path's first-call check cannot be traced)."""
+        if not torch.compiler.is_compiling() and self.use_fused(h):
             out = self._fused_forward(h)
             if out is not None:
                 return out

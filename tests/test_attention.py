@@ -38,6 +38,28 @@ def test_multihead_attention_matches_torch_module():
     torch.testing.assert_close(ours(query, memory, memory, key_padding_mask=padding), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shared", ["query, key, value", "query, key", "key, value"])
+def test_shared_inputs_share_a_projection_and_match_torch_module(shared: str):
+    """Self-attention (one GEMM for q, k and v), the decoder's q = k and the cross-attentions' k = v (one GEMM
+    for the two) give torch's module's outputs and input gradients."""
+    torch.manual_seed(3)
+    ours = MultiheadAttention(32, 4).eval()
+    theirs = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    theirs.load_state_dict(ours.state_dict())
+    a, b, c = (torch.randn(2, 9, 32, requires_grad=True) for _ in range(3))
+    inputs = {"query, key, value": (a, a, a), "query, key": (a, a, b), "key, value": (a, b, b)}[shared]
+    got = ours(*inputs)
+    want, _ = theirs(*inputs, need_weights=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), (a, b, c), allow_unused=True)
+    want_grads = torch.autograd.grad((want * weights).sum(), (a, b, c), allow_unused=True)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_path_matches_reference_bf16(causal: bool):

@@ -1,5 +1,5 @@
 """Speed switches give today's outputs (fp32): fused q/k/v GEMM, channels-last head, single-key sentence gate,
-torch.compile of the blocks of both encoders and the head (also under the DeepSpeed engine)."""
+torch.compile of the whole forward (also under the DeepSpeed engine)."""
 
 from __future__ import annotations
 
@@ -84,19 +84,16 @@ def test_fused_qkv_state_dict_round_trips_through_the_separate_layout():
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in unfused.parameters())
 
 
-def test_compile_switch_compiles_the_vision_blocks_and_the_head():
+def test_compile_switch_compiles_the_whole_forward():
     cfg = preset("tiny-dcris").model
     cfg.compile = True
     model = build_model(cfg, pretrained=False)
-    assert model.vision._block_fn is not vision_block and model.text._block_fn is not text_block
-    assert model.head._compiled_call_impl is not None
+    assert model._compiled_call_impl is not None
+    assert all(m._compiled_call_impl is None for m in model.modules() if m is not model)
 
 
-def test_compiled_blocks_and_head_give_the_same_outputs_without_graph_breaks():
-    """A graph per block kind, not per block, and one for the head; no graph break anywhere.
-
-    Block kinds: with or without a DA, and in training whether the input already carries gradients (blocks
-    before the first DA see frozen inputs): at most 2 in eval and 4 in training, whatever the depth.
+def test_compiled_model_gives_the_same_outputs_in_one_graph_per_mode():
+    """The whole forward is one graph in eval and one in training (its backward one more), with no graph break.
 
     Compiled with the aot_eager backend: the graphs and their autograd are torch.compile's, the kernels eager
     (inductor's CPU code generation takes minutes on a small CPU; the GPU check runs the default backend).
@@ -105,15 +102,12 @@ def test_compiled_blocks_and_head_give_the_same_outputs_without_graph_breaks():
     base = randomised_model(cfg)
     compiled = randomised_model(cfg)
     compiled.load_state_dict(base.state_dict())
-    compiled.vision._block_fn = torch.compile(vision_block, backend="aot_eager", dynamic=False)
-    compiled.text._block_fn = torch.compile(text_block, backend="aot_eager", dynamic=False)
-    compiled.head.compile(backend="aot_eager", dynamic=False)
+    compiled.compile(backend="aot_eager", dynamic=False)
     torch._dynamo.reset()
     counters.clear()
     want, got = _step(base, cfg), _step(compiled, cfg)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # (vision and text block kinds + head) in eval and training
-    assert counters["stats"]["unique_graphs"] <= (2 + 2 + 1) + (4 + 4 + 1)
+    assert counters["stats"]["unique_graphs"] == 2  # eval, training
     _assert_close(got[0], want[0], 1e-5, "eval logits")
     _assert_close(got[1], want[1], 1e-5, "train logits")
     for name, grad in want[2].items():
@@ -122,9 +116,9 @@ def test_compiled_blocks_and_head_give_the_same_outputs_without_graph_breaks():
 
 def test_compile_switch_runs_inductor_and_matches_eager(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """``model.compile=true`` through build_model, with torch.compile's default backend (inductor's C++ code on
-    the CPU): the forward equals eager. The smallest layout that still has every compiled part (two vision blocks,
-    both with a DA, so one block graph; one text block; the head with one decoder layer): inductor compiles every
-    graph with the system C++ compiler, about half a minute per graph on two cores."""
+    the CPU): the forward equals eager. The smallest layout that still has every part (two vision blocks with a
+    DA, one text block, the head with one decoder layer): inductor compiles with the system C++ compiler, which
+    takes minutes for a large graph on two cores."""
     import torch._inductor.config as inductor_config
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache: the compilation really runs
@@ -141,9 +135,8 @@ def test_compile_switch_runs_inductor_and_matches_eager(monkeypatch: pytest.Monk
     counters.clear()
     with torch.no_grad(), inductor_config.patch(compile_threads=1):  # no compile-worker pool to start
         got, want = compiled(images, tokens), eager(images, tokens)
-    # one graph each: the vision block (both blocks), the text block, the head
-    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
-    assert counters["inductor"]["fxgraph_cache_miss"] == 3  # all went through inductor
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # the whole forward
+    assert counters["inductor"]["fxgraph_cache_miss"] == 1  # it went through inductor
     _assert_close(got, want, 1e-5, "compiled logits")
 
 
@@ -190,7 +183,7 @@ def test_fused_dense_switch_reaches_every_dense_branch(fresh_fused_state, monkey
 
 @contextlib.contextmanager
 def _xformers_switch(monkeypatch: pytest.MonkeyPatch, disabled: bool) -> Iterator[types.ModuleType]:
-    """DCRIS_NO_XFORMERS set (``disabled``) or unset, with the attention module's cached xformers probe cleared
+    """DCRIS_NO_XFORMERS set (``disabled``) or unset, with the attention module's kept xformers decision cleared
     before and after (the real probe again for later tests); yields ``dcris.attention``."""
     from dcris import attention as attention_module
 
@@ -198,11 +191,11 @@ def _xformers_switch(monkeypatch: pytest.MonkeyPatch, disabled: bool) -> Iterato
         monkeypatch.setenv("DCRIS_NO_XFORMERS", "1")
     else:
         monkeypatch.delenv("DCRIS_NO_XFORMERS", raising=False)
-    attention_module._xformers_ops.cache_clear()
+    attention_module._xformers_kernels.clear()
     try:
         yield attention_module
     finally:
-        attention_module._xformers_ops.cache_clear()
+        attention_module._xformers_kernels.clear()
 
 
 @pytest.mark.parametrize("disabled", [False, True])
@@ -218,7 +211,7 @@ def test_no_xformers_variable_forces_sdpa(monkeypatch: pytest.MonkeyPatch, disab
     real_randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: real_randn(*a, **k))  # the probe's, on the CPU
     with _xformers_switch(monkeypatch, disabled) as attention_module:
-        found = attention_module._xformers_ops()
+        found = attention_module.xformers_ops()
         assert (found is None) if disabled else (found is fake)
         assert attention_module.xformers_available() is not disabled
 
@@ -290,7 +283,7 @@ def test_compiled_model_trains_under_the_deepspeed_engine(tmp_path, monkeypatch:
         torch._dynamo.reset()
         step, setup = training_step(cfg, model_only=True)
         engine = setup.engine
-        assert (engine.module.vision._block_fn is vision_block) != compile_
+        assert (engine.module._compiled_call_impl is not None) == compile_
         recorded: list[torch.Tensor] = []
         loss = engine.module.loss
 
