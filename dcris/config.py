@@ -138,7 +138,7 @@ class TrainConfig:
     output_dir: str = "runs/dcris"  # checkpoints, logs, exports, metrics
     epochs: int = 50  # passes over the train split
     global_batch: int = 32  # images per optimizer step over all ranks
-    micro_batch: int = 32  # images per rank per forward pass (one GPU: dcris-b's whole step; see docs/training.md)
+    micro_batch: int = 32  # most images per rank per forward pass; fewer where the ranks' share is (docs/training.md)
     lr: float = 1e-4  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
     lr_milestones: list[int] = field(default_factory=lambda: [35])  # epochs at which the lr is multiplied

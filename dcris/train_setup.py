@@ -100,19 +100,24 @@ def all_reduce_values(values: list[float], op: dist.ReduceOp.RedOpType = dist.Re
 def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
     """The one source of the batch numbers.
 
+    ``train.micro_batch`` is the most images a rank takes in one forward: where the global batch split over the
+    ranks is smaller, a rank takes its share (32 on one GPU, 16 each on 2, 4 each on 8 for a global batch of 32),
+    so the default suits any number of GPUs and a run can resume on another.
+
     Returns:
         ``(micro_batch, grad_accum)`` with ``micro_batch * grad_accum * world_size == train.global_batch``.
 
     Raises:
         ConfigError: the global batch does not split into whole micro-batches over the ranks.
     """
-    per_step = train.micro_batch * world_size
-    if train.micro_batch < 1 or train.global_batch < 1 or train.global_batch % per_step:
+    micro = min(train.micro_batch, train.global_batch // world_size)
+    if train.micro_batch < 1 or micro < 1 or train.global_batch % (micro * world_size):
         raise ConfigError(
-            f"train.global_batch {train.global_batch} is not a multiple of train.micro_batch {train.micro_batch} "
-            f"x {world_size} ranks; change either so that global = micro x grad_accum x ranks"
+            f"train.global_batch {train.global_batch} does not split into micro-batches of at most "
+            f"train.micro_batch {train.micro_batch} over {world_size} ranks; change either so that "
+            "global = micro x grad_accum x ranks"
         )
-    return train.micro_batch, train.global_batch // per_step
+    return micro, train.global_batch // (micro * world_size)
 
 
 def deepspeed_config(cfg: Config, world_size: int, base: dict[str, Any], source: str = "DeepSpeed config") -> dict:

@@ -121,7 +121,8 @@ def test_a_number_of_ranks_that_cannot_keep_the_global_batch_stops_first(
     monkeypatch.setattr(dcris.trainer, "init_distributed", lambda: (0, 0, 3))  # as a launcher of 3 ranks would
     cfg = load_config(None, "tiny-dcris", [f"data.shards={shards}", f"train.output_dir={tmp_path / 'run'}",
                                            "train.micro_batch=2", "train.global_batch=4"])  # fmt: skip
-    with pytest.raises(UserError, match=r"^train.global_batch 4 is not a multiple of train.micro_batch 2 x 3 ranks"):
+    split = r"^train.global_batch 4 does not split into micro-batches of at most train.micro_batch 2 over 3 ranks"
+    with pytest.raises(UserError, match=split):
         dcris.trainer.start_run(cfg, {}, "DeepSpeed config")
     assert not (tmp_path / "run").exists()
 
