@@ -245,7 +245,8 @@ class Segmenter:
         probs = probabilities_from_logits(logits, [size] * len(texts), self.model.cfg.image_size)  # N x (h, w)
         found = []
         for prob, p_nothing in zip(probs, nothing.tolist(), strict=True):
-            prob = prob.clamp(0, 1)  # bicubic overshoot; the threshold lies inside [0, 1] and is unaffected
+            # bicubic overshoot, in place (a view of a temporary); the threshold lies inside [0, 1] and is unaffected
+            prob = prob.clamp_(0, 1)
             there = p_nothing <= NO_TARGET_THRESHOLD
             mask = (prob > MASK_THRESHOLD) & there
             found.append((mask.cpu().numpy(), prob.cpu().numpy(), confidence(prob, mask), 1.0 - p_nothing, there))

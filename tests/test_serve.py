@@ -24,7 +24,7 @@ from dcris.cli import main as cli_main
 from dcris.metrics import MASK_THRESHOLD
 from dcris.multi import MultiSegmenter
 from dcris.segmenter import Segmenter
-from dcris.serve import ServeOptions, build_app, decode_image
+from dcris.serve import AccessOptions, ServeOptions, build_app, decode_image, server_config
 from dcris.tokenizer import tokenize
 
 LONG = "the small red circle on the left next to the big blue square below the green triangle"
@@ -33,18 +33,27 @@ LIMITS = dict(max_upload_bytes=300_000, max_pixels=60_000, max_phrases=4, max_ph
 
 
 @contextmanager
-def running(multi: MultiSegmenter, options: ServeOptions) -> Iterator[httpx.Client]:
-    """``build_app`` served by uvicorn in a thread on a free local port; a client for it."""
-    server = uvicorn.Server(uvicorn.Config(build_app(multi, options), host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))  # fmt: skip
+def running(
+    multi: MultiSegmenter, options: ServeOptions, access: AccessOptions | None = None, ready: bool = True
+) -> Iterator[httpx.Client]:
+    """``build_app`` served by uvicorn (configured as ``dcris serve`` does) in a thread on a free local port; a
+    client for it, once the server is ready (every adapter set warmed up) when ``ready``."""
+    app = build_app(multi, options, access)
+    server = uvicorn.Server(server_config(app, options, "127.0.0.1", free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
+        deadline = time.monotonic() + 60
         while not server.started:
-            if not thread.is_alive():
+            if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start")
-            threading.Event().wait(0.02)
-        yield httpx.Client(base_url=f"http://127.0.0.1:{server.config.port}", timeout=60)
+            time.sleep(0.02)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{server.config.port}", timeout=60)
+        while ready and client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.02)
+        client.app = app  # the tests look at its batcher
+        yield client
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -60,6 +69,16 @@ def png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def encoded(image: np.ndarray, kind: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+# An Encapsulated PostScript file: Pillow identifies it (and would hand it to Ghostscript to decode)
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
 
 
 def jpeg(image: np.ndarray) -> bytes:
@@ -137,7 +156,15 @@ def bad_requests(image: np.ndarray) -> list[tuple[str, dict, int, str]]:
         return {"files": {"image": ("x", image_bytes)}, "data": {"phrases": phrases or ["the red circle"], **fields}}
 
     return [
-        ("not an image", form(b"hello, not an image"), 400, "not an image"),
+        ("not an image", form(b"hello, not an image"), 415, "not an image of a served format (JPEG, PNG, WebP, BMP)"),
+        ("an EPS file", form(EPS), 415, "not an image of a served format"),
+        ("a GIF", form(encoded(image, "GIF")), 415, "not an image of a served format"),
+        ("a TIFF", form(encoded(image, "TIFF")), 415, "not an image of a served format"),
+        ("too many form fields", form(phrases=["a"] * 30), 413, "at most 6 form fields"),
+        ("two image files", {"files": [("image", ("x", good)), ("image", ("y", good))], "data": {"phrases": ["a"]}},
+         413, "at most one file"),
+        ("no multipart boundary", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+         400, "malformed multipart body: missing boundary"),
         ("truncated JPEG", form(jpeg(image)[: len(jpeg(image)) // 2]), 400, "truncated"),
         ("too many pixels", form(png(big[:201, :])), 413, "60000"),
         ("too many bytes", form(png(np.concatenate([big, big]))), 413, "300000"),
@@ -196,11 +223,23 @@ def test_a_failing_batch_fails_only_its_request(three_sets, probe):
         with ThreadPoolExecutor(len(jobs)) as pool:
             answers = list(pool.map(lambda job: post(c, png(image), job[1], model=job[0]), jobs))
         assert [a.status_code for a in answers] == [200, 500, 200, 200], [a.text for a in answers]
-        assert "this row cannot be computed" in answers[1].json()["error"]
+        # no internals in the body: one message and the request id that finds the log's lines
+        assert answers[1].json() == {"error": "internal error", "request_id": answers[1].headers["x-request-id"]}
         for (name, phrases), answer in zip(jobs, answers, strict=True):
             if answer.status_code == 200:
                 assert_same_masks(answer.json(), three_sets[name], image, phrases)
         assert c.get("/healthz").json()["status"] == "ok"
+
+
+def hold(multi: MultiSegmenter) -> None:
+    """Makes every forward of ``multi`` wait until ``multi.free`` is set (at most 60 s)."""
+    forward, multi.free = multi.forward, threading.Event()
+
+    def held(parts):
+        multi.free.wait(60)
+        return forward(parts)
+
+    multi.forward = held
 
 
 def test_a_full_queue_is_answered_503_at_once_and_the_server_keeps_serving(three_sets, probe):
@@ -208,21 +247,15 @@ def test_a_full_queue_is_answered_503_at_once_and_the_server_keeps_serving(three
     waiting; once the model is free the waiting ones are answered and new requests are served."""
     image, _ = probe
     multi = MultiSegmenter(three_sets)
-    forward, free = multi.forward, threading.Event()
-
-    def held(parts):
-        free.wait(60)
-        return forward(parts)
-
-    multi.forward = held
     with running(multi, ServeOptions(max_batch=1, max_wait_ms=0, max_queue=2, max_phrases=1)) as c:
+        hold(multi)
         with ThreadPoolExecutor(6) as pool:
             answers = [pool.submit(post, c, png(image), [PHRASES[0]], model="paper") for _ in range(6)]
             deadline = time.monotonic() + 60
             while sum(a.done() for a in answers) < 3 and time.monotonic() < deadline:
                 time.sleep(0.05)
             refused = [a.result() for a in answers if a.done()]
-            free.set()
+            multi.free.set()
             statuses = sorted(a.result().status_code for a in answers)
         assert [r.status_code for r in refused] == [503] * 3 and statuses == [200] * 3 + [503] * 3
         assert "busy" in refused[0].json()["error"]
