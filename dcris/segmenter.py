@@ -98,7 +98,7 @@ def as_rgb_image(image: ImageInput) -> Image.Image:
         raise UserError(f"cannot use a {type(image).__name__} as an image: give a path, a PIL image or an array")
     if image.width < 1 or image.height < 1:
         raise UserError(f"the image is empty ({image.width} x {image.height})")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # an RGB image as it is: no copy
 
 
 def confidence(probability: torch.Tensor, mask: torch.Tensor) -> float:

@@ -266,8 +266,9 @@ class Batcher:
         self.max_wait = options.max_wait_ms / 1000
         self.on_batch = on_batch or (lambda rows, cold: None)
         self.queue: queue.Queue[Job | Control | None] = queue.Queue()
-        self.batches = self.rows = self.expired = 0  # forwards run, the rows they held, jobs past their deadline
+        self.batches = self.rows = self.dropped = 0  # forwards run, the rows they held, jobs dropped unrun
         self.ready = threading.Event()
+        self.running: list[Job] = []  # the jobs of the batch being run
         self.thread = threading.Thread(target=self._loop, name="dcris-batcher", daemon=True)
 
     def start(self) -> None:
@@ -329,15 +330,14 @@ class Batcher:
     def _claim(self, job: Job) -> bool:
         """Whether ``job`` is still wanted: not cancelled (it can no longer be after this) and within its deadline."""
         try:
-            if not job.future.set_running_or_notify_cancel():
-                return False
+            wanted = job.future.set_running_or_notify_cancel()  # False: its request timed out or gave up
         except RuntimeError:  # already settled
-            return False
-        if time.monotonic() > job.deadline:
-            self.expired += 1
+            wanted = False
+        if wanted and time.monotonic() > job.deadline:
             self._settle(job.future, error=DeadlineExceeded())
-            return False
-        return True
+            wanted = False
+        self.dropped += not wanted
+        return wanted
 
     def _fail_waiting(self, error: Exception) -> None:
         while True:
@@ -369,10 +369,10 @@ class Batcher:
         return jobs, None, False
 
     def _loop(self) -> None:
+        carry: Job | Control | None = None
         try:
             self.warm_up(self.multi.names)
             self.ready.set()
-            carry: Job | Control | None = None
             while True:
                 first = carry if carry is not None else self.queue.get()
                 carry = None
@@ -382,7 +382,9 @@ class Batcher:
                     self._control(first)
                     continue
                 jobs, carry, stopping = self._gather(first)
+                self.running = jobs
                 self._run_batch(jobs)
+                self.running = []
                 if stopping:
                     return
         except BaseException:
@@ -390,7 +392,12 @@ class Batcher:
             raise
         finally:
             self.ready.clear()
-            self._fail_waiting(RequestError(503, "the model is not running: retry later"))
+            stopped = RequestError(503, "the model is not running: retry later")
+            for job in self.running:
+                self._settle(job.future, error=stopped)
+            if carry is not None:
+                self._settle(carry.future, error=stopped)
+            self._fail_waiting(stopped)
 
     def _control(self, control: Control) -> None:
         if not control.future.set_running_or_notify_cancel():
@@ -470,9 +477,9 @@ class Metrics:
         resident.set_function(lambda: len(multi.resident))
         loaded = Gauge("dcris_adapter_sets_loaded", "Adapter sets loaded", registry=registry)
         loaded.set_function(lambda: len(multi.segmenters))
-        expired = Gauge("dcris_deadline_expired", "Requests dropped past their deadline before running",
-                        registry=registry)  # fmt: skip
-        expired.set_function(lambda: batcher.expired)
+        dropped = Gauge("dcris_requests_dropped", "Requests whose rows were dropped unrun: past their deadline or "
+                        "given up", registry=registry)  # fmt: skip
+        dropped.set_function(lambda: batcher.dropped)
 
     def batch(self, rows: int, cold: list[str]) -> None:
         self.batch_rows.observe(rows)
