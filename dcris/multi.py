@@ -324,7 +324,9 @@ class MultiSegmenter:
         self, image: ImageInput, texts: str | list[str], *, model: str | None = None, truncate: bool = True
     ) -> Segmentation | list[Segmentation]:
         """Segments with the adapter set ``model`` (optional when one is loaded), as :meth:`Segmenter.__call__` does."""
-        return self.segmenter(model)(image, texts, truncate=truncate)
+        segmenter = self.segmenter(model)
+        self.make_resident([model or self.names[0]])
+        return segmenter(image, texts, truncate=truncate)
 
     @torch.no_grad()
     def forward(self, parts: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> list[ModelOutput]:
