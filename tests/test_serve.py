@@ -230,8 +230,13 @@ def test_concurrent_requests_are_each_answered_with_their_own_masks(three_sets):
     assert max(len(names) for names in seen) <= 8
 
 
-def test_serve_arguments_are_checked(capsys):
+def test_serve_arguments_are_checked(capsys, monkeypatch):
     assert cli_main(["serve", "--weights", "w", "--max-phrases", "9", "--max-batch", "8"]) == 2
     assert "exceeds --max-batch 8" in capsys.readouterr().err
+    monkeypatch.delenv("DCRIS_API_KEY", raising=False)
+    assert cli_main(["serve", "--weights", "w", "--require-key"]) == 2
+    assert "--require-key needs a key" in capsys.readouterr().err
+    for bad in (["--max-resident", "-1"], ["--request-timeout-s", "0"], ["--workers", "0"]):
+        assert cli_main(["serve", "--weights", "w", *bad]) == 2, bad
     with pytest.raises(SystemExit):
         cli_main(["serve", "--weights", "w", "--max-batch", "x"])
