@@ -39,7 +39,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, InvalidStateError
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,21 +65,42 @@ def default_workers() -> int:
 
 @dataclass
 class ServeOptions:
-    """Batching, request and connection limits of the server (each a ``dcris serve`` option)."""
+    """Batching, request and connection limits of the server (each a ``dcris serve`` option, its help the field's)."""
 
-    max_batch: int = 16  # phrases per forward (a request is never split, so at least max_phrases)
-    max_wait_ms: float = 10.0  # how long a batch's first request waits for others to join it
-    max_queue: int = 256  # requests waiting for the model; one more is answered 503 at once, not queued
-    max_upload_bytes: int = 20 * 2**20  # request body size (a base64 image is 4/3 of its file)
-    max_pixels: int = 40_000_000  # width x height of the decoded image
-    max_phrases: int = 16  # phrases per request
-    max_phrase_chars: int = 1000  # characters per phrase (longer than the model reads is cut, not refused)
-    workers: int = field(default_factory=default_workers)  # requests decoding or post-processing at once
-    request_timeout_s: float = 30.0  # from arrival to answer; past it 504 (rows not yet run are dropped)
-    body_timeout_s: float = 30.0  # reading the request body; past it 408
-    max_connections: int = 128  # open connections and requests at once (uvicorn's limit); past it 503
-    drain_timeout_s: float = 30.0  # on shutdown, how long requests in flight may finish
-    max_resident: int = 0  # adapter sets kept on the device (0: all); the least recently used wait in host memory
+    max_batch: int = field(
+        default=16, metadata={"help": "phrases per forward (a request is never split, so at least max_phrases)"}
+    )
+    max_wait_ms: float = field(
+        default=10.0, metadata={"help": "how long a batch's first request waits for others to join it"}
+    )
+    max_queue: int = field(
+        default=256, metadata={"help": "requests waiting for the model; one more is answered 503 at once, not queued"}
+    )
+    max_upload_bytes: int = field(
+        default=20 * 2**20, metadata={"help": "request body size (a base64 image is 4/3 of its file)"}
+    )
+    max_pixels: int = field(default=40_000_000, metadata={"help": "width x height of the decoded image"})
+    max_phrases: int = field(default=16, metadata={"help": "phrases per request"})
+    max_phrase_chars: int = field(
+        default=1000, metadata={"help": "characters per phrase (longer than the model reads is cut, not refused)"}
+    )
+    workers: int = field(
+        default_factory=default_workers, metadata={"help": "requests decoding or post-processing at once"}
+    )
+    request_timeout_s: float = field(
+        default=30.0, metadata={"help": "from arrival to answer; past it 504 (rows not yet run are dropped)"}
+    )
+    body_timeout_s: float = field(default=30.0, metadata={"help": "reading the request body; past it 408"})
+    max_connections: int = field(
+        default=128, metadata={"help": "open connections and requests at once (uvicorn's limit); past it 503"}
+    )
+    drain_timeout_s: float = field(
+        default=30.0, metadata={"help": "on shutdown, how long requests in flight may finish"}
+    )
+    max_resident: int = field(
+        default=0,
+        metadata={"help": "adapter sets kept on the device (0: all); the least recently used wait in host memory"},
+    )
 
     def check(self) -> None:
         """Raises UserError on options that cannot work together."""
@@ -858,9 +879,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to serve on (default 8000)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")
-    for name, value in vars(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+    for option in fields(ServeOptions):
+        value = getattr(defaults, option.name)
+        flag = "--" + option.name.replace("_", "-")
+        parser.add_argument(flag, type=type(value), default=value, help=f"{option.metadata['help']} (default {value})")
     parser.add_argument("--api-key", help=f"the key management routes need (default: ${API_KEY_ENV}; none: open)")
     parser.add_argument("--require-key", action="store_true", help="segmentation and listing need the key too")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
