@@ -20,6 +20,11 @@ part of each block runs once over the whole batch, each set's DenseCrossAdapters
 rows. Sets of one backbone with different context lengths mix too: the text runs at the longest, which changes
 nothing for the shorter rows (causal attention; each TextAdapter sees only its rows' own positions). Sets mix when
 their :meth:`~MultiSegmenter.batch_key` agrees (one backbone, one input size).
+
+**Residency.** With ``max_resident`` set, at most that many sets keep their own tensors (adapters and head; the
+whole model for a set with its own backbones) on the compute device; :meth:`MultiSegmenter.make_resident` brings
+the sets a batch needs back and moves the least recently used others to host memory (pinned, for a fast return).
+Sets are added and removed while serving (:meth:`~MultiSegmenter.add`, :meth:`~MultiSegmenter.remove`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -154,11 +160,18 @@ class MultiSegmenter:
     Args:
         segmenters: The adapter sets by name. Sets with the same :func:`backbone_key` are made to share the
             first one's backbone modules.
+        max_resident: How many sets keep their own tensors on the compute device at most (module docstring);
+            None: all of them.
     """
 
-    def __init__(self, segmenters: Mapping[str, Segmenter]) -> None:
+    def __init__(self, segmenters: Mapping[str, Segmenter], max_resident: int | None = None) -> None:
+        if max_resident is not None and max_resident < 1:
+            raise UserError(f"max_resident must be at least 1, got {max_resident}")
         self.segmenters: dict[str, Segmenter] = {}
         self.backbones: dict[str, str | None] = {}  # name -> backbone key (None: its own)
+        self.devices: dict[str, torch.device] = {}  # name -> where the set computes
+        self.resident: OrderedDict[str, None] = OrderedDict()  # the sets on their device, least recently used first
+        self.max_resident = max_resident
         for name, segmenter in segmenters.items():
             self.add(name, segmenter)
 
@@ -170,6 +183,7 @@ class MultiSegmenter:
         device: str | torch.device | None = None,
         allow_download: bool = False,
         overrides: list[str] | None = None,
+        max_resident: int | None = None,
     ) -> MultiSegmenter:
         """Loads exports one after another, each sharing the backbones already loaded where they are the same.
 
@@ -179,11 +193,12 @@ class MultiSegmenter:
             device: Where to run (default: CUDA when available, else the CPU).
             allow_download: As in :meth:`Segmenter.from_pretrained`.
             overrides: ``section.key=value`` changes applied to every export's recorded config.
+            max_resident: As in the class.
 
         Raises:
             UserError: an export cannot be loaded, or the names clash.
         """
-        multi = cls({})
+        multi = cls({}, max_resident)
         for name, path in named_exports(exports).items():
             loaded = Segmenter.from_pretrained(path, device=device, allow_download=allow_download, overrides=overrides)
             multi.add(name, loaded)
@@ -198,7 +213,7 @@ class MultiSegmenter:
         same = [
             other
             for other, other_key in self.backbones.items()
-            if key is not None and other_key == key and self.segmenters[other].device == segmenter.device
+            if key is not None and other_key == key and self.devices[other] == segmenter.device
         ]
         if same:
             share_backbones(segmenter.model, self.segmenters[same[0]].model)
@@ -210,6 +225,56 @@ class MultiSegmenter:
             log.info("adapter set %r loads its own frozen backbones (%s)", name, key[:12])
         self.segmenters[name] = segmenter
         self.backbones[name] = key
+        self.devices[name] = segmenter.device
+        self.make_resident([name])
+
+    def remove(self, name: str) -> None:
+        """Drops an adapter set (sets sharing its backbones keep them) and returns the freed memory."""
+        self.segmenter(name)  # raises for an unknown name
+        for held in (self.segmenters, self.backbones, self.devices, self.resident):
+            held.pop(name, None)
+        return_freed_memory()
+
+    def shares_a_backbone(self, segmenter: Segmenter) -> bool:
+        """Whether ``segmenter``'s frozen backbones equal those of a set already held (so adding it costs only its
+        adapters and head)."""
+        key = backbone_key(segmenter.model)
+        return key is not None and key in self.backbones.values()
+
+    def _own_tensors(self, name: str) -> list[torch.Tensor]:
+        """The parameters and buffers of set ``name`` that no other set holds: all but shared backbones."""
+        model = self.segmenters[name].model
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        own = self.backbones[name] is None
+        return [t for key, t in tensors if own or parameter_group(key) != "backbone"]
+
+    def _place(self, name: str, device: torch.device) -> None:
+        host = device.type == "cpu" and self.devices[name].type != "cpu"  # moving out: pinned, for a fast return
+        for tensor in self._own_tensors(name):
+            moved = tensor.data.to(device)
+            tensor.data = moved.pin_memory() if host else moved
+
+    def make_resident(self, names: Sequence[str]) -> list[str]:
+        """Brings sets ``names`` to their device (as most recently used) and, past ``max_resident``, moves the
+        least recently used others to host memory.
+
+        Returns:
+            The sets that had to be brought back (cold).
+        """
+        cold = [name for name in dict.fromkeys(names) if name not in self.resident]
+        for name in cold:
+            self._place(name, self.devices[name])
+        for name in names:
+            self.resident[name] = None
+            self.resident.move_to_end(name)
+        needed = set(names)
+        for name in list(self.resident):
+            if self.max_resident is None or len(self.resident) <= self.max_resident:
+                break
+            if name not in needed:
+                self._place(name, torch.device("cpu"))
+                del self.resident[name]
+        return cold
 
     @property
     def names(self) -> list[str]:
@@ -233,7 +298,7 @@ class MultiSegmenter:
         """Sets whose keys are equal can share a batch: one backbone (or the set alone), one input size, one device."""
         key = self.backbones[name]
         segmenter = self.segmenters[name]
-        return (key if key is not None else f"own:{name}", segmenter.model.cfg.image_size, str(segmenter.device))
+        return (key if key is not None else f"own:{name}", segmenter.model.cfg.image_size, str(self.devices[name]))
 
     def describe(self) -> list[dict]:
         """Per set: name, preset, context length, input size, backbone digest and the sets it shares it with."""
@@ -249,6 +314,7 @@ class MultiSegmenter:
                     "image_size": cfg.image_size,
                     "backbone": key[:12] if key else None,
                     "shares_backbone_with": [o for o, k in self.backbones.items() if key and k == key and o != name],
+                    "resident": name in self.resident,
                 }
             )
         return rows
@@ -258,7 +324,9 @@ class MultiSegmenter:
         self, image: ImageInput, texts: str | list[str], *, model: str | None = None, truncate: bool = True
     ) -> Segmentation | list[Segmentation]:
         """Segments with the adapter set ``model`` (optional when one is loaded), as :meth:`Segmenter.__call__` does."""
-        return self.segmenter(model)(image, texts, truncate=truncate)
+        segmenter = self.segmenter(model)
+        self.make_resident([model or self.names[0]])
+        return segmenter(image, texts, truncate=truncate)
 
     @torch.no_grad()
     def forward(self, parts: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> list[ModelOutput]:
@@ -278,13 +346,14 @@ class MultiSegmenter:
         counts = [len(images) for _, images, _ in parts]
         owner = [name for (name, _, _), n in zip(parts, counts, strict=True) for _ in range(n)]
         sets = list(dict.fromkeys(owner))
+        self.make_resident(sets)
+        device = self.devices[sets[0]]  # the inputs may have been prepared while the set was in host memory
         if self.backbones[sets[0]] is None:  # a set with its own backbones: its model alone
             model = self.segmenters[sets[0]].model
-            return [model(images, tokens) for _, images, tokens in parts]
+            return [model(images.to(device), tokens.to(device)) for _, images, tokens in parts]
         length = max(tokens.shape[1] for _, _, tokens in parts)
         tokens = torch.cat([F.pad(t, (0, length - t.shape[1])) for _, _, t in parts])  # 0 is CLIP's padding id
-        images = torch.cat([images for _, images, _ in parts])
-        device = images.device
+        images = torch.cat([images for _, images, _ in parts]).to(device)
         rows = {name: torch.tensor([i for i, o in enumerate(owner) if o == name], device=device) for name in sets}
         models = {name: self.segmenters[name].model for name in sets}
         logits, no_target = self._mixed(models, rows, images, tokens.to(device))

@@ -98,7 +98,7 @@ def as_rgb_image(image: ImageInput) -> Image.Image:
         raise UserError(f"cannot use a {type(image).__name__} as an image: give a path, a PIL image or an array")
     if image.width < 1 or image.height < 1:
         raise UserError(f"the image is empty ({image.width} x {image.height})")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # an RGB image as it is: no copy
 
 
 def confidence(probability: torch.Tensor, mask: torch.Tensor) -> float:
@@ -245,7 +245,8 @@ class Segmenter:
         probs = probabilities_from_logits(logits, [size] * len(texts), self.model.cfg.image_size)  # N x (h, w)
         found = []
         for prob, p_nothing in zip(probs, nothing.tolist(), strict=True):
-            prob = prob.clamp(0, 1)  # bicubic overshoot; the threshold lies inside [0, 1] and is unaffected
+            # bicubic overshoot, in place (a view of a temporary); the threshold lies inside [0, 1] and is unaffected
+            prob = prob.clamp_(0, 1)
             there = p_nothing <= NO_TARGET_THRESHOLD
             mask = (prob > MASK_THRESHOLD) & there
             found.append((mask.cpu().numpy(), prob.cpu().numpy(), confidence(prob, mask), 1.0 - p_nothing, there))

@@ -8,22 +8,55 @@ code's CLIP tokenizer with ``truncate=True``. open_clip ships the BPE vocabulary
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 CONTEXT_LENGTH = 17
+# Words whose BPE split is remembered. open_clip's own cache keeps every word ever seen, so a server's memory grows
+# with its traffic. Without any cache a phrase of 8 words takes ~180 us instead of ~60 us (on 2 CPU cores), so
+# a bounded one (~2 MB) keeps the speed.
+BPE_CACHE_WORDS = 10_000
 
 
 class TextTooLongError(ValueError):
     """A sentence needs more tokens than the context holds (raised only with ``truncate=False``)."""
 
 
+class BoundedCache(OrderedDict):
+    """A dict that keeps its ``pinned`` entries and at most ``size`` others, forgetting the least recently used."""
+
+    def __init__(self, pinned: dict[str, str], size: int) -> None:
+        super().__init__()
+        self.pinned, self.size = dict(pinned), size
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.pinned or super().__contains__(key)
+
+    def __getitem__(self, key: str) -> str:
+        if key in self.pinned:
+            return self.pinned[key]
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+_BPE_LOCK = threading.Lock()  # the cache is shared by the threads that tokenize
+
+
 @functools.cache
 def _bpe() -> SimpleTokenizer:
     # Loading the vocabulary takes ~0.3 s; every call shares one tokenizer.
-    return SimpleTokenizer()
+    tokenizer = SimpleTokenizer()
+    tokenizer.cache = BoundedCache(tokenizer.cache, BPE_CACHE_WORDS)  # its special tokens stay
+    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -39,7 +72,9 @@ class Truncation:
 def _token_ids(text: str) -> list[int]:
     """Start token, BPE ids of the text, end token: the untruncated row."""
     bpe = _bpe()
-    return [bpe.sot_token_id, *bpe.encode(text), bpe.eot_token_id]
+    with _BPE_LOCK:
+        ids = bpe.encode(text)
+    return [bpe.sot_token_id, *ids, bpe.eot_token_id]
 
 
 def truncations(texts: list[str], context_length: int = CONTEXT_LENGTH) -> list[Truncation]:

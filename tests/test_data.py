@@ -32,7 +32,7 @@ from dcris.data.letterbox import (
 )
 from dcris.data.synth import make_synthetic_release
 from dcris.data.torch_loader import decode_sample
-from dcris.tokenizer import TextTooLongError, tokenize, truncations
+from dcris.tokenizer import BPE_CACHE_WORDS, BoundedCache, TextTooLongError, _bpe, tokenize, truncations
 
 LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI"))]
 SIZE = 112  # a small canvas keeps the tests fast; the geometry does not depend on it
@@ -156,6 +156,24 @@ def test_tokenize_matches_open_clip_and_truncates() -> None:
     with pytest.raises(TextTooLongError) as error:
         tokenize([texts[0], long_text], truncate=False)
     assert str(error.value).startswith("text too long: ") and long_text in str(error.value)
+
+
+def test_the_bpe_cache_is_a_bounded_lru_that_changes_no_token() -> None:
+    """Past its size the cache forgets the least recently used words and keeps the special tokens; the ids of
+    texts that pass through a full cache are open_clip's own (its cache unbounded)."""
+    cache = BoundedCache({"<start_of_text>": "<start_of_text>"}, 3)
+    for word in "abc":
+        cache[word] = word.upper()
+    assert cache["a"] == "A"  # now the most recently used
+    cache["d"] = "D"
+    assert list(cache) == ["c", "a", "d"] and "b" not in cache and "<start_of_text>" in cache
+    rng = random.Random(2)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    texts = [" ".join("".join(rng.choices(letters, k=rng.randint(3, 8))) for _ in range(6)) for _ in range(2000)]
+    texts += ["the <start_of_text> man on the left", "a <end_of_text> dog"]
+    ours = tokenize(texts)
+    assert len(_bpe().cache) <= BPE_CACHE_WORDS
+    assert torch.equal(ours, open_clip.get_tokenizer("ViT-B-16")(texts, context_length=17))
 
 
 def test_truncations_report_what_tokenize_cuts() -> None:

@@ -12,7 +12,7 @@ from adapter_sets import adapter_set, backbone_state
 
 from dcris.config import Config, preset
 from dcris.errors import UserError
-from dcris.model import parameter_group, split_output
+from dcris.model import build_model, parameter_group, split_output
 from dcris.multi import MultiSegmenter, backbone_key, named_exports
 from dcris.segmenter import Segmenter
 from dcris.tokenizer import tokenize
@@ -110,3 +110,66 @@ def test_names_and_unknown_models(three_sets, probe):
         multi(probe[0], "the red circle", model="nope")
     with pytest.raises(UserError, match="no model named"):
         multi(probe[0], "the red circle")
+
+
+def own_backbone_set(seed: int) -> Segmenter:
+    """A tiny set that trains its backbones (Table 2's full-tune row): it keeps its own and runs alone."""
+    cfg = preset("tiny-dcris")
+    cfg.model.train_backbones = True
+    torch.manual_seed(seed)
+    return adapter_set(cfg, backbone_state(build_model(cfg.model, pretrained=False)), seed)
+
+
+def test_a_set_with_its_own_backbones_gets_its_inputs_on_its_device():
+    """Device bookkeeping on the CPU: a set recorded on the meta device is handed images and tokens there, whatever
+    device they were prepared on (the tokens are always prepared on the CPU)."""
+    own = own_backbone_set(6)
+    multi = MultiSegmenter({"own": own})
+    assert multi.backbones["own"] is None
+    meta = torch.device("meta")
+    multi.devices["own"] = meta  # where the set computes, as the bookkeeping says; nothing runs there
+    seen = []
+    own.model.forward = lambda images, tokens: seen.append((images.device, tokens.device)) or images[:, :1]
+    size = own.model.cfg.image_size
+    multi.forward([("own", torch.zeros(2, 3, size, size), tokenize(["a", "b"], 17))])
+    assert seen == [(meta, meta)]
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_a_set_with_its_own_backbones_runs_on_the_gpu(three_sets, probe):
+    image, phrases = probe
+    own = own_backbone_set(6)
+    expected = own(image, phrases)
+    multi = MultiSegmenter({"own": Segmenter(own.model, own.config, device="cuda")})
+    _, pixels, tokens, _ = multi.segmenter("own").prepare(image, phrases)
+    assert pixels.is_cuda and not tokens.is_cuda
+    (logits,) = multi.forward([("own", pixels.expand(len(phrases), -1, -1, -1), tokens)])
+    got = multi.segmenter("own").segmentations(logits, image.shape[:2], phrases, [None] * len(phrases), 0.0)
+    for g, w in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g.probability, w.probability, atol=1e-4)
+
+
+@torch.no_grad()
+def test_at_most_max_resident_sets_stay_on_the_device(three_sets, probe):
+    """Residency as bookkeeping (on the CPU the move is a no-op): the least recently used set leaves, a set a batch
+    needs comes back, and answers do not change."""
+    image, phrases = probe
+    multi = MultiSegmenter(three_sets, max_resident=2)
+    assert list(multi.resident) == ["released", "other"]  # "paper" left when "other" came
+    assert multi.make_resident(["paper"]) == ["paper"] and list(multi.resident) == ["other", "paper"]
+    assert multi.make_resident(["other"]) == [] and list(multi.resident) == ["paper", "other"]
+    assert sorted(multi.make_resident(["released", "paper", "other"])) == ["released"]  # a batch may need more
+    assert len(multi.resident) == 3
+    multi.make_resident(["paper"])
+    assert list(multi.resident) == ["other", "paper"]
+    own = {id(t) for t in multi._own_tensors("paper")}
+    backbone = {id(p) for k, p in three_sets["paper"].model.named_parameters() if parameter_group(k) == "backbone"}
+    assert own and not own & backbone  # a shared backbone never moves with one set
+    for name in ["released", "other", "paper"]:
+        for got, want in zip(multi(image, phrases, model=name), three_sets[name](image, phrases), strict=True):
+            np.testing.assert_array_equal(got.mask, want.mask)
+    multi.remove("released")
+    assert multi.names == ["paper", "other"] and "released" not in multi.resident
+    with pytest.raises(UserError, match="at least 1"):
+        MultiSegmenter(three_sets, max_resident=0)

@@ -6,25 +6,19 @@ from __future__ import annotations
 import base64
 import io
 import random
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
-from ports import free_port
-from pycocotools import mask as coco_mask
+from serving import EPS, assert_same_masks, encoded, hold, jpeg, png, post, running
 
 from dcris.cli import main as cli_main
-from dcris.metrics import MASK_THRESHOLD
 from dcris.multi import MultiSegmenter
-from dcris.segmenter import Segmenter
-from dcris.serve import ServeOptions, build_app, decode_image
+from dcris.serve import ServeOptions, decode_image
 from dcris.tokenizer import tokenize
 
 LONG = "the small red circle on the left next to the big blue square below the green triangle"
@@ -32,61 +26,10 @@ PHRASES = ["the red circle", "the big blue square", "a green triangle on the rig
 LIMITS = dict(max_upload_bytes=300_000, max_pixels=60_000, max_phrases=4, max_phrase_chars=200)
 
 
-@contextmanager
-def running(multi: MultiSegmenter, options: ServeOptions) -> Iterator[httpx.Client]:
-    """``build_app`` served by uvicorn in a thread on a free local port; a client for it."""
-    server = uvicorn.Server(uvicorn.Config(build_app(multi, options), host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("the server did not start")
-            threading.Event().wait(0.02)
-        yield httpx.Client(base_url=f"http://127.0.0.1:{server.config.port}", timeout=60)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def client(three_sets) -> Iterator[httpx.Client]:
     with running(MultiSegmenter(three_sets), ServeOptions(max_batch=8, max_wait_ms=30, **LIMITS)) as c:
         yield c
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def jpeg(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def post(client: httpx.Client, image: bytes, phrases: list[str], **fields: str) -> httpx.Response:
-    data = {"phrases": phrases, **fields}
-    return client.post("/v1/segment", files={"image": ("x.png", image, "image/png")}, data=data)
-
-
-def assert_same_masks(answer: dict, segmenter: Segmenter, image: np.ndarray, phrases: list[str]) -> None:
-    """The served masks are the Segmenter's for the same image and phrases (pixels within 1e-3 of the threshold,
-    where batching may move the probability, aside)."""
-    expected = segmenter(Image.open(io.BytesIO(png(image))), phrases)
-    assert [r["phrase"] for r in answer["results"]] == phrases
-    for got, want in zip(answer["results"], expected, strict=True):
-        mask = coco_mask.decode({"size": got["mask"]["size"], "counts": got["mask"]["counts"].encode()}).astype(bool)
-        decided = np.abs(want.probability - MASK_THRESHOLD) > 1e-3
-        assert mask.shape == want.mask.shape
-        np.testing.assert_array_equal(mask[decided], want.mask[decided])
-        assert got["score"] == pytest.approx(want.score, abs=1e-4)
-        assert got["truncated"] == want.truncated and got["area"] == pytest.approx(want.area, abs=1e-3)
-        assert got["found"] == want.found
-        assert got["target_probability"] == pytest.approx(want.target_probability, abs=1e-4)
 
 
 def test_api_contract(client, three_sets, probe):
@@ -137,7 +80,23 @@ def bad_requests(image: np.ndarray) -> list[tuple[str, dict, int, str]]:
         return {"files": {"image": ("x", image_bytes)}, "data": {"phrases": phrases or ["the red circle"], **fields}}
 
     return [
-        ("not an image", form(b"hello, not an image"), 400, "not an image"),
+        ("not an image", form(b"hello, not an image"), 415, "not an image of a served format (JPEG, PNG, WebP, BMP)"),
+        ("an EPS file", form(EPS), 415, "not an image of a served format"),
+        ("a GIF", form(encoded(image, "GIF")), 415, "not an image of a served format"),
+        ("a TIFF", form(encoded(image, "TIFF")), 415, "not an image of a served format"),
+        ("too many form fields", form(phrases=["a"] * 30), 413, "at most 6 form fields"),
+        (
+            "two image files",
+            {"files": [("image", ("x", good)), ("image", ("y", good))], "data": {"phrases": ["a"]}},
+            413,
+            "at most one file",
+        ),
+        (
+            "no multipart boundary",
+            {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+            400,
+            "malformed multipart body: missing boundary",
+        ),
         ("truncated JPEG", form(jpeg(image)[: len(jpeg(image)) // 2]), 400, "truncated"),
         ("too many pixels", form(png(big[:201, :])), 413, "60000"),
         ("too many bytes", form(png(np.concatenate([big, big]))), 413, "300000"),
@@ -171,6 +130,23 @@ def test_every_bad_request_is_a_4xx_with_one_message(client, three_sets, probe):
     assert_same_masks(answer.json(), three_sets["other"], image, ["the red circle"])
 
 
+def test_exif_orientation_is_applied(client, three_sets, probe):
+    """A phone photo stored in sensor orientation with EXIF orientation 6 (turn 90 degrees clockwise to view) is
+    segmented upright: its answer has the upright size and the masks of the upright image."""
+    image, _ = probe  # 90 x 130
+    stored = np.ascontiguousarray(np.rot90(image, k=1))  # what the sensor wrote: the view turned a quarter left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="PNG", exif=exif)
+    answer = post(client, buffer.getvalue(), [PHRASES[0]], model="paper")
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["height"], answer.json()["width"]) == image.shape[:2]
+    upright = np.ascontiguousarray(np.rot90(stored, k=-1))
+    np.testing.assert_array_equal(upright, image)
+    assert_same_masks(answer.json(), three_sets["paper"], image, [PHRASES[0]])
+
+
 def test_decode_image_checks_the_pixels_before_decoding():
     with pytest.raises(Exception, match="pixels; at most 100") as exc:
         decode_image(png(np.zeros((11, 10, 3), np.uint8)), max_pixels=100)
@@ -196,7 +172,8 @@ def test_a_failing_batch_fails_only_its_request(three_sets, probe):
         with ThreadPoolExecutor(len(jobs)) as pool:
             answers = list(pool.map(lambda job: post(c, png(image), job[1], model=job[0]), jobs))
         assert [a.status_code for a in answers] == [200, 500, 200, 200], [a.text for a in answers]
-        assert "this row cannot be computed" in answers[1].json()["error"]
+        # no internals in the body: one message and the request id that finds the log's lines
+        assert answers[1].json() == {"error": "internal error", "request_id": answers[1].headers["x-request-id"]}
         for (name, phrases), answer in zip(jobs, answers, strict=True):
             if answer.status_code == 200:
                 assert_same_masks(answer.json(), three_sets[name], image, phrases)
@@ -208,21 +185,15 @@ def test_a_full_queue_is_answered_503_at_once_and_the_server_keeps_serving(three
     waiting; once the model is free the waiting ones are answered and new requests are served."""
     image, _ = probe
     multi = MultiSegmenter(three_sets)
-    forward, free = multi.forward, threading.Event()
-
-    def held(parts):
-        free.wait(60)
-        return forward(parts)
-
-    multi.forward = held
     with running(multi, ServeOptions(max_batch=1, max_wait_ms=0, max_queue=2, max_phrases=1)) as c:
+        hold(multi)
         with ThreadPoolExecutor(6) as pool:
             answers = [pool.submit(post, c, png(image), [PHRASES[0]], model="paper") for _ in range(6)]
             deadline = time.monotonic() + 60
             while sum(a.done() for a in answers) < 3 and time.monotonic() < deadline:
                 time.sleep(0.05)
             refused = [a.result() for a in answers if a.done()]
-            free.set()
+            multi.free.set()
             statuses = sorted(a.result().status_code for a in answers)
         assert [r.status_code for r in refused] == [503] * 3 and statuses == [200] * 3 + [503] * 3
         assert "busy" in refused[0].json()["error"]
@@ -259,8 +230,13 @@ def test_concurrent_requests_are_each_answered_with_their_own_masks(three_sets):
     assert max(len(names) for names in seen) <= 8
 
 
-def test_serve_arguments_are_checked(capsys):
+def test_serve_arguments_are_checked(capsys, monkeypatch):
     assert cli_main(["serve", "--weights", "w", "--max-phrases", "9", "--max-batch", "8"]) == 2
     assert "exceeds --max-batch 8" in capsys.readouterr().err
+    monkeypatch.delenv("DCRIS_API_KEY", raising=False)
+    assert cli_main(["serve", "--weights", "w", "--require-key"]) == 2
+    assert "--require-key needs a key" in capsys.readouterr().err
+    for bad in (["--max-resident", "-1"], ["--request-timeout-s", "0"], ["--workers", "0"]):
+        assert cli_main(["serve", "--weights", "w", *bad]) == 2, bad
     with pytest.raises(SystemExit):
         cli_main(["serve", "--weights", "w", "--max-batch", "x"])

@@ -19,6 +19,7 @@ OpenCV 4 (the released code's 4.8) samples: each source coordinate is rounded to
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -186,22 +187,32 @@ def _warp_batch(
     lens_y, lens_x = out_sizes[:, :1], out_sizes[:, 1:]  # (B, 1) each
     taps_y, wy = _axis_taps(sy[:, None], ty[:, None], lens_y, out_shape[0], src.shape[-2], cubic, True)
     taps_x, wx = _axis_taps(sx[:, None], tx[:, None], lens_x, out_shape[1], src.shape[-1], cubic, False)
-    # Spatial dimensions next to the batch, so each pass gathers whole contiguous rows.
-    shifted = (src.float() - border).movedim((-2, -1), (1, 2))  # (B, H, W, ...)
-    rows = _resample_dim1(shifted, taps_y, wy)  # (B, h, W, ...)
+    # Spatial dimensions next to the batch, so each pass gathers whole contiguous rows. The source becomes float
+    # (less the border) only in the rows the first pass gathers: a large image is never copied whole as float.
+    moved_border = border.movedim((-2, -1), (0, 1)) if isinstance(border, torch.Tensor) else border  # (1, 1, ...)
+    rows = _resample_dim1(src.movedim((-2, -1), (1, 2)), taps_y, wy, lambda g: g.float() - moved_border)
     out = _resample_dim1(rows.transpose(1, 2).contiguous(), taps_x, wx)  # (B, w, h, ...)
     return out.transpose(1, 2).movedim((1, 2), (-2, -1)) + border  # (B, ..., h, w)
 
 
-def _resample_dim1(src: torch.Tensor, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(B, H, ...) -> (B, n, ...): ``out[b, i] = sum_k weights[b, i, k] * src[b, taps[b, i, k]]``."""
+def _resample_dim1(
+    src: torch.Tensor,
+    taps: torch.Tensor,
+    weights: torch.Tensor,
+    convert: Callable[[torch.Tensor], torch.Tensor] = lambda gathered: gathered,
+) -> torch.Tensor:
+    """(B, H, ...) -> (B, n, ...): ``out[b, i] = sum_k weights[b, i, k] * convert(src[b, taps[b, i, k]])``."""
     bsz, height, n = src.shape[0], src.shape[1], taps.shape[1]
     rows = src.reshape(bsz * height, -1)  # (B * H, prod(...)): one index_select gathers whole rows
     taps = taps + torch.arange(bsz, device=src.device)[:, None, None] * height  # (B, n, K) rows of ``rows``
     weights = weights.view(*weights.shape, *[1] * (src.ndim - 2))  # (B, n, K, 1, ...)
-    out = rows.index_select(0, taps[..., 0].flatten()).view(bsz, n, *src.shape[2:]) * weights[:, :, 0]
+
+    def tap(k: int) -> torch.Tensor:
+        return convert(rows.index_select(0, taps[..., k].flatten()).view(bsz, n, *src.shape[2:]))
+
+    out = tap(0).mul_(weights[:, :, 0])
     for k in range(1, taps.shape[-1]):
-        out += rows.index_select(0, taps[..., k].flatten()).view(bsz, n, *src.shape[2:]) * weights[:, :, k]
+        out += tap(k).mul_(weights[:, :, k])  # in place: a large output is held twice at most (no FMA: exact)
     return out
 
 
@@ -256,7 +267,8 @@ def letterbox_image(image: Image.Image, size: int = 448) -> np.ndarray:
     Returns:
         uint8 array (size, size, 3), not yet normalised.
     """
-    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, h, w)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # (3, h, w)
     return letterbox_pixels(pixels, size).permute(1, 2, 0).contiguous().numpy()
 
 
