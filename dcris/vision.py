@@ -214,9 +214,9 @@ class VisionEncoder(nn.Module):
         emb = self.backbone.embeddings
         grid = (images.shape[-2] // self.cfg.patch_size, images.shape[-1] // self.cfg.patch_size)
         patches = emb.patch_embeddings(images)  # (B, H*W, C)
-        x = torch.cat([emb.cls_token.expand(len(images), -1, -1), patches], dim=1)  # (B, 1 + H*W, C)
+        x = torch.cat([emb.cls_token.expand(images.shape[0], -1, -1), patches], dim=1)  # (B, 1 + H*W, C)
         x = x + self.position_embedding(grid).to(x.dtype)
-        return torch.cat([x[:, :1], emb.register_tokens.expand(len(images), -1, -1), x[:, 1:]], dim=1), grid
+        return torch.cat([x[:, :1], emb.register_tokens.expand(images.shape[0], -1, -1), x[:, 1:]], dim=1), grid
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The stored position embedding resized to ``grid`` (:func:`dinov2_position_embeddings`), (1, N, C).
@@ -226,7 +226,8 @@ class VisionEncoder(nn.Module):
         once per grid and kept until the stored tensor changes (another device, dtype, storage or in-place write).
         """
         stored = self.backbone.embeddings.position_embeddings
-        if stored.requires_grad and torch.is_grad_enabled():  # trained (full-tune): the gradient must flow
+        trained = stored.requires_grad and torch.is_grad_enabled()  # full-tune: the gradient must flow
+        if trained or torch.compiler.is_compiling():  # traced (ONNX export): no host-side cache, it has no pointer
             return dinov2_position_embeddings(stored, grid)
         key = (tuple(grid), stored.device, stored.dtype, stored.data_ptr(), stored._version)
         if self._position_cache is None or self._position_cache[0] != key:
