@@ -15,7 +15,9 @@ too (:meth:`dcris.multi.MultiSegmenter.forward`): a batch holds at most ``max_ba
 request waits at most ``max_wait_ms`` for others. A batch that fails is run again request by request, so only
 the request that fails gets the error. Bad requests get a 4xx status and ``{"error": "one message"}``; past
 ``max_queue`` waiting requests a new one is answered 503 at once (retry later) instead of waiting ever longer.
-FastAPI and uvicorn are an optional extra: ``pip install -e ".[serve]"``.
+FastAPI and uvicorn are an optional extra: ``pip install -e ".[serve]"``. ``--backend onnxruntime`` serves one
+``dcris export-onnx`` folder with ONNX Runtime instead (its requests are batched too; batching across adapter sets
+stays a PyTorch feature).
 """
 
 import argparse
@@ -40,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dcris.errors import UserError
 from dcris.multi import MultiSegmenter
-from dcris.segmenter import Segmentation
+from dcris.segmenter import BACKENDS, Segmentation
 from dcris.tokenizer import Truncation
 
 INSTALL_HINT = 'the HTTP API needs FastAPI and uvicorn: pip install -e ".[serve]"'
@@ -439,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to serve on (default 8000)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="pytorch",
+        help="onnxruntime: serve one `dcris export-onnx` folder on the CPU (batching across adapter sets is PyTorch's)",
+    )  # fmt: skip
     for name, value in vars(defaults).items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
@@ -455,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(INSTALL_HINT) from None
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    multi = MultiSegmenter.from_pretrained(args.weights, device=args.device, overrides=args.overrides)
+    multi = MultiSegmenter.from_pretrained(
+        args.weights, device=args.device, overrides=args.overrides, backend=args.backend
+    )
     app = build_app(multi, options)
     print(f"serving {', '.join(multi.names)} on http://{args.host}:{args.port} (docs: /docs; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 pytest.importorskip("onnxruntime")
@@ -26,6 +33,7 @@ from dcris.onnx_export import TOLERANCE, export_graph, random_tokens  # noqa: E4
 from dcris.segmenter import Segmenter  # noqa: E402
 
 KINDS = ("tiny-dcris", "gres")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_segmenter(kind: str, probe: tuple[np.ndarray, list[str]]) -> Segmenter:
@@ -145,3 +153,42 @@ def test_an_operation_that_does_not_convert_is_named_in_one_line(tmp_path):
         export_graph(GroupedPerSampleConv(), example, tmp_path / "conv.onnx", ["x", "weight"], ["out"])
     message = str(failed.value)
     assert "\n" not in message and message.startswith("cannot convert operation Conv to ONNX")
+
+
+def test_dcris_serve_runs_the_graph_with_onnx_runtime(exported, probe, capsys):
+    import httpx
+    from ports import free_port
+    from pycocotools import mask as coco_mask
+
+    image, phrases = probe
+    segmenter, folder = exported["gres"]
+    port = free_port()
+    command = [sys.executable, "-m", "dcris", "serve", "--weights", str(folder), "--backend", "onnxruntime"]
+    server = subprocess.Popen([*command, "--port", str(port)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/healthz").status_code == 200:
+                        break
+                time.sleep(0.2)
+            upload = io.BytesIO()
+            Image.fromarray(image).save(upload, format="PNG")
+            files = {"image": ("probe.png", upload.getvalue(), "image/png")}
+            answer = client.post("/v1/segment", files=files, data={"phrases": phrases})
+            bad = client.post("/v1/segment", files=files, data={"phrases": ["  "]})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert answer.status_code == 200 and bad.status_code == 422 and "empty" in bad.json()["error"]
+    expected = segmenter(image, phrases)  # the PyTorch model
+    for got, want in zip(answer.json()["results"], expected, strict=True):
+        mask = coco_mask.decode({"size": got["mask"]["size"], "counts": got["mask"]["counts"].encode()}).astype(bool)
+        decided = np.abs(want.probability - MASK_THRESHOLD) > 1e-4
+        np.testing.assert_array_equal(mask[decided], want.mask[decided])
+        assert got["found"] == want.found and got["score"] == pytest.approx(want.score, abs=1e-4)
+
+    assert cli(["serve", "--weights", f"a={folder}", f"b={folder}", "--backend", "onnxruntime"]) == 2
+    assert "batching across adapter sets is a PyTorch feature" in capsys.readouterr().err
