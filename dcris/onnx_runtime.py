@@ -63,8 +63,9 @@ class OnnxRuntimeModel:
     ``model(images, tokens)`` gives the logits, or the pair (logits, "no object" logits).
 
     Attributes:
-        cfg: The model config the graph was exported from (its input size and context length).
+        config: The full config the graph was exported from; ``cfg`` its model part (input size, context length).
         path: The ``.onnx`` file run.
+        outputs: The graph's output names: ``logits``, and ``no_target_logits`` for a no-target model.
     """
 
     device = torch.device("cpu")
