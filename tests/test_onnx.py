@@ -58,13 +58,15 @@ def random_segmenter(kind: str, probe: tuple[np.ndarray, list[str]]) -> Segmente
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, probe) -> dict[str, tuple[Segmenter, object]]:
-    """Per kind, a :func:`random_segmenter` and the folder ``dcris export-onnx`` wrote from its export."""
+    """Per kind, a :func:`random_segmenter` and the folder ``dcris export-onnx`` wrote from its export (with the
+    int8 graph for tiny-dcris)."""
     found = {}
     for kind in KINDS:
         segmenter = random_segmenter(kind, probe)
         root = tmp_path_factory.mktemp(kind)
         segmenter.save_pretrained(root / "export")
-        assert cli(["export-onnx", "--weights", str(root / "export"), "--out", str(root / "onnx")]) == 0
+        int8 = ["--int8"] if kind == "tiny-dcris" else []
+        assert cli(["export-onnx", "--weights", str(root / "export"), "--out", str(root / "onnx"), *int8]) == 0
         found[kind] = (segmenter, root / "onnx")
     return found
 
@@ -192,3 +194,20 @@ def test_dcris_serve_runs_the_graph_with_onnx_runtime(exported, probe, capsys):
 
     assert cli(["serve", "--weights", f"a={folder}", f"b={folder}", "--backend", "onnxruntime"]) == 2
     assert "batching across adapter sets is a PyTorch feature" in capsys.readouterr().err
+
+
+def test_the_int8_graph_is_quantised_and_near_the_fp32_one(exported, probe):
+    import onnx
+
+    segmenter, folder = exported["tiny-dcris"]
+    ops = {node.op_type for node in onnx.load(str(folder / "model.int8.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "MatMulInteger" not in {
+        node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node
+    }
+    int8 = Segmenter.from_pretrained(folder / "model.int8.onnx", backend="onnxruntime")
+    assert int8.model.path.name == "model.int8.onnx"
+    generator = torch.Generator().manual_seed(7)
+    images, tokens = torch.randn(2, 3, 112, 112, generator=generator), random_tokens(2, 17, generator)
+    want, got = segmenter.forward(images, tokens), int8.forward(images, tokens)
+    error = float((got - want).abs().max() / want.abs().max())
+    assert 0 < error < 0.2  # quantised: not the fp32 logits, but near them
