@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dcris.trainer", "train (also: deepspeed launch/train.py ...)"),
     "eval": ("dcris.evaluate", "evaluate mIoU / oIoU / Pr@ on packed splits"),
     "predict": ("dcris.predict", "segment images from text with exported weights"),
+    "export-onnx": ("dcris.onnx_export", "one self-contained ONNX graph of an export, checked against PyTorch"),
     "app": ("dcris.app", "a web page to try a model: image + phrases -> masks (needs the app extra)"),
     "serve": ("dcris.serve", "an HTTP JSON API over adapter sets, with dynamic batching (needs the serve extra)"),
     "sweep": ("dcris.sweep", "train, score and tabulate every row of the paper's Table 2, 3, 4 or 5"),

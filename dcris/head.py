@@ -320,9 +320,34 @@ class Projector(nn.Module):
         kernel = self.txt(sentence)  # (B, dim * k * k + 1)
         weight = kernel[:, :-1].reshape(b, c, self.kernel_size, self.kernel_size)  # (B, dim, k, k)
         bias = kernel[:, -1]  # (B,)
+        if torch.onnx.is_in_onnx_export():  # eager and compiled runs keep the grouped convolution: one kernel
+            return per_sample_conv_unrolled(x, weight, bias)
         x = x.reshape(1, b * c, h, w)  # (1, B * dim, 4h, 4w): one group per sample
         out = F.conv2d(x, weight, bias, padding=self.kernel_size // 2, groups=b)  # (1, B, 4h, 4w)
         return out.transpose(0, 1)  # (B, 1, 4h, 4w)
+
+
+def per_sample_conv_unrolled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:class:`Projector`'s per-sample convolution ('same' padding) as a sum over the kernel's k * k offsets of
+    the shifted map contracted with each sample's weights: the form an ONNX graph with a dynamic batch can hold
+    (ONNX's Conv needs a fixed group count, and the grouped convolution has one group per sample).
+
+    Args:
+        x: maps (B, C, h, w).
+        weight: per-sample kernels (B, C, k, k), k odd.
+        bias: per-sample biases (B,).
+
+    Returns:
+        (B, 1, h, w), what ``F.conv2d`` with ``groups=B`` over the samples stacked as channels gives.
+    """
+    _, _, h, w = x.shape
+    k = weight.shape[-1]
+    padded = F.pad(x, (k // 2,) * 4)  # (B, C, h + k - 1, w + k - 1)
+    out = bias[:, None, None]  # (B, 1, 1)
+    for i in range(k):
+        for j in range(k):
+            out = out + torch.einsum("bcyx,bc->byx", padded[:, :, i : i + h, j : j + w], weight[:, :, i, j])
+    return out[:, None]  # (B, 1, h, w)
 
 
 # ----------------------------------------------------------------------------------------------- no-target output
@@ -434,6 +459,7 @@ __all__ = [
     "build_head",
     "conv_bn_relu",
     "no_target_loss",
+    "per_sample_conv_unrolled",
     "segmentation_loss",
     "sine_position_1d",
     "sine_position_2d",

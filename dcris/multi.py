@@ -184,6 +184,7 @@ class MultiSegmenter:
         allow_download: bool = False,
         overrides: list[str] | None = None,
         max_resident: int | None = None,
+        backend: str = "pytorch",
     ) -> MultiSegmenter:
         """Loads exports one after another, each sharing the backbones already loaded where they are the same.
 
@@ -194,13 +195,23 @@ class MultiSegmenter:
             allow_download: As in :meth:`Segmenter.from_pretrained`.
             overrides: ``section.key=value`` changes applied to every export's recorded config.
             max_resident: As in the class.
+            backend: As in :meth:`Segmenter.from_pretrained`; ``"onnxruntime"`` runs one exported graph: sharing
+                backbones and batching across adapter sets are PyTorch features.
 
         Raises:
-            UserError: an export cannot be loaded, or the names clash.
+            UserError: an export cannot be loaded, or the names clash, or several exports with ONNX Runtime.
         """
+        named = named_exports(exports)
+        if backend != "pytorch" and len(named) > 1:
+            raise UserError(
+                f"the {backend} backend runs one exported graph: batching across adapter sets is a PyTorch feature "
+                f"(got {len(named)} exports)"
+            )
         multi = cls({}, max_resident)
-        for name, path in named_exports(exports).items():
-            loaded = Segmenter.from_pretrained(path, device=device, allow_download=allow_download, overrides=overrides)
+        for name, path in named.items():
+            loaded = Segmenter.from_pretrained(
+                path, device=device, allow_download=allow_download, overrides=overrides, backend=backend
+            )
             multi.add(name, loaded)
             return_freed_memory()  # a duplicate backbone was just dropped
         return multi
@@ -209,7 +220,7 @@ class MultiSegmenter:
         """Adds an adapter set; its backbones are replaced by an equal one already held (logged either way)."""
         if name in self.segmenters:
             raise UserError(f"an adapter set named {name!r} is already loaded")
-        key = backbone_key(segmenter.model)
+        key = backbone_key(segmenter.model) if segmenter.backend == "pytorch" else None
         same = [
             other
             for other, other_key in self.backbones.items()
@@ -219,6 +230,8 @@ class MultiSegmenter:
             share_backbones(segmenter.model, self.segmenters[same[0]].model)
             shared_with = ", ".join(map(repr, same))
             log.info("adapter set %r shares the frozen backbones of %s (%s)", name, shared_with, key[:12])
+        elif segmenter.backend != "pytorch":
+            log.info("adapter set %r runs its exported graph (%s)", name, segmenter.backend)
         elif key is None:
             log.info("adapter set %r keeps its own backbones: they carry a Table 2 method's weights", name)
         else:
@@ -243,8 +256,10 @@ class MultiSegmenter:
 
     def _own_tensors(self, name: str) -> list[torch.Tensor]:
         """The parameters and buffers of set ``name`` that no other set holds: all but shared backbones."""
-        model = self.segmenters[name].model
-        tensors = [*model.named_parameters(), *model.named_buffers()]
+        segmenter = self.segmenters[name]
+        if segmenter.backend != "pytorch":  # an exported graph: its runtime holds the weights
+            return []
+        tensors = [*segmenter.model.named_parameters(), *segmenter.model.named_buffers()]
         own = self.backbones[name] is None
         return [t for key, t in tensors if own or parameter_group(key) != "backbone"]
 
@@ -348,9 +363,9 @@ class MultiSegmenter:
         sets = list(dict.fromkeys(owner))
         self.make_resident(sets)
         device = self.devices[sets[0]]  # the inputs may have been prepared while the set was in host memory
-        if self.backbones[sets[0]] is None:  # a set with its own backbones: its model alone
-            model = self.segmenters[sets[0]].model
-            return [model(images.to(device), tokens.to(device)) for _, images, tokens in parts]
+        if self.backbones[sets[0]] is None:  # a set with its own backbones (or an exported graph): it alone
+            segmenter = self.segmenters[sets[0]]
+            return [segmenter.forward(images.to(device), tokens.to(device)) for _, images, tokens in parts]
         length = max(tokens.shape[1] for _, _, tokens in parts)
         tokens = torch.cat([F.pad(t, (0, length - t.shape[1])) for _, _, t in parts])  # 0 is CLIP's padding id
         images = torch.cat([images for _, images, _ in parts]).to(device)

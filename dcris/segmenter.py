@@ -8,11 +8,13 @@
     results = seg(image, ["the man on the left", "the dog"])        # one batch, one result per phrase
     seg.save_pretrained("my-export")                               # config.json, model.safetensors, README.md
     seg.push_to_hub("user/dcris-b-refcoco")                        # the same folder as a Hub repository
+    seg = Segmenter.from_pretrained("deploy/refcoco", backend="onnxruntime")   # a `dcris export-onnx` folder
 
 Pre-processing is :func:`~dcris.data.letterbox.letterbox_image` and :func:`~dcris.data.letterbox.normalize_image`,
 post-processing :func:`~dcris.metrics.probabilities_from_logits` and its threshold (``masks_from_logits``):
 ``dcris predict``, ``dcris app`` and the contact sheets of ``dcris demo`` / ``launch/eval.py --pictures`` all
-come through here.
+come through here, with either backend: the PyTorch model, or its exported graph in ONNX Runtime
+(:mod:`dcris.onnx_runtime`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from dcris.data.letterbox import letterbox_image, normalize_image
 from dcris.errors import UserError
 from dcris.export import ExportedWeights, download_allowed, save_export
 from dcris.metrics import MASK_THRESHOLD, NO_TARGET_THRESHOLD, probabilities_from_logits
-from dcris.model import DCRIS, split_output
+from dcris.model import DCRIS, ModelOutput, split_output
+from dcris.onnx_runtime import OnnxRuntimeModel
 from dcris.tokenizer import Truncation, tokenize, truncations
 
 ImageInput = Image.Image | np.ndarray | str | Path
+BACKENDS = ("pytorch", "onnxruntime")
 
 
 @dataclass
@@ -113,7 +117,8 @@ class Segmenter:
     """Segments the objects phrases name in one image (module docstring).
 
     Args:
-        model: A DCRIS model; it is used in eval mode (and put back in the mode it was in after each call).
+        model: A DCRIS model; it is used in eval mode (and put back in the mode it was in after each call). Or an
+            exported graph in ONNX Runtime (``from_pretrained(..., backend="onnxruntime")``).
         config: The full run config (recorded when saving); default: ``model.cfg`` with preset ``custom``.
         device: Where the model runs; default: where its parameters already are.
         metrics: Per-split evaluation results of these weights, kept for :meth:`save_pretrained`.
@@ -121,12 +126,12 @@ class Segmenter:
 
     def __init__(
         self,
-        model: DCRIS,
+        model: DCRIS | OnnxRuntimeModel,
         config: Config | None = None,
         device: str | torch.device | None = None,
         metrics: dict[str, dict] | None = None,
     ) -> None:
-        self.model = model if device is None else model.to(device)
+        self.model = model if device is None or isinstance(model, OnnxRuntimeModel) else model.to(device)
         self.config = config if config is not None else Config(preset="custom", model=model.cfg)
         self.metrics = metrics
 
@@ -138,20 +143,34 @@ class Segmenter:
         device: str | torch.device | None = None,
         allow_download: bool = False,
         overrides: list[str] | None = None,
+        backend: str = "pytorch",
     ) -> Segmenter:
         """Loads an export: a folder written by :meth:`save_pretrained` / training / ``dcris convert-detris``,
-        a single ``.safetensors`` export of earlier versions, or a Hugging Face Hub model id.
+        a single ``.safetensors`` export of earlier versions, or a Hugging Face Hub model id; with
+        ``backend="onnxruntime"`` a folder written by ``dcris export-onnx`` (or one ``.onnx`` file in it, such
+        as ``model.int8.onnx``).
 
         Args:
             path_or_id: Where the export is.
+            backend: ``"pytorch"``, or ``"onnxruntime"``: the exported graph in ONNX Runtime on the CPU (the
+                other arguments do not apply to it).
             device: Where to run (default: CUDA when available, else the CPU).
             allow_download: Fetch a Hub id (and named backbone weights) missing from the local caches, the same
                 as the override ``model.allow_download=true``. ``HF_HUB_OFFLINE=1`` forbids it regardless.
             overrides: ``section.key=value`` changes to the recorded config, e.g. ``model.adapters.fused_dense=false``.
 
         Raises:
-            UserError: nothing loadable is at ``path_or_id``; the message says what was looked for.
+            UserError: nothing loadable is at ``path_or_id``; the message says what was looked for. An unknown
+                backend, or a device or overrides given with ONNX Runtime.
         """
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend {backend!r}: one of {', '.join(BACKENDS)}")
+        if backend == "onnxruntime":
+            if overrides or (device is not None and torch.device(device).type != "cpu"):
+                raise UserError("the onnxruntime backend runs the exported graph as it is, on the CPU: "
+                                "no overrides, no other device")  # fmt: skip
+            graph, facts = OnnxRuntimeModel.load(path_or_id)
+            return cls(graph, graph.config, metrics=facts.get("metrics"))
         overrides = [*(overrides or []), *(["model.allow_download=true"] if allow_download else [])]
         weights = ExportedWeights.load(path_or_id, download_allowed(overrides))
         weights.configure(overrides)
@@ -165,6 +184,7 @@ class Segmenter:
             directory: Output folder; an earlier export there is replaced.
             metrics: Per-split results for the model card (default: those loaded with the weights).
         """
+        self._need_pytorch("save_pretrained")
         metrics = self.metrics if metrics is None else metrics
         return save_export(self.model.state_dict(), self.config, directory, metrics)
 
@@ -177,13 +197,28 @@ class Segmenter:
         Returns:
             The URL of the commit.
         """
+        self._need_pytorch("push_to_hub")
         weights = ExportedWeights.from_state(self.model.state_dict(), self.config, self.metrics)
         kwargs.setdefault("model_card_kwargs", {"repo_id": repo_id})
         return weights.push_to_hub(repo_id, **kwargs)
 
+    def _need_pytorch(self, what: str) -> None:
+        if self.backend != "pytorch":
+            raise UserError(f"{what} needs the PyTorch model: an exported graph holds no trainable weights to save")
+
+    @property
+    def backend(self) -> str:
+        """``"pytorch"`` or ``"onnxruntime"`` (:data:`BACKENDS`)."""
+        return "onnxruntime" if isinstance(self.model, OnnxRuntimeModel) else "pytorch"
+
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device if isinstance(self.model, OnnxRuntimeModel) else next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model takes its pixels in."""
+        return self.model.dtype if isinstance(self.model, OnnxRuntimeModel) else next(self.model.parameters()).dtype
 
     def tokens(self, texts: list[str], truncate: bool) -> tuple[torch.Tensor, list[Truncation | None]]:
         """Token ids (N, L) of the phrases and, per phrase, how it was cut to fit (None when it fits).
@@ -219,7 +254,7 @@ class Segmenter:
         tokens, cut = self.tokens(texts, truncate)
         size = self.model.cfg.image_size
         canvas = torch.from_numpy(letterbox_image(rgb, size)).to(self.device)  # (S, S, 3) uint8
-        pixels = normalize_image(canvas.permute(2, 0, 1)).to(next(self.model.parameters()).dtype)  # (3, S, S)
+        pixels = normalize_image(canvas.permute(2, 0, 1)).to(self.dtype)  # (3, S, S)
         return rgb, pixels, tokens, cut
 
     def segmentations(
@@ -257,6 +292,19 @@ class Segmenter:
         ]
 
     @torch.no_grad()
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ModelOutput:
+        """The model's output for images (B, 3, S, S) and tokens (B, L), with either backend: the mask logits, or
+        with the no-target output the pair (those, "no object" logits) (:func:`~dcris.model.split_output`)."""
+        if isinstance(self.model, OnnxRuntimeModel):
+            return self.model(images, tokens)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model(images, tokens)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
     def __call__(
         self, image: ImageInput, texts: str | list[str], *, truncate: bool = True
     ) -> Segmentation | list[Segmentation]:
@@ -278,11 +326,6 @@ class Segmenter:
         single = isinstance(texts, str)
         phrases = [texts] if single else list(texts)
         rgb, pixels, tokens, cut = self.prepare(image, phrases, truncate)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            output = self.model(pixels.expand(len(phrases), -1, -1, -1), tokens.to(self.device))
-        finally:
-            self.model.train(was_training)
+        output = self.forward(pixels.expand(len(phrases), -1, -1, -1), tokens.to(self.device))
         results = self.segmentations(output, (rgb.height, rgb.width), phrases, cut, start)
         return results[0] if single else results

@@ -20,6 +20,8 @@ a request not answered within ``request_timeout_s`` gets 504. A request's cost i
 only JPEG, PNG, WebP and BMP are decoded (415 otherwise), at most ``workers`` decode or post-process at once, and
 the masks are computed one phrase at a time. FastAPI, uvicorn and prometheus_client are an optional extra:
 ``pip install -e ".[serve]"``.
+``--backend onnxruntime`` serves one ``dcris export-onnx`` folder with ONNX Runtime instead (its requests are
+batched too; batching across adapter sets and loading sets while serving stay PyTorch features).
 """
 
 import argparse
@@ -49,7 +51,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dcris.errors import UserError
 from dcris.multi import NAME_PATTERN, MultiSegmenter
-from dcris.segmenter import Segmentation, Segmenter
+from dcris.segmenter import BACKENDS, Segmentation, Segmenter
 from dcris.tokenizer import Truncation
 
 INSTALL_HINT = 'the HTTP API needs FastAPI, uvicorn and prometheus_client: pip install -e ".[serve]"'
@@ -879,6 +881,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to serve on (default 8000)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="pytorch",
+        help="onnxruntime: serve one `dcris export-onnx` folder on the CPU (batching across adapter sets is PyTorch's)",
+    )  # fmt: skip
     for option in fields(ServeOptions):
         value = getattr(defaults, option.name)
         flag = "--" + option.name.replace("_", "-")
@@ -902,6 +908,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--require-key needs a key: --api-key or ${API_KEY_ENV}")
     access = AccessOptions(api_key, args.require_key, args.cors_origin, args.models_root, args.allow_download,
                            args.allow_new_backbones)  # fmt: skip
+    if args.backend != "pytorch" and (args.models_root or args.allow_download):
+        raise UserError(f"--models-root and --allow-download load adapter sets while serving, which the {args.backend} "
+                        "backend does not: it serves one exported graph")  # fmt: skip
     try:
         import fastapi  # noqa: F401 - fail before the weights load
         import prometheus_client  # noqa: F401
@@ -911,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     multi = MultiSegmenter.from_pretrained(args.weights, device=args.device, overrides=args.overrides,
-                                           allow_download=args.allow_download)  # fmt: skip
+                                           allow_download=args.allow_download, backend=args.backend)  # fmt: skip
     app = build_app(multi, options, access)
     print(f"serving {', '.join(multi.names)} on http://{args.host}:{args.port} (docs: /docs; Ctrl-C stops)", flush=True)
     uvicorn.Server(server_config(app, options, args.host, args.port)).run()

@@ -209,9 +209,9 @@ class VisionEncoder(nn.Module):
         emb = self.backbone.embeddings
         grid = (images.shape[-2] // self.cfg.patch_size, images.shape[-1] // self.cfg.patch_size)
         patches = emb.patch_embeddings(images)  # (B, H*W, C)
-        x = torch.cat([emb.cls_token.expand(len(images), -1, -1), patches], dim=1)  # (B, 1 + H*W, C)
+        x = torch.cat([emb.cls_token.expand(images.shape[0], -1, -1), patches], dim=1)  # (B, 1 + H*W, C)
         x = x + self.position_embedding(grid).to(x.dtype)
-        return torch.cat([x[:, :1], emb.register_tokens.expand(len(images), -1, -1), x[:, 1:]], dim=1), grid
+        return torch.cat([x[:, :1], emb.register_tokens.expand(images.shape[0], -1, -1), x[:, 1:]], dim=1), grid
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The stored position embedding resized to ``grid`` (:func:`dinov2_position_embeddings`), (1, N, C).
@@ -222,8 +222,8 @@ class VisionEncoder(nn.Module):
         A compiled forward computes it inside its graph (where the resize is one small generated kernel).
         """
         stored = self.backbone.embeddings.position_embeddings
-        # trained (full-tune): the gradient must flow
-        if torch.compiler.is_compiling() or (stored.requires_grad and torch.is_grad_enabled()):
+        trained = stored.requires_grad and torch.is_grad_enabled()  # full-tune: the gradient must flow
+        if trained or torch.compiler.is_compiling():  # traced (ONNX export): no host-side cache, it has no pointer
             return dinov2_position_embeddings(stored, grid)
         key = (tuple(grid), stored.device, stored.dtype, stored.data_ptr(), stored._version)
         if self._position_cache is None or self._position_cache[0] != key:
