@@ -291,6 +291,7 @@ class Batcher:
         self.queue: queue.Queue[Job | Control | None] = queue.Queue()
         self.batches = self.rows = self.dropped = 0  # forwards run, the rows they held, jobs dropped unrun
         self.ready = threading.Event()
+        self.ended = threading.Event()  # set as the loop ends, before the requests it held are failed
         self.running: list[Job] = []  # the jobs of the batch being run
         self.thread = threading.Thread(target=self._loop, name="dcris-batcher", daemon=True)
 
@@ -299,7 +300,7 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive()
+        return self.thread.is_alive() and not self.ended.is_set()
 
     def stop(self, timeout: float) -> None:
         """Lets the jobs already queued run (for at most ``timeout`` seconds), then fails those left."""
@@ -414,6 +415,7 @@ class Batcher:
             log.exception("the batcher stopped")
             raise
         finally:
+            self.ended.set()  # before any request hears of it: /healthz must say so by then
             self.ready.clear()
             stopped = RequestError(503, "the model is not running: retry later")
             for job in self.running:
