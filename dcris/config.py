@@ -97,7 +97,10 @@ class HeadConfig:
     channels_last: bool = False  # run the head's convolutions on channels-last maps
     single_key_gate: bool = False  # sentence gate as out_proj(v_proj(f_s)): its softmax over one key is always 1
     no_target: bool = False  # also a "no object" logit from the decoder state (gRefCOCO: phrases naming nothing)
-    no_target_loss_weight: float = 1.0  # weight of its binary cross-entropy beside the mask loss
+    # weight of its cross-entropy beside the mask loss, and the class weights (a target, no target) of that
+    # cross-entropy: ReLA's criterion weighs its no-target loss 0.1 with class weights (0.9, 1.1)
+    no_target_loss_weight: float = 0.1
+    no_target_class_weights: list[float] = field(default_factory=lambda: [0.9, 1.1])
 
 
 @dataclass
@@ -477,6 +480,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {m.compile_mode!r}")
     if cfg.data.loader not in ("auto", "dali", "torch"):
         raise ConfigError(f"data.loader must be auto, dali or torch, got {cfg.data.loader!r}")
+    weights = m.head.no_target_class_weights
+    if len(weights) != 2 or min(weights) <= 0 or m.head.no_target_loss_weight < 0:
+        raise ConfigError(
+            f"model.head.no_target_class_weights must be two positive numbers (a target, no target), got {weights}, "
+            f"and model.head.no_target_loss_weight >= 0, got {m.head.no_target_loss_weight}"
+        )
 
 
 def _validate_adapters(m: ModelConfig) -> None:
