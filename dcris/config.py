@@ -101,6 +101,9 @@ class HeadConfig:
     # cross-entropy: ReLA's criterion weighs its no-target loss 0.1 with class weights (0.9, 1.1)
     no_target_loss_weight: float = 0.1
     no_target_class_weights: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    # probability of "no object" above which the model says a phrase names nothing; `dcris eval
+    # --calibrate-no-target --save` writes the threshold best on a split here (an export without one keeps 0.5)
+    no_target_threshold: float = 0.5
 
 
 @dataclass
@@ -480,6 +483,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {m.compile_mode!r}")
     if cfg.data.loader not in ("auto", "dali", "torch"):
         raise ConfigError(f"data.loader must be auto, dali or torch, got {cfg.data.loader!r}")
+    if not 0 < m.head.no_target_threshold < 1:
+        raise ConfigError(f"model.head.no_target_threshold must lie in (0, 1), got {m.head.no_target_threshold}")
     weights = m.head.no_target_class_weights
     if len(weights) != 2 or min(weights) <= 0 or m.head.no_target_loss_weight < 0:
         raise ConfigError(

@@ -381,7 +381,12 @@ def evaluate_run(run: Run, splits: list[str]) -> dict:
                 )
             for split, sheet in sheets.items():
                 run.log.image(f"eval/{split}/pictures", sheet, run.step)
-    scalars = {f"eval/{split}/{k}": v for split, res in results.items() for k, v in res.items() if k != "count"}
+    scalars = {
+        f"eval/{split}/{k}": v
+        for split, res in results.items()
+        for k, v in res.items()
+        if k != "count" and isinstance(v, int | float)  # not the protocol's name
+    }
     epoch = run.step / run.steps_per_epoch
     run.log.record("metrics.jsonl", run.step, scalars, dict(step=run.step, epoch=epoch, results=results))
     run.log.print(f"evaluation at step {run.step}:\n{format_table(results)}")
