@@ -455,11 +455,12 @@ def test_an_export_made_before_the_no_target_output_loads_and_predicts_the_same(
     model = build_model(cfg.model, pretrained=False).eval()
     folder = save_export(model.state_dict(), cfg, tmp_path / "old")
     payload = json.loads((folder / CONFIG_FILE).read_text())
-    for key in ("no_target", "no_target_loss_weight", "no_target_class_weights"):
+    for key in ("no_target", "no_target_loss_weight", "no_target_class_weights", "no_target_threshold"):
         del payload["config"]["model"]["head"][key]  # the config as recorded before these fields existed
     (folder / CONFIG_FILE).write_text(json.dumps(payload))
     loaded = load_exported(folder)
     assert loaded.head.no_target is None and not any("no_target" in k for k in loaded.state_dict())
+    assert loaded.cfg.head.no_target_threshold == 0.5  # an export made before calibration decides at 0.5
     images, tokens = torch.randn(2, 3, 112, 112), random_tokens(2)
     with torch.no_grad():
         assert torch.equal(loaded(images, tokens), model(images, tokens))

@@ -1,6 +1,7 @@
-"""``--protocol rela`` against a plain rewrite of ReLA's test mapper and evaluator, on a small gRefCOCO release.
+"""gRefCOCO evaluation: ``--protocol rela`` against a plain rewrite of ReLA's test mapper and evaluator, and the
+calibrated no-target threshold through an export.
 
-The reference reads the release itself (not the shards), moves every object with the stretch to 480 x 480 as
+The protocol's reference reads the release itself (not the shards), moves every object with the stretch to 480 x 480 as
 detectron2's ``ResizeTransform`` does (polygon coordinates times ``480 / w`` and ``480 / h``; an RLE decoded at
 the original size and resized with nearest neighbours), rasterises with pycocotools at 480 x 480, merges the
 objects (sum, clamp 1), warps the prediction into that frame with OpenCV and runs ReLA's metric loop sample by
@@ -207,3 +208,48 @@ def test_rela_protocol_needs_a_grefcoco_split(shards: Path) -> None:
     model = ImageProbe(56)
     with pytest.raises(UserError, match="gRefCOCO"):
         evaluate(model, str(shards), ["val"], image_size=56, batch_size=4, loader="torch", protocol="rela")
+
+
+def test_a_calibrated_no_target_threshold_round_trips_through_the_export(
+    gres_release: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--calibrate-no-target --save`` writes the gIoU-best threshold into the export; evaluating the export again
+    gives that row of the curve, and the Segmenter (predict, the page and serve go through it) decides with it."""
+    from dcris.cli import main as cli_main
+    from dcris.export import CONFIG_FILE, save_export
+    from dcris.model import build_model
+    from dcris.segmenter import Segmenter
+
+    _, shards = gres_release
+    torch.manual_seed(2)
+    cfg = preset("tiny-dcris")
+    cfg.model.head.no_target = True
+    model = build_model(cfg.model, pretrained=False)
+    torch.nn.init.normal_(model.head.no_target.fc2.weight, std=0.3)  # "no object" probabilities spread out
+    export = save_export(model.state_dict(), cfg, tmp_path / "export")
+    assert json.loads((export / CONFIG_FILE).read_text())["config"]["model"]["head"]["no_target_threshold"] == 0.5
+    argv = ["eval", "--weights", str(export), "--shards", str(shards), "--loader", "torch", "--workers", "0"]
+    assert cli_main([*argv, "--calibrate-no-target", "--save", "--out", str(tmp_path / "calibration.json")]) == 0
+    out = capsys.readouterr().out
+    curve = json.loads((tmp_path / "calibration.json").read_text())["val"]["no_target_curve"]
+    best = max(curve, key=lambda r: (r["giou"], r["ciou"], -abs(r["threshold"] - 0.5)))
+    assert len({r["n_acc"] for r in curve}) > 2 and len({r["giou"] for r in curve}) > 2  # a curve, not a point
+    assert f"best gIoU at threshold {best['threshold']:.2f}" in out and "<- best gIoU" in out
+    assert Image.open(tmp_path / "no_target_curve_val.png").size[0] > 100
+    recorded = json.loads((export / CONFIG_FILE).read_text())["config"]["model"]["head"]["no_target_threshold"]
+    assert recorded == best["threshold"]
+    assert cli_main([*argv, "--out", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())["val"]
+    for key in ("giou", "ciou", "n_acc", "t_acc", "prec@0.7", "prec@0.8", "prec@0.9"):
+        assert again[key] == best[key], key  # the saved threshold reproduces the reported point
+    segmenter = Segmenter.from_pretrained(export)
+    assert segmenter.model.cfg.head.no_target_threshold == best["threshold"]
+    image, phrases = Image.new("RGB", (90, 70), (200, 30, 30)), [f"the {w} shape" for w in ("red", "blue", "big")]
+    with torch.no_grad():
+        tokens = segmenter.tokens(phrases, True)[0]
+        pixels = segmenter.prepare(image, phrases)[1]
+        _, no_target = segmenter.model(pixels.expand(len(phrases), -1, -1, -1), tokens)
+    results = segmenter(image, phrases)
+    decided = [bool(p <= best["threshold"]) for p in torch.sigmoid(no_target).tolist()]
+    assert [r.found for r in results] == decided
+    assert all(not r.mask.any() for r in results if not r.found)
