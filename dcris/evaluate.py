@@ -221,7 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 PROTOCOL_NAMES = {
-    "original": "gRefCOCO scored at each image's own resolution",
+    "original": "masks compared at each image's own resolution",
     "rela": f"gRefCOCO scored as ReLA's evaluation, images stretched to {RELA_SIDE}x{RELA_SIDE}",
 }
 
