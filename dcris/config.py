@@ -97,7 +97,13 @@ class HeadConfig:
     channels_last: bool = False  # run the head's convolutions on channels-last maps
     single_key_gate: bool = False  # sentence gate as out_proj(v_proj(f_s)): its softmax over one key is always 1
     no_target: bool = False  # also a "no object" logit from the decoder state (gRefCOCO: phrases naming nothing)
-    no_target_loss_weight: float = 1.0  # weight of its binary cross-entropy beside the mask loss
+    # weight of its cross-entropy beside the mask loss, and the class weights (a target, no target) of that
+    # cross-entropy: ReLA's criterion weighs its no-target loss 0.1 with class weights (0.9, 1.1)
+    no_target_loss_weight: float = 0.1
+    no_target_class_weights: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    # probability of "no object" above which the model says a phrase names nothing; `dcris eval
+    # --calibrate-no-target --save` writes the threshold best on a split here (an export without one keeps 0.5)
+    no_target_threshold: float = 0.5
 
 
 @dataclass
@@ -127,7 +133,10 @@ class DataConfig:
     workers: int = 2  # decoding threads / loader workers per rank
     hw_decoder_load: float = 0.65  # DALI on a GPU: share of the JPEGs for the hardware decoder (DALI's default)
     prefetch_depth: int = 2  # DALI: batches prepared ahead of the one trained on (DALI's default)
-    shuffle_buffer: int = 1000  # samples shuffled together (torch: the buffer; DALI: each permuted window)
+    shuffle_buffer: int = 1000  # units shuffled together (torch: the buffer; DALI: each permuted window)
+    # What a training epoch visits once: "object" (one sentence drawn per object, as the released DETRIS trains
+    # RefCOCO) or "sentence" (every (object, sentence) pair, as ReLA trains gRefCOCO: an epoch of sentences)
+    sample: str = "object"
     seed: int = 0  # data order seed
 
 
@@ -445,6 +454,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SAMPLING = ("object", "sentence")  # data.sample: what a training epoch visits once (dcris.data.common)
 
 
 def validate(cfg: Config) -> None:
@@ -477,6 +487,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {m.compile_mode!r}")
     if cfg.data.loader not in ("auto", "dali", "torch"):
         raise ConfigError(f"data.loader must be auto, dali or torch, got {cfg.data.loader!r}")
+    if cfg.data.sample not in SAMPLING:
+        raise ConfigError(f"data.sample must be {' or '.join(SAMPLING)}, got {cfg.data.sample!r}")
+    if not 0 < m.head.no_target_threshold < 1:
+        raise ConfigError(f"model.head.no_target_threshold must lie in (0, 1), got {m.head.no_target_threshold}")
+    weights = m.head.no_target_class_weights
+    if len(weights) != 2 or min(weights) <= 0 or m.head.no_target_loss_weight < 0:
+        raise ConfigError(
+            f"model.head.no_target_class_weights must be two positive numbers (a target, no target), got {weights}, "
+            f"and model.head.no_target_loss_weight >= 0, got {m.head.no_target_loss_weight}"
+        )
 
 
 def _validate_adapters(m: ModelConfig) -> None:

@@ -54,7 +54,7 @@ class Tile:
     truth: np.ndarray  # bool (h, w) ground truth, drawn as an outline
     prediction: np.ndarray  # bool (h, w) predicted mask, drawn filled
     caption: str  # the sentence
-    iou: float  # of ``prediction`` against ``truth``
+    verdict: str  # how the prediction fares: "IoU 0.73", "nothing there: right" (``dcris.pictures.verdict``)
     label: str = ""  # e.g. where the sample ranks in its split
 
 
@@ -81,7 +81,7 @@ def draw_tile(tile: Tile) -> Image.Image:
     lines = textwrap.wrap(f'"{tile.caption}"', width=34, max_lines=CAPTION_LINES, placeholder=' ..."')
     for k, line in enumerate(lines):
         draw.text((4, TILE + 4 + k * line_height), line, fill="black", font=font)
-    footer = f"IoU {tile.iou:.2f}" + (f"  {tile.label}" if tile.label else "")
+    footer = tile.verdict + (f"  {tile.label}" if tile.label else "")
     draw.text((4, TILE + 4 + CAPTION_LINES * line_height), footer, fill=(160, 0, 160), font=font)
     return canvas
 

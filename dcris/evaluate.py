@@ -32,8 +32,18 @@ from dcris.checkpoint import load_weights
 from dcris.data import build_loader, num_samples
 from dcris.data.common import generalized_split
 from dcris.errors import UserError
-from dcris.metrics import GresAccumulator, IoUAccumulator, format_table
+from dcris.export import CONFIG_FILE, is_export_folder, set_no_target_threshold
+from dcris.metrics import (
+    GresAccumulator,
+    IoUAccumulator,
+    NoTargetSweep,
+    best_threshold,
+    format_curve,
+    format_table,
+    plot_curve,
+)
 from dcris.model import split_output
+from dcris.protocol import PROTOCOLS, RELA_SIDE, StretchedTargets, stretched_targets
 from dcris.tokenizer import tokenize
 from dcris.train_setup import AUTOCAST_DTYPES, all_reduce_values, init_distributed, use_fixed_shape_kernels
 
@@ -67,7 +77,9 @@ def evaluate(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     on_batch: Callable[[str, dict[str, Any], list[float]], None] | None = None,
-) -> dict[str, dict[str, float | int]]:
+    protocol: str = "original",
+    calibrate_no_target: bool = False,
+) -> dict[str, dict[str, Any]]:
     """mIoU, oIoU and Pr@ per split (every (object, sentence) once over all ranks); gIoU, cIoU, N-acc, T-acc and
     Pr@ for a gRefCOCO split (``dcris.metrics.GresAccumulator``).
 
@@ -79,9 +91,13 @@ def evaluate(
             stay as they are.
         on_batch: Sees every batch of this rank with its per-sample IoUs (``dcris.pictures.IoURecorder`` keeps
             them for pictures); padding batches are never shown.
+        protocol: Where a gRefCOCO split's masks are compared (``dcris.protocol``): "original" or "rela".
+        calibrate_no_target: Also sweep the no-target threshold on each (gRefCOCO) split
+            (``dcris.metrics.NoTargetSweep``: its result gains ``no_target_curve``).
 
     Returns:
-        ``{split: IoUAccumulator.result()}``, or ``GresAccumulator.result()`` for a gRefCOCO split.
+        ``{split: IoUAccumulator.result()}``, or ``GresAccumulator.result()`` for a gRefCOCO split (at the
+        model's ``model.head.no_target_threshold``), each with ``protocol``.
     """
     device = torch.device(device)
     was_training = model.training
@@ -97,12 +113,16 @@ def evaluate(
             )  # fmt: skip
             progress = f"eval {split}" if rank == 0 else ""
             split_batches = functools.partial(on_batch, split) if on_batch else None
-            acc = GresAccumulator() if generalized_split(shards, split) else IoUAccumulator()  # gRefCOCO: GRES metrics
-            _score_rank(model, data, image_size, batch_size, device, dtype, progress, acc, split_batches)
+            generalized = generalized_split(shards, split)
+            if calibrate_no_target and not generalized:
+                raise UserError(f"--calibrate-no-target sweeps gRefCOCO splits; {split!r} of {shards} is not one")
+            targets = stretched_targets(shards, split, protocol, generalized)  # None: the original resolution
+            acc = (NoTargetSweep() if calibrate_no_target else GresAccumulator()) if generalized else IoUAccumulator()
+            _score_rank(model, data, image_size, batch_size, device, dtype, progress, acc, split_batches, targets)
             acc.all_reduce()
             if acc.count != expected:  # the loaders promise every pair exactly once over all ranks
                 raise RuntimeError(f"evaluated {acc.count} samples of {split!r}, the manifest lists {expected}")
-            results[split] = acc.result()
+            results[split] = acc.result() | {"protocol": protocol}
     finally:
         model.train(was_training)
     return results
@@ -118,6 +138,7 @@ def _score_rank(
     progress: str,
     acc: IoUAccumulator | GresAccumulator,
     on_batch: Callable[[dict[str, Any], list[float]], None] | None = None,
+    targets: StretchedTargets | None = None,
 ) -> None:
     """Adds this rank's samples to ``acc``, after as many forward passes as the rank with the most batches runs.
 
@@ -125,6 +146,7 @@ def _score_rank(
         progress: tqdm description ("" for no bar).
         acc: Where the samples go: RefCOCO-style sums, or gRefCOCO's for a generalized split.
         on_batch: Sees every real batch with its per-sample IoUs.
+        targets: ReLA's protocol: the split's targets in the stretched frame; None to score at the original size.
     """
     (steps,) = all_reduce_values([len(data)], dist.ReduceOp.MAX)
     padding = _padding_batch(image_size, data.context_length, device, batch_size)
@@ -142,7 +164,11 @@ def _score_rank(
             # unless on_batch wants the IoUs
             masks, sizes = batch["orig_mask"], batch["orig_size"]
             if isinstance(acc, GresAccumulator):
-                ious = acc.add_logits(logits, masks, sizes, image_size, batch["num_targets"], no_target_logits)
+                threshold, stretch = model.cfg.head.no_target_threshold, None if targets is None else targets.side
+                masks = masks if targets is None else targets.masks(batch["ref_id"].tolist())
+                ious = acc.add_logits(
+                    logits, masks, sizes, image_size, batch["num_targets"], no_target_logits, threshold, stretch
+                )
             else:
                 ious = acc.add_logits(logits, masks, sizes, image_size)
             if on_batch is not None:
@@ -193,6 +219,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
     parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"), help="data loader")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU, else the CPU)")
+    parser.add_argument(
+        "--protocol", default="original", choices=PROTOCOLS,
+        help="gRefCOCO: where masks are compared; original (default): each image's own size; rela: as the official "
+        "ReLA evaluation, every image stretched to 480x480, targets rasterised there from their polygons or RLE",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calibrate-no-target", action="store_true",
+        help="gRefCOCO: sweep the no-target threshold on the split (use val), print gIoU, cIoU, N-acc and T-acc per "
+        "threshold and plot them (no_target_curve_SPLIT.png beside --out, else in --pictures-dir or .)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--save", action="store_true",
+        help="with --calibrate-no-target: write the gIoU-best threshold into the export's config "
+        "(model.head.no_target_threshold), which predict, the page, serve and Segmenter then use",
+    )  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value",
@@ -201,12 +242,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+PROTOCOL_NAMES = {
+    "original": "masks compared at each image's own resolution",
+    "rela": f"gRefCOCO scored as ReLA's evaluation, images stretched to {RELA_SIDE}x{RELA_SIDE}",
+}
+
+
+def _report_calibration(args: argparse.Namespace, split: str, result: dict, current: float) -> None:
+    """Prints the no-target curve of ``split``, plots it, and with ``--save`` writes its gIoU-best threshold into
+    the export."""
+    curve = result["no_target_curve"]
+    best = best_threshold(curve)
+    print(f"\nno-target threshold on {split} ({args.protocol} protocol; the model's is {current:.2f}):")
+    print(format_curve(curve))
+    if split.startswith("test"):
+        print(f"note: {split} is a test split; a threshold chosen on it makes its figures optimistic (use val)")
+    folder = Path(args.pictures_dir or (Path(args.out).parent if args.out else "."))
+    folder.mkdir(parents=True, exist_ok=True)
+    plot = folder / f"no_target_curve_{split}.png"
+    plot_curve(curve, plot, f"{Path(args.weights).name}: no-target threshold on {split} ({args.protocol})")
+    print(
+        f"wrote {plot}\nbest gIoU at threshold {best['threshold']:.2f}: gIoU {100 * best['giou']:.2f}, cIoU "
+        f"{100 * best['ciou']:.2f}, N-acc {100 * best['n_acc']:.2f}, T-acc {100 * best['t_acc']:.2f}"
+    )
+    if args.save:
+        set_no_target_threshold(args.weights, best["threshold"])
+        print(f"saved model.head.no_target_threshold={best['threshold']:.2f} in {Path(args.weights) / CONFIG_FILE}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dcris eval`` and ``launch/eval.py``."""
     args = parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     splits = [s for s in args.splits.split(",") if s]
+    if args.save and not args.calibrate_no_target:
+        raise UserError("--save writes a calibrated no-target threshold: give --calibrate-no-target too")
+    if args.calibrate_no_target and len(splits) != 1:
+        raise UserError(f"--calibrate-no-target sweeps one split (val); got --splits {args.splits}")
+    if args.save and not is_export_folder(args.weights):
+        raise UserError(f"--save writes into an export folder's {CONFIG_FILE}; {args.weights!r} is not one")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
@@ -224,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(
         model, args.shards, splits, image_size=model.cfg.image_size, batch_size=args.batch_size, rank=rank,
         world_size=world, workers=args.workers, loader=args.loader, device=device, dtype=AUTOCAST_DTYPES[precision],
-        on_batch=recorder,
+        on_batch=recorder, protocol=args.protocol, calibrate_no_target=args.calibrate_no_target,
     )  # fmt: skip
     sheets = contact_sheets(model, recorder, args.shards, splits, args.pictures, rank) if recorder else {}
     if rank == 0:
-        print(format_table(results))
+        print(f"protocol: {args.protocol} ({PROTOCOL_NAMES[args.protocol]})\n{format_table(results)}")
+        if args.calibrate_no_target:
+            _report_calibration(args, splits[0], results[splits[0]], model.cfg.head.no_target_threshold)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2))

@@ -440,6 +440,28 @@ def read_export_config(path: str | Path) -> Config:
     return from_dict(json.loads(metadata["config"]))
 
 
+def is_export_folder(path: str | Path) -> bool:
+    """Whether ``path`` is an export folder (a ``config.json`` of this format beside the weights)."""
+    config = Path(path) / CONFIG_FILE
+    try:
+        return (Path(path) / WEIGHTS_FILE).is_file() and json.loads(config.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def set_no_target_threshold(path: str | Path, threshold: float) -> None:
+    """Records a calibrated no-target threshold (``model.head.no_target_threshold``) in an export folder's config,
+    replacing the file in one rename; everything else in it stays as it was."""
+    config = Path(path) / CONFIG_FILE
+    payload = json.loads(config.read_text())
+    payload["config"]["model"]["head"]["no_target_threshold"] = float(threshold)
+    from_dict(payload["config"])  # still a valid config: the threshold lies in (0, 1)
+    tmp = config.with_name(config.name + ".tmp")
+    with disk_full_is_user_error(config.parent):
+        tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(config)
+
+
 def download_allowed(overrides: list[str] | None) -> bool:
     """Whether the overrides hold ``model.allow_download=true``, the one switch that permits downloads."""
     return apply_overrides(Config(), overrides).model.allow_download

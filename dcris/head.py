@@ -441,10 +441,20 @@ def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), mask.float())
 
 
-def no_target_loss(no_target_logits: torch.Tensor, num_targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of the "no object" logits (B,) against whether each phrase names nothing
-    (``num_targets`` (B,) == 0), mean over the batch (float32)."""
-    return F.binary_cross_entropy_with_logits(no_target_logits.float(), (num_targets == 0).float())
+def no_target_loss(
+    no_target_logits: torch.Tensor, num_targets: torch.Tensor, class_weights: Sequence[float] = (1.0, 1.0)
+) -> torch.Tensor:
+    """Class-weighted binary cross-entropy of the "no object" logits (B,) against whether each phrase names nothing
+    (``num_targets`` (B,) == 0), float32.
+
+    ``class_weights`` are (a target, no target): each sample's loss is weighted by its class's weight and the sum
+    divided by the sum of those weights, as ``F.cross_entropy(weight=...)`` averages ReLA's two-class logits (a
+    sigmoid of one logit is a softmax of two whose difference it is).
+    """
+    truth = (num_targets == 0).float()
+    per_sample = F.binary_cross_entropy_with_logits(no_target_logits.float(), truth, reduction="none")
+    weights = torch.where(truth.bool(), float(class_weights[1]), float(class_weights[0]))
+    return (weights * per_sample).sum() / weights.sum()
 
 
 __all__ = [

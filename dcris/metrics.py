@@ -35,13 +35,15 @@ I and U come from the thresholded mask the model painted, also when it says noth
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dcris.data.letterbox import unletterbox_batch
+from dcris.config import HeadConfig
+from dcris.data.letterbox import stretch_batch, unletterbox_batch
 
 MASK_THRESHOLD = 0.35  # probability above which a pixel is foreground (released code)
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # Pr@t counts IoU > t
@@ -80,6 +82,15 @@ def padded_probabilities(logits: torch.Tensor, sizes: Sizes, image_size: int) ->
     prob = F.interpolate(torch.sigmoid(logits.float()), size=canvas, mode="bicubic", align_corners=True)
     out_shape = tuple(sizes.max(dim=0).values.tolist())  # on the CPU: no sync
     return unletterbox_batch(prob[:, 0], _to_device(sizes, logits.device), out_shape)
+
+
+def stretched_probabilities(logits: torch.Tensor, sizes: Sizes, image_size: int, side: int) -> torch.Tensor:
+    """float32 (B, side, side) probability maps in each original stretched to ``side`` x ``side`` (ReLA's frame),
+    from the logits of letterboxed S x S inputs: upsampled as :func:`padded_probabilities`, then warped by
+    ``dcris.data.letterbox.stretch_batch`` in one step."""
+    canvas = (image_size, image_size)
+    prob = F.interpolate(torch.sigmoid(logits.float()), size=canvas, mode="bicubic", align_corners=True)
+    return stretch_batch(prob[:, 0], _to_device(_sizes_tensor(sizes), logits.device), side)
 
 
 def padded_masks_from_logits(logits: torch.Tensor, sizes: Sizes, image_size: int) -> torch.Tensor:
@@ -225,7 +236,8 @@ class IoUAccumulator:
 
 
 GRES_PREC_THRESHOLDS = (0.7, 0.8, 0.9)  # gRefCOCO's Pr@t: target samples with IoU >= t
-NO_TARGET_THRESHOLD = 0.5  # probability of "no object" above which the model says the phrase names nothing
+# probability of "no object" above which a model says the phrase names nothing, unless its config says otherwise
+NO_TARGET_THRESHOLD = HeadConfig.no_target_threshold
 
 
 class GresAccumulator(IoUAccumulator):
@@ -292,6 +304,8 @@ class GresAccumulator(IoUAccumulator):
         image_size: int,
         num_targets: torch.Tensor,
         no_target_logits: torch.Tensor | None,
+        no_target_threshold: float = NO_TARGET_THRESHOLD,
+        stretch: int | None = None,
     ) -> torch.Tensor:
         """Adds a batch (the arguments of :meth:`IoUAccumulator.add_logits`, plus the no-target fields); nothing
         waits for the device.
@@ -300,18 +314,44 @@ class GresAccumulator(IoUAccumulator):
             num_targets: (B,) objects each phrase names (0: none), on the CPU.
             no_target_logits: (B,) the model's "no object" logits; None for a model without that output, which
                 then says "nothing" exactly when its mask is empty.
+            no_target_threshold: Probability of "no object" above which the model says the phrase names nothing.
+            stretch: None to score at the original resolution; a side (480) to score as ReLA's evaluation does,
+                in the original stretched to ``stretch`` x ``stretch`` (:func:`stretched_probabilities`), where
+                ``masks`` must then be (the targets rasterised there: ``dcris.protocol``).
 
         Returns:
             float64 (B,) gRefCOCO IoU of each sample, in batch order, on the logits' device.
         """
-        preds = padded_masks_from_logits(logits, sizes, image_size)
-        truths = pad_masks(masks, sizes, logits.device)
+        counts, truth_empty, no_target_probs = self.batch_counts(
+            logits, masks, sizes, image_size, num_targets, no_target_logits, stretch
+        )
+        return self.add(counts, truth_empty, no_target_probs > no_target_threshold)
+
+    @staticmethod
+    def batch_counts(
+        logits: torch.Tensor,
+        masks: Sequence[np.ndarray],
+        sizes: Sizes,
+        image_size: int,
+        num_targets: torch.Tensor,
+        no_target_logits: torch.Tensor | None,
+        stretch: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`add_logits` decides from, on the logits' device: int64 (B, 2) intersection and union of the
+        painted masks, bool (B,) whether each phrase names nothing, and float32 (B,) the "no object"
+        probabilities (without that output: 1 where the mask is empty, else 0)."""
+        if stretch is None:
+            preds = padded_masks_from_logits(logits, sizes, image_size)
+            truths = pad_masks(masks, sizes, logits.device)
+        else:
+            preds = stretched_probabilities(logits, sizes, image_size, stretch) > MASK_THRESHOLD
+            truths = pad_masks(masks, [(stretch, stretch)] * len(masks), logits.device)
         truth_empty = _to_device(torch.as_tensor(num_targets) == 0, logits.device)
         if no_target_logits is None:
-            said_empty = ~preds.flatten(1).any(dim=1)
+            no_target_probs = (~preds.flatten(1).any(dim=1)).float()
         else:
-            said_empty = torch.sigmoid(no_target_logits.float()) > NO_TARGET_THRESHOLD
-        return self.add(overlap_counts(preds, truths), truth_empty, said_empty)
+            no_target_probs = torch.sigmoid(no_target_logits.float())
+        return overlap_counts(preds, truths), truth_empty, no_target_probs
 
     def result(self) -> dict[str, float | int]:
         """``giou``, ``ciou``, ``n_acc``, ``t_acc``, ``prec@0.7`` .. ``prec@0.9`` (fractions in [0, 1]), ``count``
@@ -328,6 +368,86 @@ class GresAccumulator(IoUAccumulator):
         out.update({f"prec@{t}": sums[f"prec_hits@{t}"] / max(targets, 1) for t in GRES_PREC_THRESHOLDS})
         out.update(count=sums["count"], no_target=no_target)
         return out
+
+
+CALIBRATION_THRESHOLDS = tuple(round(0.02 * k, 2) for k in range(1, 50))  # 0.02 .. 0.98: 0.5 among them
+
+
+class NoTargetSweep(GresAccumulator):
+    """:class:`GresAccumulator` at the model's no-target threshold, and beside it one per threshold of a sweep,
+    all fed from the same painted masks (the mask does not depend on the threshold): the N-acc/T-acc trade-off."""
+
+    def __init__(self, thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> None:
+        super().__init__()
+        self.curve = {float(t): GresAccumulator() for t in thresholds}
+
+    def add_logits(
+        self,
+        logits: torch.Tensor,
+        masks: Sequence[np.ndarray],
+        sizes: Sizes,
+        image_size: int,
+        num_targets: torch.Tensor,
+        no_target_logits: torch.Tensor | None,
+        no_target_threshold: float = NO_TARGET_THRESHOLD,
+        stretch: int | None = None,
+    ) -> torch.Tensor:
+        """:meth:`GresAccumulator.add_logits`, the batch added to every threshold's sums too."""
+        counts, truth_empty, probs = self.batch_counts(
+            logits, masks, sizes, image_size, num_targets, no_target_logits, stretch
+        )
+        for threshold, acc in self.curve.items():
+            acc.add(counts, truth_empty, probs > threshold)
+        return self.add(counts, truth_empty, probs > no_target_threshold)
+
+    def all_reduce(self) -> None:
+        super().all_reduce()
+        for acc in self.curve.values():
+            acc.all_reduce()
+
+    def result(self) -> dict:
+        """:meth:`GresAccumulator.result` plus ``no_target_curve``: one row per threshold, ``threshold`` and that
+        threshold's result."""
+        rows = [dict(threshold=t, **acc.result()) for t, acc in self.curve.items()]
+        return super().result() | {"no_target_curve": rows}
+
+
+def best_threshold(curve: list[dict]) -> dict:
+    """The row of a ``no_target_curve`` with the best gIoU; ties go to the better cIoU, then to the threshold
+    nearest 0.5."""
+    return max(curve, key=lambda row: (row["giou"], row["ciou"], -abs(row["threshold"] - 0.5)))
+
+
+def format_curve(curve: list[dict]) -> str:
+    """A plain-text table of a ``no_target_curve`` (percentages), the gIoU-best row marked."""
+    best = best_threshold(curve)
+    lines = [f"{'threshold':>10}" + "".join(f"{c:>10}" for c in ("giou", "ciou", "n_acc", "t_acc"))]
+    for row in curve:
+        mark = "  <- best gIoU" if row is best else ""
+        values = "".join(f"{100 * row[c]:>10.2f}" for c in ("giou", "ciou", "n_acc", "t_acc"))
+        lines.append(f"{row['threshold']:>10.2f}{values}{mark}")
+    return "\n".join(lines)
+
+
+def plot_curve(curve: list[dict], path: str | Path, title: str) -> None:
+    """A PNG of a ``no_target_curve``: gIoU, cIoU, N-acc and T-acc against the threshold, the best gIoU marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    thresholds = [row["threshold"] for row in curve]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for key, label in (("giou", "gIoU"), ("ciou", "cIoU"), ("n_acc", "N-acc"), ("t_acc", "T-acc")):
+        ax.plot(thresholds, [100 * row[key] for row in curve], label=label)
+    best = best_threshold(curve)
+    ax.axvline(best["threshold"], color="gray", linestyle="--", label=f"best gIoU at {best['threshold']:.2f}")
+    ax.set(xlabel='no-target threshold (probability of "no object")', ylabel="%", title=title, xlim=(0, 1))
+    ax.legend(loc="lower center", ncol=5, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def format_table(results: dict[str, dict[str, float | int]]) -> str:

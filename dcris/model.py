@@ -60,7 +60,8 @@ class DCRIS(nn.Module):
         num_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sigmoid BCE against masks (B, 1, S, S) resized to the logits (SPEC 2); with the no-target output, plus
-        ``cfg.head.no_target_loss_weight`` times the BCE of the "no object" logits against ``num_targets`` == 0
+        ``cfg.head.no_target_loss_weight`` times the BCE of the "no object" logits against ``num_targets`` == 0,
+        class-weighted by ``cfg.head.no_target_class_weights`` (:func:`dcris.head.no_target_loss`)
         (the mask of a phrase naming nothing is empty, so the mask loss teaches it to paint nothing too).
 
         Args:
@@ -74,8 +75,10 @@ class DCRIS(nn.Module):
             return loss
         if num_targets is None:
             raise ValueError("a model with the no-target output needs num_targets (the batches' target counts)")
-        weight = self.cfg.head.no_target_loss_weight
-        return loss + weight * no_target_loss(no_target_logits, num_targets.to(no_target_logits.device))
+        head = self.cfg.head
+        num_targets = num_targets.to(no_target_logits.device)
+        nt_loss = no_target_loss(no_target_logits, num_targets, head.no_target_class_weights)
+        return loss + head.no_target_loss_weight * nt_loss
 
     def train(self, mode: bool = True) -> DCRIS:
         super().train(mode)

@@ -35,7 +35,7 @@ from torch import nn
 from dcris.config import Config, to_dict
 from dcris.data.letterbox import CLIP_MEAN, CLIP_MEAN_UINT8, CLIP_STD
 from dcris.errors import UserError
-from dcris.metrics import MASK_THRESHOLD, NO_TARGET_THRESHOLD
+from dcris.metrics import MASK_THRESHOLD
 from dcris.model import DCRIS, split_output
 from dcris.onnx_runtime import FACTS_FILE, FORMAT, INSTALL_HINT, INT8_MODEL_FILE, MODEL_FILE, OnnxRuntimeModel
 
@@ -195,7 +195,7 @@ def deployment_facts(config: Config, metrics: dict | None, int8: bool, opset: in
                 "sigmoid(no_target_logits) above no_target_threshold: the phrase names nothing, the mask is empty"
                 if m.head.no_target else None
             ),
-            "no_target_threshold": NO_TARGET_THRESHOLD if m.head.no_target else None,
+            "no_target_threshold": m.head.no_target_threshold if m.head.no_target else None,
         },
         "config": to_dict(config),
         "metrics": metrics,

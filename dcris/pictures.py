@@ -2,7 +2,8 @@
 
 Evaluation hands every batch's per-sample IoUs to an :class:`IoURecorder`; afterwards the chosen pairs are read
 back from the shards and predicted again through :class:`~dcris.segmenter.Segmenter`, and each tile shows the
-sentence, the ground truth as an outline, the prediction filled, and the IoU of that drawn prediction. Used by
+sentence, the ground truth as an outline, the prediction filled, and how that drawn prediction fares
+(:func:`verdict`: its IoU, or for a gRefCOCO phrase that names nothing whether the model said so). Used by
 ``dcris demo``, ``launch/eval.py --pictures N`` and, through TensorBoard, by evaluations during training.
 """
 
@@ -18,11 +19,11 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
-from dcris.data.common import read_manifest, split_info
+from dcris.data.common import generalized_split, read_manifest, split_info
 from dcris.draw import Tile, contact_sheet
 from dcris.metrics import IoUAccumulator
 from dcris.model import DCRIS
-from dcris.segmenter import Segmenter
+from dcris.segmenter import Segmentation, Segmenter
 
 
 class IoURecorder:
@@ -69,25 +70,45 @@ def read_samples(shards: str | Path, split: str, ref_ids: set[int]) -> dict[int,
                 image = im.convert("RGB")
             with Image.open(io.BytesIO(sample["mask.png"])) as im:
                 mask = np.asarray(im.convert("L")) > 127
-            found[int(meta[1])] = dict(image=image, mask=mask, sentences=record["sentences"])
+            targets = record.get("num_targets", 1)  # shards packed before the count: one object per ref
+            found[int(meta[1])] = dict(image=image, mask=mask, sentences=record["sentences"], num_targets=targets)
             if len(found) == len(ref_ids):
                 return found
     return found
+
+
+def verdict(result: Segmentation, truth: np.ndarray, num_targets: int, generalized: bool) -> str:
+    """How a drawn prediction fares, in words. A phrase that names nothing (gRefCOCO) is judged by the model's
+    decision -- "nothing there: right", or "painted N% of the image: wrong" -- as the metrics judge it (its pixel
+    IoU would be 0 however right the model is); any other phrase by the IoU of the drawn mask, a gRefCOCO one
+    also saying how many objects it names (and, where the model said nothing is there, that it did)."""
+    if generalized and num_targets == 0:
+        if not result.found:
+            return "nothing there: right"
+        return f"painted {100 * result.mask.mean():.0f}% of the image: wrong"
+    text = f"IoU {IoUAccumulator().add(result.mask, truth):.2f}"
+    if generalized and num_targets > 1:
+        text += f", names {num_targets} objects"
+    if generalized and not result.found:
+        text += ", said nothing there"
+    return text
 
 
 def split_sheet(segmenter: Segmenter, shards: str | Path, split: str, ranked: list, count: int) -> Image.Image:
     """The contact sheet of ``count`` pairs of a ranked split (see :meth:`IoURecorder.ranked`)."""
     positions = spread(len(ranked), count)
     samples = read_samples(shards, split, {ranked[p][1] for p in positions})
+    generalized = generalized_split(shards, split)
     tiles = []
     for position in positions:
         _, ref_id, sent_idx = ranked[position]
         sample = samples[ref_id]
         result = segmenter(sample["image"], sample["sentences"][sent_idx])
-        iou = IoUAccumulator().add(result.mask, sample["mask"])
+        said = verdict(result, sample["mask"], sample["num_targets"], generalized)
         rank = "best" if position == 0 else "worst" if position == len(ranked) - 1 else f"rank {position + 1}"
-        tiles.append(Tile(sample["image"], sample["mask"], result.mask, result.text, iou, f"{rank} of {len(ranked)}"))
-    title = f"{split}: {len(tiles)} of {len(ranked)} pairs, from the best to the worst evaluated IoU"
+        tiles.append(Tile(sample["image"], sample["mask"], result.mask, result.text, said, f"{rank} of {len(ranked)}"))
+    score = "gIoU" if generalized else "IoU"
+    title = f"{split}: {len(tiles)} of {len(ranked)} pairs, from the best to the worst evaluated {score}"
     return contact_sheet(tiles, title)
 
 

@@ -32,7 +32,7 @@ from dcris.config import Config
 from dcris.data.letterbox import letterbox_image, normalize_image
 from dcris.errors import UserError
 from dcris.export import ExportedWeights, download_allowed, save_export
-from dcris.metrics import MASK_THRESHOLD, NO_TARGET_THRESHOLD, probabilities_from_logits
+from dcris.metrics import MASK_THRESHOLD, probabilities_from_logits
 from dcris.model import DCRIS, ModelOutput, split_output
 from dcris.onnx_runtime import OnnxRuntimeModel
 from dcris.tokenizer import Truncation, tokenize, truncations
@@ -59,8 +59,10 @@ class Segmentation:
             read), else None; ``truncated`` says whether it was.
         target_probability: The model's probability that the phrase names something in the image (its no-target
             output, gRefCOCO); 1.0 for a model without that output.
-        found: False when the model says the phrase names nothing (``1 - target_probability > 0.5``, as the GRES
-            metrics count it): ``mask`` is then empty (``probability`` stays what the mask head painted).
+        found: False when the model says the phrase names nothing (``1 - target_probability`` above the
+            export's ``model.head.no_target_threshold``, 0.5 unless calibrated by ``dcris eval
+            --calibrate-no-target --save``; as the GRES metrics count it): ``mask`` is then empty
+            (``probability`` stays what the mask head painted).
     """
 
     text: str
@@ -282,7 +284,7 @@ class Segmenter:
         for prob, p_nothing in zip(probs, nothing.tolist(), strict=True):
             # bicubic overshoot, in place (a view of a temporary); the threshold lies inside [0, 1] and is unaffected
             prob = prob.clamp_(0, 1)
-            there = p_nothing <= NO_TARGET_THRESHOLD
+            there = p_nothing <= self.model.cfg.head.no_target_threshold
             mask = (prob > MASK_THRESHOLD) & there
             found.append((mask.cpu().numpy(), prob.cpu().numpy(), confidence(prob, mask), 1.0 - p_nothing, there))
         seconds = time.perf_counter() - start

@@ -189,7 +189,7 @@ def train_loader(cfg: Config, rank: int, world: int, device: torch.device, epoch
     return build_loader(
         d.shards, d.train_split, train=True, batch_size=cfg.train.micro_batch, image_size=cfg.model.image_size,
         rank=rank, world_size=world, seed=d.seed, workers=d.workers, loader=d.loader, device=str(device), epoch=epoch,
-        shuffle_buffer=d.shuffle_buffer, context_length=cfg.model.text.context_length,
+        shuffle_buffer=d.shuffle_buffer, sample=d.sample, context_length=cfg.model.text.context_length,
         hw_decoder_load=d.hw_decoder_load, prefetch_depth=d.prefetch_depth,
         mask_size=4 * cfg.model.image_size // cfg.model.vision.patch_size,  # the logits' side: the loss's resize
         start_batch=start_batch,
@@ -426,7 +426,12 @@ def evaluate_run(run: Run, splits: list[str]) -> dict:
                 )
             for split, sheet in sheets.items():
                 run.log.image(f"eval/{split}/pictures", sheet, run.step)
-    scalars = {f"eval/{split}/{k}": v for split, res in results.items() for k, v in res.items() if k != "count"}
+    scalars = {
+        f"eval/{split}/{k}": v
+        for split, res in results.items()
+        for k, v in res.items()
+        if k != "count" and isinstance(v, int | float)  # not the protocol's name
+    }
     epoch = run.step / run.steps_per_epoch
     run.log.record("metrics.jsonl", run.step, scalars, dict(step=run.step, epoch=epoch, results=results))
     run.log.print(f"evaluation at step {run.step}:\n{format_table(results)}")

@@ -65,10 +65,11 @@ def _images_per_second(shards: Path, split: str, loader: str, device: str, args:
 
 
 def _encoded_batches(data: Any, plans: Iterator[tuple[Any, int]]) -> Callable[[], tuple[list, list]]:
-    """A DALI source (no argument: DALI then passes none) of the planned batches' encoded JPEGs and PNGs."""
+    """A DALI source (no argument: DALI then passes none) of the planned batches' encoded JPEGs and PNGs (each plan:
+    rows of sample position and sentence, and the count of real ones)."""
 
     def source() -> tuple[list, list]:
-        return data.encoded(next(plans)[0])
+        return data.encoded(next(plans)[0][:, 0])
 
     return source
 

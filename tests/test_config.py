@@ -57,6 +57,7 @@ def test_file_then_overrides(tmp_path):
         ("model.adapters.vision_layers=1,12", r"vision_layers \[1, 12\] must be distinct block indices in \[0, 12\)"),
         ("model.image_size=450", "not a multiple of the patch size"),
         ("train.precision=fp8", "train.precision must be"),
+        ("data.sample=sentences", "data.sample must be object or sentence, got 'sentences'"),
         ("epochs", "not of the form key=value"),
     ],
 )

@@ -8,6 +8,7 @@ import pickle
 import random
 import shutil
 import tarfile
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -441,16 +442,63 @@ def test_training_batches(shards: Path, release: Path, refs: dict, loader: str) 
     assert not later[0].keys() & later[1].keys() and later[0].keys() != first.keys()
 
 
+def _shard_sentences(shards: Path, split: str) -> Counter:
+    """(ref_id, token row) of every sentence of every sample of a split, read from the tars with tarfile."""
+    pairs: Counter = Counter()
+    for shard in json.loads((shards / "manifest.json").read_text())["splits"][split]["shards"]:
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shards / shard["tar"]) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for fields in samples.values():
+            ref_id = json.loads(fields["json"])["ref_id"]
+            pairs.update((ref_id, tuple(row)) for row in np.load(io.BytesIO(fields["tokens.npy"])).tolist())
+    return pairs
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_sentence_sampling_visits_every_pair_once_an_epoch(shards: Path, loader: str) -> None:
+    expected = _shard_sentences(shards, "train")
+    assert sum(expected.values()) > len(_shard_of_each_object(shards, "train"))  # objects of several sentences
+
+    def visited(world_size: int, batch_size: int, epoch: int) -> tuple[Counter, list[int]]:
+        pairs: Counter = Counter()
+        lengths = []
+        for rank in range(world_size):
+            ld = build_loader(
+                shards, "train", train=True, batch_size=batch_size, image_size=16, rank=rank, world_size=world_size,
+                seed=2, epoch=epoch, workers=2 if loader == "torch" else 1, shuffle_buffer=16, loader=loader,
+                sample="sentence",
+            )  # fmt: skip
+            out = list(ld)
+            assert len(out) == len(ld) and all(len(b["ref_id"]) == batch_size for b in out)
+            lengths.append(len(out))
+            pairs.update(
+                (int(r), tuple(t)) for b in out for r, t in zip(b["ref_id"], b["tokens"].tolist(), strict=True)
+            )
+        return pairs, lengths
+
+    pairs, lengths = visited(2, 1, epoch=0)  # batches of one: no tail is dropped
+    assert pairs == expected  # every (object, sentence) pair of the shards once, over both ranks
+    total = sum(expected.values())
+    assert lengths == [total // 2, total - total // 2]
+    pairs, lengths = visited(2, 3, epoch=1)  # the epoch is the sentences', cut into full batches on every rank
+    assert lengths == [(total // 2) // 3] * 2
+    assert not pairs - expected and total - pairs.total() < 2 * 3 + 1  # none twice; only the ranks' tails left
+
+
+@pytest.mark.parametrize("sample", ["object", "sentence"])
 @pytest.mark.parametrize("loader", LOADERS)
 def test_a_resumed_epoch_starts_mid_way_without_decoding_what_it_skips(
-    shards: Path, loader: str, monkeypatch: pytest.MonkeyPatch
+    shards: Path, loader: str, sample: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dcris.data import dali_loader, torch_loader
 
     def batches(start: int, workers: int) -> list[dict]:
         ld = build_loader(
             shards, "train", train=True, batch_size=2, image_size=16, seed=3, epoch=1, workers=workers,
-            shuffle_buffer=8, loader=loader, start_batch=start,
+            shuffle_buffer=8, loader=loader, start_batch=start, sample=sample,
         )  # fmt: skip
         out = list(ld)
         assert len(out) == len(ld) == ld.epoch_batches() - start

@@ -430,7 +430,11 @@ def test_no_target_logit_and_loss_match_a_hand_computation():
     masks[0] = 0  # a phrase naming nothing has the empty mask
     num_targets = torch.tensor([0, 1, 3, 1])
     z, y = no_target_logits.detach().double().numpy(), np.array([1.0, 0, 0, 0])
-    bce = np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))))  # stable BCE with logits
+    # ReLA's F.cross_entropy over two logits (0, z) with class weights (0.9, 1.1): sum(w_y * loss) / sum(w_y)
+    two = np.stack([np.zeros_like(z), z], axis=1)
+    log_softmax = two - np.log(np.exp(two).sum(axis=1, keepdims=True))
+    w = np.where(y == 1, 1.1, 0.9)
+    bce = np.sum(w * -log_softmax[np.arange(4), y.astype(int)]) / w.sum()
     rows = np.arange(32) * 112 // 32  # nearest resize 112 -> 32 (the logits' side): pixel floor(i * 112 / 32)
     x, t = logits.detach().double().numpy(), masks.double().numpy()[:, :, rows][:, :, :, rows]
     mask_bce = np.mean(np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x))))
@@ -451,11 +455,12 @@ def test_an_export_made_before_the_no_target_output_loads_and_predicts_the_same(
     model = build_model(cfg.model, pretrained=False).eval()
     folder = save_export(model.state_dict(), cfg, tmp_path / "old")
     payload = json.loads((folder / CONFIG_FILE).read_text())
-    for key in ("no_target", "no_target_loss_weight"):
+    for key in ("no_target", "no_target_loss_weight", "no_target_class_weights", "no_target_threshold"):
         del payload["config"]["model"]["head"][key]  # the config as recorded before these fields existed
     (folder / CONFIG_FILE).write_text(json.dumps(payload))
     loaded = load_exported(folder)
     assert loaded.head.no_target is None and not any("no_target" in k for k in loaded.state_dict())
+    assert loaded.cfg.head.no_target_threshold == 0.5  # an export made before calibration decides at 0.5
     images, tokens = torch.randn(2, 3, 112, 112), random_tokens(2)
     with torch.no_grad():
         assert torch.equal(loaded(images, tokens), model(images, tokens))

@@ -83,9 +83,14 @@ def test_context_length_follows_the_released_configs(
     assert _pack(root, release, tmp_path / "b", *argv) == 0
     reference = open_clip.get_tokenizer("ViT-B-16")  # open_clip truncates the same way (end token kept last)
     for shards, length in ((gref_umd, 22), (tmp_path / "a" / "refcoco", 17), (tmp_path / "b" / "refcocog", 17)):
-        assert json.loads((shards / "manifest.json").read_text())["context_length"] == length
+        manifest = json.loads((shards / "manifest.json").read_text())
+        assert manifest["context_length"] == length
         samples = _samples(shards, "val")
         assert samples
+        # every sentence whose tokens (start and end included) outnumber the context is counted as cut
+        everything = [s for sample in samples for s in sample["info"]["sentences"]]
+        cut = sum(int((reference([s], context_length=77)[0] != 0).sum()) > length for s in everything)
+        assert manifest["splits"]["val"]["truncated_sentences"] == cut == (len(samples) if length == 17 else 0)
         for sample in samples:
             tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
             sentences = sample["info"]["sentences"]
@@ -370,8 +375,9 @@ def _as_grefcoco(gres_release: Path, root: Path, edit: Callable[[list[dict], dic
 
 
 def _spoil(refs: list[dict], instances: dict) -> None:
-    """Marks one part of a multi-target ref crowd, makes a one-object ref all-crowd, drops an annotation, and
-    sets a contradicting no_target flag (val refs, so the test knows where to look)."""
+    """Marks one part of a multi-target ref crowd, makes a one-object ref all-crowd, drops an annotation, sets a
+    contradicting no_target flag, gives an object a 4-coordinate polygon beside its own and another only one of 4
+    and one of 5 coordinates, and spaces one raw sentence oddly (val refs, so the test knows where to look)."""
     val = [r for r in refs if r["split"] == "val"]
     anns = {a["id"]: a for a in instances["annotations"]}
     multi = [r for r in val if len(r["ann_id"]) > 1]
@@ -384,6 +390,11 @@ def _spoil(refs: list[dict], instances: dict) -> None:
     missing["ann_id"] = [123_456]
     contradiction = next(r for r in single if r not in (crowd_only, missing))
     contradiction["no_target"] = True
+    spoilt = {a for r in (multi[0], crowd_only, missing, contradiction) for a in r["ann_id"]}
+    short = [r for r in single if r not in (crowd_only, missing, contradiction) and r["ann_id"][0] not in spoilt]
+    anns[short[0]["ann_id"][0]]["segmentation"].append([1.0, 1.0, 3.0, 3.0])  # dropped, the object stays
+    anns[short[1]["ann_id"][0]]["segmentation"] = [[0.0, 0.0, 9.0, 0.0], [0.0, 0.0, 9.0, 0.0, 9.0]]  # none left
+    short[2]["sentences"][0]["raw"] = "  The\tthing   there \n"
 
 
 def test_grefcoco_packs_unions_empty_masks_and_target_counts(gres_release: Path, tmp_path: Path) -> None:
@@ -400,39 +411,53 @@ def test_grefcoco_packs_unions_empty_masks_and_target_counts(gres_release: Path,
         samples = _samples(shards, split)
         skipped = {s["ref_id"]: s["reason"] for s in info["skipped"]}
         assert len(samples) + len(skipped) == sum(r["split"] == split for r in refs.values())
-        want_crowd, no_target, multi = 0, [0, 0], [0, 0]
+        want = dict(crowd_parts=0, short_polygons=0, objects_without_polygons=0, no_target_contradictions=0)
+        no_target, multi = [0, 0], [0, 0]
         for sample in samples:
             ref = refs[sample["info"]["ref_id"]]
             image = images[ref["image_id"]]
             union = np.zeros((image["height"], image["width"]), dtype=np.uint8)
             listed = [] if ref["ann_id"] == [-1] else [anns[a] for a in ref["ann_id"]]
-            kept = [a for a in listed if not a["iscrowd"]]
-            want_crowd += len(listed) - len(kept)
-            for a in kept:  # pycocotools' own rendering of every polygon, OR-ed
-                rle = mask_utils.frPyObjects(a["segmentation"], image["height"], image["width"])
+            kept, polygons = [], []
+            for a in (a for a in listed if not a["iscrowd"]):  # ReLA's loader: polygons of 6 coordinates or more
+                valid = [p for p in a["segmentation"] if len(p) >= 6 and len(p) % 2 == 0]
+                want["short_polygons"] += len(a["segmentation"]) - len(valid)
+                want["objects_without_polygons"] += not valid
+                kept, polygons = (kept + [a], polygons + [valid]) if valid else (kept, polygons)
+            want["crowd_parts"] += sum(a["iscrowd"] for a in listed)
+            for valid in polygons:  # pycocotools' own rendering of every polygon, OR-ed
+                rle = mask_utils.frPyObjects(valid, image["height"], image["width"])
                 union |= mask_utils.decode(rle).max(axis=2)
             got = (np.asarray(Image.open(io.BytesIO(sample["mask.png"]))) > 127).astype(np.uint8)
             np.testing.assert_array_equal(got, union)
+            assert sample["info"]["segmentations"] == polygons  # what --protocol rela rasterises
+            assert sample["info"]["sentences"] == [" ".join(s["raw"].split()) for s in ref["sentences"]]
             meta = np.frombuffer(sample["meta"], dtype="<i8")
             assert len(meta) == 8 and meta[7] == len(kept) == sample["info"]["num_targets"]
             assert meta[3] == (kept[0]["id"] if kept else -1) and sample["info"]["ann_ids"] == [a["id"] for a in kept]
             count = [1, len(sample["info"]["sentences"])]
             no_target = [a + b for a, b in zip(no_target, count, strict=True)] if not kept else no_target
-            multi = [a + b for a, b in zip(multi, count, strict=True)] if len(kept) > 1 else multi
-        assert info["no_target"] == dict(objects=no_target[0], sentences=no_target[1])
-        assert info["multi_target"] == dict(objects=multi[0], sentences=multi[1])
-        assert info["crowd_parts"] == want_crowd
+            # gRefCOCO's statistics count a ref multi-target by the objects it lists, crowd parts too
+            multi = [a + b for a, b in zip(multi, count, strict=True)] if len(listed) > 1 else multi
         expected = {}
         for r in (r for r in refs.values() if r["split"] == split):
-            if r["ann_id"] == [123_456]:
-                expected[r["ref_id"]] = "annotation 123456 missing"
-            elif r["ann_id"] != [-1] and all(anns[a]["iscrowd"] for a in r["ann_id"]):
-                expected[r["ref_id"]] = "every listed object is a crowd annotation"
-            elif r["no_target"] != (r["ann_id"] == [-1]):
+            non_crowd = [anns[a] for a in r["ann_id"] if a in anns and not anns[a]["iscrowd"]]
+            if r["no_target"] != (r["ann_id"] == [-1]):
                 expected[r["ref_id"]] = f"no_target is {r['no_target']} but ann_id lists 1 object(s)"
+                want["no_target_contradictions"] += 1
+            elif r["ann_id"] == [123_456]:
+                expected[r["ref_id"]] = "annotation 123456 missing"
+            elif r["ann_id"] != [-1] and not non_crowd:
+                expected[r["ref_id"]] = "every listed object is a crowd annotation"
+            elif r["ann_id"] != [-1] and all(max(map(len, a["segmentation"])) < 6 for a in non_crowd):
+                expected[r["ref_id"]] = "no listed object has a polygon of 6 or more coordinates (or is not a crowd)"
         assert skipped == expected
+        assert info["no_target"] == dict(objects=no_target[0], sentences=no_target[1])
+        assert info["multi_target"] == dict(objects=multi[0], sentences=multi[1])
+        assert {k: info[k] for k in want} == want and info["sentences_without_raw"] == 0
         if split == "val":  # every kind of spoilt ref was seen
-            assert want_crowd >= 1 and no_target[0] > 0 and multi[0] > 0 and len(set(expected.values())) == 3
+            assert no_target[0] > 0 and multi[0] > 0 and len(set(expected.values())) == 4
+            assert min(want.values()) >= 1
     total = sum(len(r["sentences"]) for r in refs.values())
     assert manifest["count_check"]["differences"] == [
         f"all splits: {total:,} sentences in the release, published 259,859 ({total - 259859:+,})"

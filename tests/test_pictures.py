@@ -58,7 +58,7 @@ def test_tile_shows_truth_outline_prediction_and_caption():
     truth[10:40, 20:60] = True
     prediction = np.zeros_like(truth)
     prediction[10:40, 50:90] = True
-    tile = draw_tile(Tile(image, truth, prediction, "the grey box", 0.2, "best of 3"))
+    tile = draw_tile(Tile(image, truth, prediction, "the grey box", "IoU 0.20", "best of 3"))
     pixels = np.asarray(tile)
     assert tile.width == 256 and tile.height > 256  # caption area under the image
     picture = pixels[:128]  # 100 x 50 scaled to 256 x 128, top aligned at (256 - 128) / 2 = 64
@@ -136,3 +136,26 @@ def test_contact_sheet_of_a_training_bf16_cuda_model(tiny_segmenter, shards):
     assert model.training
     sheet = contact_sheets(model, recorder, shards, ["val"], 3)["val"]
     assert model.training and sheet.width == 3 * (256 + 8) + 8
+
+
+def test_verdicts_say_what_happened_to_each_kind_of_phrase():
+    """A no-target phrase is judged by the decision, a target phrase by the drawn IoU (hand-counted masks)."""
+    from dcris.pictures import verdict
+    from dcris.segmenter import Segmentation
+
+    truth = np.zeros((10, 20), dtype=bool)
+    truth[2:6, 3:8] = True  # 20 pixels
+    painted = np.zeros_like(truth)
+    painted[2:6, 5:10] = True  # 20 pixels, 12 of them inside the truth: IoU 12 / 28
+
+    def result(mask: np.ndarray, found: bool) -> Segmentation:
+        return Segmentation("a phrase", mask, mask.astype(np.float32), 1.0, 0.0, None, float(found), found)
+
+    empty = np.zeros_like(truth)
+    assert verdict(result(empty, False), empty, 0, True) == "nothing there: right"
+    assert verdict(result(painted, True), empty, 0, True) == "painted 10% of the image: wrong"  # 20 of 200 pixels
+    assert verdict(result(empty, True), empty, 0, True) == "painted 0% of the image: wrong"  # said "there", drew none
+    assert verdict(result(painted, True), truth, 1, True) == "IoU 0.43"
+    assert verdict(result(painted, True), truth, 3, True) == "IoU 0.43, names 3 objects"
+    assert verdict(result(empty, False), truth, 2, True) == "IoU 0.00, names 2 objects, said nothing there"
+    assert verdict(result(painted, True), truth, 1, False) == "IoU 0.43"  # RefCOCO: the IoU alone

@@ -169,6 +169,18 @@ def test_dali_and_torch_loaders_give_the_same_training_samples(shards: Path) -> 
         assert layouts[0] == layouts[1] and layouts[0][0]["image"] == ((4, 3, size, size), torch.float32, "cpu")
 
 
+def test_the_trainers_epoch_follows_data_sample(shards: Path) -> None:
+    """steps an epoch = objects // batch under object sampling, the shards' sentences // batch under sentence."""
+    manifest = json.loads((shards / "manifest.json").read_text())["splits"]["train"]
+    sentences = sum(sum(shard["sentence_counts"]) for shard in manifest["shards"])
+    assert sentences > manifest["objects"]
+    cfg = preset("tiny-dcris")
+    cfg.data.shards, cfg.data.loader, cfg.train.micro_batch = str(shards), "torch", 4
+    for sample, units in (("object", manifest["objects"]), ("sentence", sentences)):
+        cfg.data.sample = sample
+        assert len(train_loader(cfg, 0, 1, torch.device("cpu"), epoch=0)) == units // 4
+
+
 @pytest.fixture(scope="module")
 def gres_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic gRefCOCO release (shards/synth.py --gres, 24 images) packed: train, val, testA, testB."""

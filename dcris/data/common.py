@@ -12,14 +12,21 @@ Each loader (DALI, PyTorch) only turns shard samples into *object batches* -- on
     meta         int64 (B, 8) on the CPU: sample_index, ref_id, image_id, ann_id, height, width, num_sentences,
                  num_targets ((B, 7) from shards packed before num_targets: see :func:`target_counts`)
     orig_mask    evaluation only: list of B uint8 (h, w) arrays in {0, 1}
+    sentence     training with ``sample="sentence"`` only: int64 (B,) on the CPU, the sentence of each item
 
 :class:`ShardLoader` turns those into the batches trainers see (the contract in ``dcris.data``): training
-picks one sentence per object, evaluation emits one item per (object, sentence) and re-batches.
+takes one sentence per item, evaluation emits one item per (object, sentence) and re-batches.
+
+What a training epoch visits (``sample``, :func:`shard_units`): ``"object"`` visits every object once, with one
+of its sentences drawn from (seed, epoch, sample), as the released DETRIS trains RefCOCO; ``"sentence"`` visits
+every (object, sentence) pair once, as ReLA trains gRefCOCO, so an object of K sentences is read K times an
+epoch and the epoch holds the split's sentences, not its objects. Both loaders read these *units* in place of
+samples: every count and range below is of units (of objects for evaluation, which visits every pair anyway).
 
 Sharding across ranks (exact, the same in both loaders): the split's shards are put in the epoch's order -- the
 manifest's order for evaluation, for training a permutation drawn from (seed, epoch), the same on every rank,
 so every epoch cuts the data differently and a resumed epoch reads exactly what it read before -- and their
-samples are cut into ``world_size`` contiguous ranges, rank r reading ``[r * N // W, (r + 1) * N // W)``: the
+units are cut into ``world_size`` contiguous ranges, rank r reading ``[r * N // W, (r + 1) * N // W)``: the
 split NVIDIA DALI's readers make for ``shard_id``/``num_shards``. For evaluation every sample is read once over
 all ranks, in order. Training yields ``(N // W) // batch_size`` full batches on every rank, so ranks never
 disagree on the number of steps. (The packer shuffled every split once, so any range mixes images and, for a
@@ -40,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcris.config import SAMPLING
 from dcris.errors import UserError
 
 META_FIELDS = ("sample_index", "ref_id", "image_id", "ann_id", "height", "width", "num_sentences", "num_targets")
@@ -146,6 +154,26 @@ def sentence_index(seed: int, epoch: int, sample_index: int, num_sentences: int)
     return int(np.random.default_rng((seed, epoch, sample_index)).integers(num_sentences))
 
 
+def shard_units(sentence_counts: list[int], sample: str) -> tuple[np.ndarray, np.ndarray]:
+    """What an epoch visits of one shard, in the shard's order (module docstring).
+
+    Args:
+        sentence_counts: Sentences of each sample of the shard (its manifest entry's ``sentence_counts``).
+        sample: ``"object"`` or ``"sentence"``.
+
+    Returns:
+        int64 (U,) the sample (position in the shard) of each unit, and int64 (U,) its sentence: every sample
+        once with sentence -1 (drawn per epoch by :func:`sentence_index`) for ``"object"``; every (sample,
+        sentence) pair, a sample's sentences in order, for ``"sentence"``.
+    """
+    counts = np.asarray(sentence_counts, dtype=np.int64)
+    if sample == "object":
+        return np.arange(len(counts)), np.full(len(counts), -1)
+    starts = np.cumsum(counts) - counts  # (n,) the first unit of every sample
+    samples = np.repeat(np.arange(len(counts)), counts)
+    return samples, np.arange(int(counts.sum())) - starts[samples]
+
+
 def target_counts(meta: torch.Tensor) -> torch.Tensor:
     """int64 (B,) objects in each sample's target (0: its phrases name nothing) from meta (B, 8); meta of the older
     7 fields (shards packed before the count was recorded, all REFER releases of one object per ref) gives 1."""
@@ -180,7 +208,7 @@ class ShardLoader:
     Args:
         shards_dir: Directory with ``manifest.json`` and the shards.
         split: Split to read.
-        train: Training (shuffled, one random sentence per object, full batches only) or evaluation
+        train: Training (shuffled, one sentence per unit, full batches only) or evaluation
             (in order, every sentence, last batch partial).
         batch_size: Items per batch on this rank.
         image_size: Side of the letterboxed square.
@@ -191,7 +219,7 @@ class ShardLoader:
         device: Where image, mask and tokens are put.
         epoch: Epoch to iterate (when training, it changes the shard order, hence the rank's range, the order
             within it and the sentence choice).
-        shuffle_buffer: Samples in the training shuffle buffer.
+        shuffle_buffer: Units in the training shuffle buffer.
         context_length: Tokens per sentence the model reads; when given, shards of another length are a user
             error (one line naming both lengths).
         mask_size: Side of the training ``mask`` (default: ``image_size``): the canvas mask resized (nearest) to
@@ -199,6 +227,8 @@ class ShardLoader:
             Evaluation's mask stays at ``image_size``.
         start_batch: Training only: batches of the epoch already consumed (a resumed run's position). Iteration
             begins after them, and neither loader decodes the samples they hold.
+        sample: Training only: what an epoch visits once, ``"object"`` or ``"sentence"`` (module docstring);
+            evaluation visits every (object, sentence) pair whatever it is.
     """
 
     def __init__(
@@ -219,7 +249,10 @@ class ShardLoader:
         context_length: int | None = None,
         mask_size: int | None = None,
         start_batch: int = 0,
+        sample: str = "object",
     ) -> None:
+        if sample not in SAMPLING:
+            raise ValueError(f"sample must be one of {', '.join(SAMPLING)}, got {sample!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if start_batch and not train:
@@ -240,6 +273,7 @@ class ShardLoader:
         self.shuffle_buffer = shuffle_buffer
         self.mask_size = mask_size if train and mask_size is not None else image_size
         self.start_batch = start_batch
+        self.sample = sample if train else "object"  # evaluation reads objects and emits all their sentences
         self.context_length = int(manifest["context_length"])
         if context_length is not None:
             check_context_length(context_length, self.context_length, shards_dir)
@@ -260,6 +294,14 @@ class ShardLoader:
             return list(range(count))
         return np.random.default_rng((self.seed, epoch)).permutation(count).tolist()
 
+    def units(self, shard: dict) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`shard_units` of one shard entry under this loader's ``sample``."""
+        return shard_units(shard["sentence_counts"], self.sample)
+
+    def num_units(self) -> int:
+        """Units of the split over all ranks: its objects, or its (object, sentence) pairs under sentence sampling."""
+        return sum(len(self.units(s)[0]) for s in self.info["shards"])
+
     def __len__(self) -> int:
         """Batches this rank yields in one epoch (after ``start_batch``)."""
         if self.train:
@@ -270,8 +312,8 @@ class ShardLoader:
 
     def epoch_batches(self) -> int:
         """Training batches of a whole epoch on this rank: the same on every rank, and ``N // global batch`` steps
-        for any number of ranks at one global batch (``(N // W) // B == N // (W * B)``)."""
-        return (self.info["objects"] // self.world_size) // self.batch_size
+        for any number of ranks at one global batch (``(N // W) // B == N // (W * B)``), N counting units."""
+        return (self.num_units() // self.world_size) // self.batch_size
 
     def object_batches(self) -> Iterator[dict[str, Any]]:
         """Object batches (module docstring) of this rank's range for the current epoch, after ``start_batch``."""
@@ -289,7 +331,7 @@ class ShardLoader:
             return
         for step, batch in enumerate(self.object_batches()):
             meta = batch["meta"]
-            choice = [sentence_index(self.seed, self.epoch, int(m[0]), int(m[6])) for m in meta]  # one per object
+            choice = self.chosen_sentences(batch)  # one per item
             device = batch["tokens_all"].device
             rows = torch.arange(len(choice), device=device)
             tokens = batch["tokens_all"][rows, to_device(torch.tensor(choice), device)]  # (B, L)
@@ -299,6 +341,13 @@ class ShardLoader:
             )  # fmt: skip
             if step + 1 == steps:
                 return
+
+    def chosen_sentences(self, batch: dict[str, Any]) -> list[int]:
+        """The sentence each item of an object batch trains on: its unit's under sentence sampling, else the one
+        drawn for its object from (seed, epoch, sample)."""
+        if self.sample == "sentence":
+            return batch["sentence"].tolist()
+        return [sentence_index(self.seed, self.epoch, int(m[0]), int(m[6])) for m in batch["meta"]]
 
     def _eval_batches(self) -> Iterator[dict[str, Any]]:
         pending: dict[str, Any] | None = None

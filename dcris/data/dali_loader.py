@@ -1,13 +1,14 @@
 """The NVIDIA DALI loader: one pipeline per run, fed the encoded bytes of the samples each batch needs.
 
-Reading: the loader plans every batch itself -- the rank's range of the epoch's shard order
-(:mod:`dcris.data.common`), for training shuffled within consecutive windows of ``shuffle_buffer`` samples by a
-permutation drawn from (seed, epoch, rank) -- and an external source hands the pipeline the ``jpg`` and
-``mask.png`` bytes of those samples, sliced from the memory-mapped tars at the offsets their ``.idx`` lists. The
-plan is a function of (seed, epoch, rank) alone, so the pipeline runs on from one epoch into the next (its
-prefetch crosses the boundary) and a resumed epoch reads exactly what it read before. Pipelines are kept per
-loader configuration for the process: the loader of the next epoch continues its predecessor's pipeline; one
-that starts anywhere else (another epoch, after an epoch left unfinished) gets a fresh one.
+Reading: the loader plans every batch itself -- the rank's range of the units (:mod:`dcris.data.common`: objects,
+or (object, sentence) pairs) in the epoch's shard order, for training shuffled within consecutive windows of
+``shuffle_buffer`` units by a permutation drawn from (seed, epoch, rank) -- and an external source hands the
+pipeline the ``jpg`` and ``mask.png`` bytes of those units' samples, sliced from the memory-mapped tars at the
+offsets their ``.idx`` lists. The plan is a function of (seed, epoch, rank) alone, so the pipeline runs on from one
+epoch into the next (its prefetch crosses the boundary) and a resumed epoch reads exactly what it read before.
+Pipelines are kept per loader configuration for the process: the loader of the next epoch continues its
+predecessor's pipeline; one that starts anywhere else (another epoch, after an epoch left unfinished) gets a fresh
+one.
 
 Tokens and meta never enter the graph: each shard's ``tables.npz`` (``shards/pack.py``) is loaded once, and a
 batch takes its rows of the int32 token table and the int64 meta table by position, on the host, with no
@@ -252,8 +253,9 @@ class SplitData:
 class _Stream:
     """A DALI pipeline running through a loader's batch plans, epoch after epoch, and where its consumer is.
 
-    The source (called by DALI ahead of the consumer, up to the prefetch depth) records each batch's positions in
-    ``pending``; the consumer takes them back in the same order, with the pipeline's outputs.
+    The source (called by DALI ahead of the consumer, up to the prefetch depth) records each batch's units (rows
+    of sample position and sentence: :meth:`DaliShardLoader.epoch_units`) in ``pending``; the consumer takes
+    them back in the same order, with the pipeline's outputs.
     """
 
     def __init__(self, loader: DaliShardLoader) -> None:
@@ -274,16 +276,16 @@ class _Stream:
         self.pipeline.build()
 
     def _feed(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        positions, count = next(self.plans)
-        self.pending.append((positions, count))
-        return self.data.encoded(positions)
+        units, count = next(self.plans)
+        self.pending.append((units, count))
+        return self.data.encoded(units[:, 0])
 
     def _decode_error(self, dali_error: str, where: str) -> UserError:
         """The error for a batch DALI failed on: naming the shard of the sample PIL cannot decode either, among
         those fed and not yet taken, else naming ``where`` (split and folder)."""
         lines = dali_error.strip().splitlines()
         reason = next((line.strip() for line in lines if "failure" in line.lower()), lines[0] if lines else "")
-        fed = np.concatenate([positions for positions, _ in self.pending]) if self.pending else np.zeros(0, int)
+        fed = np.concatenate([units[:, 0] for units, _ in self.pending]) if self.pending else np.zeros(0, int)
         return self.data.undecodable(fed, reason) or UserError(
             f"DALI could not read a batch of {where} ({reason}): a shard changed after packing; compare the "
             "shards' sha256 with manifest.json, re-copy the changed ones or rerun the python shards/pack.py "
@@ -291,7 +293,7 @@ class _Stream:
         )
 
     def next_batch(self, batches_per_epoch: int, where: str) -> tuple[Any, np.ndarray, int]:
-        """The next batch's pipeline outputs, positions (padded to the batch size) and number of real samples.
+        """The next batch's pipeline outputs, units (padded to the batch size) and number of real units.
 
         A broken shard stops the run with a UserError (:meth:`_decode_error` when DALI cannot decode a sample).
         """
@@ -305,10 +307,10 @@ class _Stream:
             error = None
         if error is not None:  # raised anew, outside the handler: no traceback through DALI keeps the pipeline alive
             raise error
-        positions, count = self.pending.popleft()
+        units, count = self.pending.popleft()
         epoch, batch = self.at
         self.at = (epoch + self.epoch_step, 0) if batch + 1 == batches_per_epoch else (epoch, batch + 1)
-        return outputs, positions, count
+        return outputs, units, count
 
 
 def _as_torch(outputs: Any, device: torch.device) -> torch.Tensor:
@@ -341,7 +343,7 @@ class DaliShardLoader(ShardLoader):
         return (
             str(self.shards_dir.resolve()), self.split, shards, self.train, self.batch_size, self.image_size,
             self.mask_size, self.rank, self.world_size, self.seed, self.workers, str(self.device), self.shuffle_buffer,
-            self.hw_decoder_load, self.prefetch_depth,
+            self.hw_decoder_load, self.prefetch_depth, self.sample,
         )  # fmt: skip
 
     def _stream(self) -> _Stream:
@@ -356,19 +358,20 @@ class DaliShardLoader(ShardLoader):
             _STREAMS.popitem(last=False)
         return stream
 
-    def epoch_positions(self, data: SplitData, epoch: int) -> np.ndarray:
-        """Positions of this rank's samples in ``epoch``, in reading order (module docstring)."""
-        order = self.shard_order(epoch)
-        positions = np.concatenate([np.arange(data.first[k], data.first[k + 1]) for k in order])
-        start, end = rank_range(len(positions), self.rank, self.world_size)
-        positions = positions[start:end]
+    def epoch_units(self, data: SplitData, epoch: int) -> np.ndarray:
+        """This rank's units in ``epoch``, in reading order (module docstring): int64 (U, 2), the position of
+        each unit's sample in ``data`` and its sentence (-1 under object sampling)."""
+        shards = self.info["shards"]
+        units = np.concatenate(
+            [np.stack(self.units(shards[k]), axis=1) + [data.first[k], 0] for k in self.shard_order(epoch)]
+        )
+        start, end = rank_range(len(units), self.rank, self.world_size)
+        units = units[start:end]
         if self.train:
             rng = np.random.default_rng((self.seed, epoch, self.rank))
             window = max(1, self.shuffle_buffer)
-            positions = np.concatenate(
-                [rng.permutation(positions[k : k + window]) for k in range(0, len(positions), window)]
-            )
-        return positions
+            units = np.concatenate([rng.permutation(units[k : k + window]) for k in range(0, len(units), window)])
+        return units
 
     def object_batches_per_epoch(self) -> int:
         """Object batches this rank reads a whole epoch: :meth:`epoch_batches` for training (the same on every
@@ -379,15 +382,15 @@ class DaliShardLoader(ShardLoader):
         return -(-(end - start) // self.batch_size)
 
     def batch_plans(self, data: SplitData) -> Iterator[tuple[np.ndarray, int]]:
-        """Every batch's positions (padded to the batch size by repeating the last) and number of real samples,
-        from ``start_batch`` of this loader's epoch on: training runs through the epochs, evaluation repeats its
-        one pass. Skipped batches are never fed, so never decoded."""
+        """Every batch's units (rows of :meth:`epoch_units`, padded to the batch size by repeating the last)
+        and number of real units, from ``start_batch`` of this loader's epoch on: training runs through the epochs,
+        evaluation repeats its one pass. Skipped batches are never fed, so never decoded."""
         epoch, first = self.epoch, self.start_batch * self.batch_size
         while True:
-            positions = self.epoch_positions(data, epoch)[: self.object_batches_per_epoch() * self.batch_size]
-            for k in range(first, len(positions), self.batch_size):
-                batch = positions[k : k + self.batch_size]
-                yield np.pad(batch, (0, self.batch_size - len(batch)), mode="edge"), len(batch)
+            units = self.epoch_units(data, epoch)[: self.object_batches_per_epoch() * self.batch_size]
+            for k in range(first, len(units), self.batch_size):
+                batch = units[k : k + self.batch_size]
+                yield np.pad(batch, ((0, self.batch_size - len(batch)), (0, 0)), mode="edge"), len(batch)
             epoch, first = epoch + self.train, 0
 
     def object_batches(self) -> Iterator[dict[str, Any]]:
@@ -397,14 +400,14 @@ class DaliShardLoader(ShardLoader):
         stream = self._stream()
         for _ in range(batches - self.start_batch):
             try:
-                outputs, positions, count = stream.next_batch(batches, f"split {self.split} in {self.shards_dir}")
+                outputs, units, count = stream.next_batch(batches, f"split {self.split} in {self.shards_dir}")
             except Exception:
                 _STREAMS.pop(self._stream_key(), None)  # a pipeline that failed cannot run on
                 # Shut it down now, in this process: left to the garbage collector (the traceback holds the
                 # stream), it could be collected in a forked process, whose DALI shutdown never returns.
                 stream.pipeline = None
                 raise
-            rows = positions[:count]
+            rows = units[:count, 0]
             tokens_all = torch.from_numpy(stream.data.tokens[rows]).long()  # (B, K_max, L)
             batch = dict(
                 image=_as_torch(outputs[0], self.device)[:count],  # (B, 3, S, S)
@@ -412,6 +415,8 @@ class DaliShardLoader(ShardLoader):
                 tokens_all=to_device(tokens_all, self.device),
                 meta=torch.from_numpy(stream.data.meta[rows]),  # (B, 8), on the host
             )
+            if self.sample == "sentence":
+                batch["sentence"] = torch.from_numpy(units[:count, 1])  # (B,), on the host
             if not self.train:
                 originals = (np.asarray(outputs[2][i]) for i in range(count))  # (h, w, 1) each
                 batch["orig_mask"] = [(mask[:, :, 0] > 127).astype(np.uint8) for mask in originals]

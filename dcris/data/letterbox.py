@@ -315,3 +315,29 @@ def unletterbox_batch(canvas_maps: torch.Tensor, sizes: torch.Tensor, out_shape:
     """
     matrices = letterbox_affines(sizes, canvas_maps.shape[-1], inverse=True)  # (B, 2, 3)
     return _warp_batch(canvas_maps, matrices, sizes, out_shape, cubic=True, border=0.0)
+
+
+def stretched_affines(sizes: torch.Tensor, size: int, side: int) -> torch.Tensor:
+    """(B, 2, 3) float64 matrices from the letterbox canvas to the original stretched to ``side`` x ``side`` (the
+    frame ReLA's evaluation scores in): the inverse letterbox, then the stretch of each axis by ``side / length``
+    with pixel edges kept on pixel edges (``x_s + 0.5 = (x + 0.5) * side / w``), as a resize of the image maps them.
+
+    Args:
+        sizes: (B, 2) int64 original ``(height, width)`` of each map.
+        size: Side S of the letterbox canvas.
+        side: Side of the stretched frame.
+    """
+    inverse = letterbox_affines(sizes, size, inverse=True)  # canvas -> original, axis-aligned
+    scale = side / sizes.double().flip(-1)  # (B, 2): x by width, y by height
+    out = torch.zeros_like(inverse)
+    out[:, 0, 0], out[:, 1, 1] = inverse[:, 0, 0] * scale[:, 0], inverse[:, 1, 1] * scale[:, 1]
+    out[:, :, 2] = (inverse[:, :, 2] + 0.5) * scale - 0.5
+    return out
+
+
+def stretch_batch(canvas_maps: torch.Tensor, sizes: torch.Tensor, side: int) -> torch.Tensor:
+    """Canvas maps (B, S, S) warped (bicubic, border 0) to their originals stretched to (B, side, side):
+    :func:`stretched_affines`, on the maps' device; ``sizes`` (B, 2) int64 on that device too."""
+    matrices = stretched_affines(sizes, canvas_maps.shape[-1], side)
+    out_sizes = torch.full_like(sizes, side)
+    return _warp_batch(canvas_maps, matrices, out_sizes, (side, side), cubic=True, border=0.0)

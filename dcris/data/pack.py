@@ -11,7 +11,10 @@ original data (the letterbox happens in the loader, so one packing serves every 
                     length (``--context-length``; by default 22 for G-Ref umd, 17 otherwise, as the released configs)
     KEY.json        dataset, ref_id, ann_id, image_id, file_name, height, width, category_id, sentences (stripped
                     text), sent_ids (paired with sentences), sample_index and num_targets; gRefCOCO adds
-                    ann_ids (the objects of the union) and its category_id is their list
+                    ann_ids (the objects of the union) and segmentations (theirs, as packed: polygons of fewer
+                    than 6 coordinates dropped, compressed RLE counts as text; what ``dcris eval --protocol rela``
+                    rasterises), and its category_id is their list. gRefCOCO's sentences are its ``raw`` text with
+                    the whitespace normalised, as ReLA's loader reads them; the other releases keep ``sent``
     KEY.meta        int64 little-endian (8,): sample_index, ref_id, image_id, ann_id (the first target's, -1 for
                     none), height, width, num_sentences, num_targets -- the same numbers in a form the DALI
                     pipeline reads without parsing JSON. Shards packed before num_targets was added carry the
@@ -24,9 +27,15 @@ Output layout (shard paths in the manifest are relative to ``OUT/NAME``, e.g. ``
 
     OUT/NAME/manifest.json               per split: objects, sentences, shards (tar, idx, tables, samples, sentences,
                                          sha256, sentence_counts), skipped [{ref_id, reason}], blank_sentences
-                                         [{ref_id, sent_id}], dropped; for gRefCOCO also no_target and
-                                         multi_target ({objects, sentences}) and crowd_parts (left out of the
-                                         unions); count_check against the published counts;
+                                         [{ref_id, sent_id}], dropped, truncated_sentences (longer than the
+                                         context length: cut); for gRefCOCO also no_target and multi_target
+                                         ({objects, sentences}; multi-target by the objects the ref lists),
+                                         crowd_parts (listed, left out of the unions), short_polygons (of fewer
+                                         than 6 coordinates, dropped as ReLA's loader drops them),
+                                         objects_without_polygons (left out: none of theirs was kept),
+                                         no_target_contradictions (refs skipped because their no_target flag
+                                         contradicts ann_id) and sentences_without_raw (read from ``sent``);
+                                         count_check against the published counts;
                                          format: dcris.data.common.SHARD_FORMAT, bumped with every format change
     OUT/NAME/SPLIT/NNNNNN.tar            the shards, --shard-size objects each
     OUT/NAME/SPLIT/NNNNNN.idx            their DALI index files
@@ -64,11 +73,13 @@ from dcris.data.common import SHARD_FORMAT
 from dcris.data.refs import load_refs
 from dcris.data.release_counts import PUBLISHED_TOTALS, count_differences, published_counts, total_differences
 from dcris.errors import UserError, disk_full_is_user_error
-from dcris.tokenizer import CONTEXT_LENGTH, tokenize
+from dcris.tokenizer import CONTEXT_LENGTH, tokenize, truncations
 
 FORMAT = SHARD_FORMAT
 STANDARD_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "grefcoco": "unc"}  # --mix, defaults
 META_LENGTH = 8  # int64 fields of KEY.meta (module docstring)
+# what each shard's done marker counts besides its samples (the manifest sums them per split)
+SHARD_COUNTS = ("no_target_contradictions", "truncated", "crowd_parts", "short_polygons", "objects_without_polygons")
 SPLIT_ORDER = {s: k for k, s in enumerate(("train", "val", "test", "testA", "testB", "testC"))}  # manifest order
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 # The released configs' word_len: G-Ref umd 22; RefCOCO, RefCOCO+, G-Ref google and the mix (DETRIS_large_mixed) 17.
@@ -176,15 +187,17 @@ def _target_parts(ref: dict, annotations: dict) -> list[dict] | None:
 def _object_record(ref: dict, dataset: str, key: str, images: dict, annotations: dict) -> dict:
     """What a worker needs to pack one object (plain data, cheap to pickle); ``index`` is set once shuffled.
 
-    Sentences are stored stripped (as the released data preparation does); blank ones are dropped together with
-    their ``sent_id`` and listed in ``blank_sent_ids``. A gRefCOCO ref carries ``parts`` (:func:`_target_parts`)
-    and ``no_target_flag`` (its optional boolean ``no_target``, checked against ``ann_id`` when packed).
+    Sentences are stored stripped (as the released data preparation does; gRefCOCO's are its ``raw`` text with
+    the whitespace normalised, as ReLA's loader reads them, ``sent`` where a sentence has no ``raw``, counted in
+    ``without_raw``); blank ones are dropped together with their ``sent_id`` and listed in ``blank_sent_ids``. A
+    gRefCOCO ref carries ``parts`` (:func:`_target_parts`) and ``no_target_flag`` (its optional boolean
+    ``no_target``, checked against ``ann_id`` when packed).
     """
     image = images.get(int(ref["image_id"]))
     if image is None:
         raise PackError(f"ref {ref['ref_id']} names image {ref['image_id']}, absent from instances.json")
-    pairs = [(str(s.get("sent") or "").strip(), s.get("sent_id")) for s in ref["sentences"]]
-    if isinstance(ref["ann_id"], list):  # gRefCOCO: a set of objects
+    if isinstance(ref["ann_id"], list):  # gRefCOCO: a set of objects, its text as ReLA's loader reads it
+        pairs = [(" ".join(str(s.get("raw", s.get("sent")) or "").split()), s.get("sent_id")) for s in ref["sentences"]]
         parts = _target_parts(ref, annotations)
         return dict(
             key=key,
@@ -201,7 +214,9 @@ def _object_record(ref: dict, dataset: str, key: str, images: dict, annotations:
             sentences=[text for text, _ in pairs if text],
             sent_ids=[sent_id for text, sent_id in pairs if text],
             blank_sent_ids=[sent_id for text, sent_id in pairs if not text],
+            without_raw=sum("raw" not in s for s in ref["sentences"]),
         )
+    pairs = [(str(s.get("sent") or "").strip(), s.get("sent_id")) for s in ref["sentences"]]
     ann = annotations.get(int(ref["ann_id"]))
     category_id = ref.get("category_id", None if ann is None else ann.get("category_id"))
     return dict(
@@ -342,42 +357,74 @@ def _render_mask(segmentation: object, height: int, width: int) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
-def _union_mask(obj: dict) -> tuple[np.ndarray, list[int], int]:
-    """A gRefCOCO ref's target: uint8 (h, w) union of its non-crowd objects (all zero when it lists none), the ids
-    of those objects and how many crowd parts were left out; ValueError names the reason to skip the ref."""
+class NoTargetContradiction(ValueError):
+    """A gRefCOCO ref's ``no_target`` flag says the opposite of its ``ann_id``: skipped, and counted apart."""
+
+
+def _valid_polygons(segmentation: object) -> tuple[object, int]:
+    """A segmentation as ReLA's loader keeps it, and how many polygons it dropped: polygons (lists) of fewer than
+    6 coordinates or of an odd count go (``frPyObjects`` would fail on them); an RLE (a dict) is kept whole."""
+    if not isinstance(segmentation, list) or not all(isinstance(p, list) for p in segmentation):
+        return segmentation, 0
+    kept = [p for p in segmentation if len(p) % 2 == 0 and len(p) >= 6]
+    return kept, len(segmentation) - len(kept)
+
+
+def _json_segmentation(segmentation: object) -> object:
+    """A segmentation JSON can hold: compressed RLE counts as text."""
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), bytes):
+        return dict(segmentation, counts=segmentation["counts"].decode("ascii"))
+    return segmentation
+
+
+def _union_mask(obj: dict) -> tuple[np.ndarray, dict]:
+    """A gRefCOCO ref's target: uint8 (h, w) union of its non-crowd objects (all zero when it lists none), as
+    ReLA's loader builds it (polygons of fewer than 6 coordinates dropped, an object left without any dropped
+    too), and what went into it: ``kept`` (the ids of the objects of the union), ``segmentations`` (theirs, as
+    used), ``listed`` (the objects the ref lists), ``crowd_parts``, ``short_polygons`` and
+    ``objects_without_polygons``. ValueError names the reason to skip the ref."""
     parts, flag = obj["parts"], obj["no_target_flag"]
     if parts is None:
         raise ValueError("ann_id is an empty list ([-1] marks a phrase that names nothing)")
     if flag is not None and bool(flag) != (not parts):
-        raise ValueError(f"no_target is {flag} but ann_id lists {len(parts)} object(s)")
+        raise NoTargetContradiction(f"no_target is {flag} but ann_id lists {len(parts)} object(s)")
     height, width = obj["height"], obj["width"]
     mask = np.zeros((height, width), dtype=np.uint8)
-    kept = []
+    info = dict(kept=[], segmentations=[], listed=len(parts), crowd_parts=0, short_polygons=0)
+    info["objects_without_polygons"] = 0
     for part in parts:
         if part["segmentation"] is None:
             raise ValueError(f"annotation {part['ann_id']} missing")
         if part["iscrowd"]:
+            info["crowd_parts"] += 1
+            continue
+        segmentation, dropped = _valid_polygons(part["segmentation"])
+        info["short_polygons"] += dropped
+        if dropped and not segmentation:
+            info["objects_without_polygons"] += 1
             continue
         try:
-            mask |= _render_mask(part["segmentation"], height, width)
+            mask |= _render_mask(segmentation, height, width)
         except ValueError as e:
             raise ValueError(f"annotation {part['ann_id']}: {e}") from None
-        kept.append(part["ann_id"])
-    if parts and not kept:
+        info["kept"].append(part["ann_id"])
+        info["segmentations"].append(_json_segmentation(segmentation))
+    if parts and not info["kept"]:
+        if info["objects_without_polygons"]:
+            raise ValueError("no listed object has a polygon of 6 or more coordinates (or is not a crowd)")
         raise ValueError("every listed object is a crowd annotation")
-    return mask, kept, len(parts) - len(kept)
+    return mask, info
 
 
 def _encode_object(obj: dict, image_dir: Path, context_length: int) -> dict:
     """The webdataset sample of one object; ValueError names the reason to skip it."""
     if not obj["sentences"]:
         raise ValueError("no sentences")
-    extra: dict = {}
+    union: dict = {}
     if "parts" in obj:
-        mask, kept, crowd_parts = _union_mask(obj)
-        extra = dict(ann_ids=kept, crowd_parts=crowd_parts)
-        num_targets = len(kept)
-        obj = dict(obj, ann_id=kept[0] if kept else -1)  # the first object of the union, as listed
+        mask, union = _union_mask(obj)
+        num_targets = len(union["kept"])
+        obj = dict(obj, ann_id=union["kept"][0] if union["kept"] else -1)  # the first object of the union, as listed
     elif obj["segmentation"] is None:
         raise ValueError("annotation missing")
     else:
@@ -400,7 +447,8 @@ def _encode_object(obj: dict, image_dir: Path, context_length: int) -> dict:
         "sample_index": obj["index"],
         "num_targets": num_targets,
     }
-    info |= {"ann_ids": extra["ann_ids"]} if extra else {}
+    info |= {"ann_ids": union["kept"], "segmentations": union["segmentations"]} if union else {}
+    counted = ("listed", "crowd_parts", "short_polygons", "objects_without_polygons")
     return {
         "__key__": obj["key"],
         "jpg": jpeg,
@@ -408,7 +456,8 @@ def _encode_object(obj: dict, image_dir: Path, context_length: int) -> dict:
         "tokens.npy": npy.getvalue(),
         "json": json.dumps(info).encode(),
         "meta": np.asarray(meta, dtype="<i8").tobytes(),
-        "crowd_parts": extra.get("crowd_parts", 0),  # bookkeeping for the manifest, not written
+        "truncated": len(truncations(obj["sentences"], context_length)),  # bookkeeping for the manifest, ...
+        **{k: union.get(k, num_targets if k == "listed" else 0) for k in counted},  # ... not written
     }
 
 
@@ -423,8 +472,10 @@ def _sha256(path: Path) -> str:
 def _fingerprint(objects: list[dict], context_length: int) -> str:
     """Identifies a shard's planned content, so a marker from a different plan is not trusted."""
     planned = [(o["key"], o["index"], o["file_name"], o["sentences"], o["sent_ids"]) for o in objects]
-    # META_LENGTH: a shard of the older 7-field meta is repacked, so one split never mixes both layouts
-    return hashlib.sha256(json.dumps([FORMAT, META_LENGTH, context_length, planned]).encode()).hexdigest()
+    # META_LENGTH: a shard of the older 7-field meta is repacked, so one split never mixes both layouts;
+    # SHARD_COUNTS: a marker written before a count was kept lacks it, so its shard is packed again
+    fields = [FORMAT, META_LENGTH, SHARD_COUNTS, context_length, planned]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
 def _done_marker(out_dir: Path, stem: str, fingerprint: str) -> dict | None:
@@ -461,7 +512,8 @@ def _pack_shard(job: dict) -> dict:
     tmp_tar = out_dir / f"{stem}.tar.tmp"
     sentence_counts: list[int] = []  # per written sample, so loaders know exact per-rank batch counts
     tokens, metas = [], []  # per written sample: int32 (K, L) and int64 (META_LENGTH,), for the tables
-    crowd_parts = 0
+    listed_counts = []  # per written sample: the objects its ref lists (gRefCOCO's multi-target count)
+    counts = dict.fromkeys(SHARD_COUNTS, 0)
     skipped = []
     with wds.TarWriter(str(tmp_tar)) as writer:
         for obj in job["objects"]:
@@ -469,8 +521,11 @@ def _pack_shard(job: dict) -> dict:
                 sample = _encode_object(obj, Path(job["image_dir"]), job["context_length"])
             except ValueError as e:
                 skipped.append(dict(ref_id=obj["ref_id"], image_id=obj["image_id"], reason=str(e)))
+                counts["no_target_contradictions"] += isinstance(e, NoTargetContradiction)
                 continue
-            crowd_parts += sample.pop("crowd_parts")
+            listed_counts.append(sample.pop("listed"))
+            for key in SHARD_COUNTS[1:]:
+                counts[key] += sample.pop(key)
             writer.write(sample)
             metas.append(np.frombuffer(sample["meta"], dtype="<i8"))
             tokens.append(np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False))
@@ -478,7 +533,7 @@ def _pack_shard(job: dict) -> dict:
     samples = len(sentence_counts)
     done = dict(stem=stem, fingerprint=fingerprint, tar=None, idx=None, tables=None, sha256=None, samples=samples)
     done.update(sentences=sum(sentence_counts), sentence_counts=sentence_counts, skipped=skipped)
-    done.update(target_counts=[int(meta[7]) for meta in metas], crowd_parts=crowd_parts)
+    done.update(target_counts=[int(meta[7]) for meta in metas], listed_counts=listed_counts, **counts)
     if samples:
         tar, idx, tmp_idx = out_dir / f"{stem}.tar", out_dir / f"{stem}.idx", out_dir / f"{stem}.idx.tmp"
         os.replace(tmp_tar, tar)
@@ -502,13 +557,16 @@ def _pack_shard(job: dict) -> dict:
     return done | {"resumed": False}
 
 
-def _target_summary(shard_done: list[dict]) -> dict:
-    """A gRefCOCO split's no-target and multi-target refs (with their sentences) and crowd parts left out."""
-    pairs = [(t, c) for d in shard_done for t, c in zip(d["target_counts"], d["sentence_counts"], strict=True)]
+def _target_summary(shard_done: list[dict], objects: list[dict]) -> dict:
+    """A gRefCOCO split's no-target refs and multi-target refs (by the objects they list, as gRefCOCO's statistics
+    count them), with their sentences, and what the packer counted beside them (module docstring)."""
+    no_target = [(t, c) for d in shard_done for t, c in zip(d["target_counts"], d["sentence_counts"], strict=True)]
+    listed = [(t, c) for d in shard_done for t, c in zip(d["listed_counts"], d["sentence_counts"], strict=True)]
     return dict(
-        no_target=dict(objects=sum(t == 0 for t, _ in pairs), sentences=sum(c for t, c in pairs if t == 0)),
-        multi_target=dict(objects=sum(t > 1 for t, _ in pairs), sentences=sum(c for t, c in pairs if t > 1)),
-        crowd_parts=sum(d["crowd_parts"] for d in shard_done),
+        no_target=dict(objects=sum(t == 0 for t, _ in no_target), sentences=sum(c for t, c in no_target if t == 0)),
+        multi_target=dict(objects=sum(t > 1 for t, _ in listed), sentences=sum(c for t, c in listed if t > 1)),
+        **{key: sum(d[key] for d in shard_done) for key in SHARD_COUNTS if key != "truncated"},
+        sentences_without_raw=sum(o.get("without_raw", 0) for o in objects),
     )
 
 
@@ -621,9 +679,10 @@ def main(argv: list[str] | None = None) -> int:
             skipped=[dict(ref_id=s["ref_id"], reason=s["reason"]) for d in shard_done for s in d["skipped"]],
             blank_sentences=[dict(ref_id=o["ref_id"], sent_id=i) for o in objects for i in o["blank_sent_ids"]],
             dropped=plan.dropped.get(split, 0),
+            truncated_sentences=sum(d["truncated"] for d in shard_done),
         )
         if any("parts" in o for o in objects):
-            manifest["splits"][split].update(_target_summary(shard_done))
+            manifest["splits"][split].update(_target_summary(shard_done, objects))
     differences = plan.count_differences
     if differences == [] and not args.mix:
         # The release matches: what was packed must too (skipped objects and blank sentences would show here).
@@ -644,10 +703,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{split}: {info['objects']} objects, {info['sentences']} sentences, {len(info['shards'])} shards, "
             f"{len(info['skipped'])} skipped, {len(info['blank_sentences'])} blank sentences dropped, "
-            f"{info['dropped']} dropped"
+            f"{info['dropped']} dropped, {info['truncated_sentences']} sentences longer than {context_length} "
+            "tokens (cut)"
             + (
                 f"; {info['no_target']['objects']} no-target and {info['multi_target']['objects']} multi-target "
-                f"refs, {info['crowd_parts']} crowd parts left out"
+                f"refs (by listed objects), {info['crowd_parts']} crowd parts left out, {info['short_polygons']} "
+                f"polygons of fewer than 6 coordinates dropped ({info['objects_without_polygons']} objects left "
+                f"without one), {info['no_target_contradictions']} refs whose no_target flag contradicts ann_id, "
+                f"{info['sentences_without_raw']} sentences without raw text"
                 if "no_target" in info
                 else ""
             )

@@ -3,7 +3,8 @@ against).
 
 It reads the ``jpg``, ``mask.png``, ``tokens.npy`` (``np.load``) and ``meta`` fields of each sample (the shard
 format is described in ``shards/pack.py``) straight from their offsets in the tar, which the shard's ``.idx``
-file lists, so each DataLoader worker reads only its own share of the rank's range (see :class:`_RankParts`).
+file lists, so each DataLoader worker reads only its own share of the rank's range (see :class:`_RankParts`);
+under sentence sampling a sample read once goes on as one item per (sample, sentence) unit of the range.
 For training each worker visits its chunks in a seeded random order and shuffles through a buffer, on top of
 the order the packer shuffled once; the main process normalises on the device. A broken shard
 (:mod:`dcris.data.common`) met in a worker reaches the main process as the same one-line UserError.
@@ -54,8 +55,9 @@ def decode_sample(sample: dict[str, Any], image_size: int, context_length: int, 
     """One shard sample (raw bytes per extension: jpg, mask.png, tokens.npy, meta) to letterboxed arrays.
 
     Returns:
-        image uint8 (S, S, 3), mask float32 (1, S, S), tokens int64 (K, 17), meta int64 (8,) (older shards: (7,))
-        and, with ``keep_orig``, orig_mask uint8 (h, w) in {0, 1}.
+        image uint8 (S, S, 3), mask float32 (1, S, S), tokens int64 (K, 17), meta int64 (8,) (older shards: (7,)),
+        with ``keep_orig`` orig_mask uint8 (h, w) in {0, 1}, and for a sentence unit (``__sentence__`` in the
+        sample) its sentence: int64 ().
     """
     meta = np.frombuffer(sample["meta"], dtype="<i8")
     tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)  # int32 (K, 17)
@@ -73,6 +75,8 @@ def decode_sample(sample: dict[str, Any], image_size: int, context_length: int, 
     )
     if keep_orig:
         out["orig_mask"] = orig_mask
+    if "__sentence__" in sample:
+        out["sentence"] = torch.tensor(sample["__sentence__"])
     return out
 
 
@@ -89,6 +93,8 @@ def _stack(samples: list[dict[str, Any]], max_sentences: int) -> dict[str, Any]:
     )
     if "orig_mask" in samples[0]:
         part["orig_mask"] = [s["orig_mask"] for s in samples]
+    if "sentence" in samples[0]:
+        part["sentence"] = torch.stack([s["sentence"] for s in samples])  # (B,)
     return part
 
 
@@ -177,12 +183,12 @@ class _WorkerUserError:
 
 
 class _RankParts(torch.utils.data.IterableDataset):
-    """Stacked parts of up to batch_size decoded samples of one rank's range.
+    """Stacked parts of up to batch_size decoded units (:mod:`dcris.data.common`) of one rank's range.
 
-    The range is cut into chunks of batch_size consecutive samples and worker w of n reads and decodes only chunks
+    The range is cut into chunks of batch_size consecutive units and worker w of n reads and decodes only chunks
     w, w + n, ...: in evaluation (no shuffle, one part per chunk) the DataLoader's round-robin over workers then
     returns the chunks in order; in training each worker takes its chunks in a random order drawn from (seed,
-    epoch, rank, worker) and shuffles their samples through a buffer. Worker w first passes over
+    epoch, rank, worker) and shuffles their units through a buffer. Worker w first passes over
     ``skipped_parts[w]`` parts of its stream undecoded: raw bytes still run through the shuffle buffer, so what
     follows is exactly what it would have been.
     """
@@ -193,9 +199,9 @@ class _RankParts(torch.utils.data.IterableDataset):
     @staticmethod
     def worker_chunks(loader: TorchShardLoader, worker: int, num_workers: int) -> list[list[tuple[int, int, int]]]:
         """The chunks of the rank's range that ``worker`` of ``num_workers`` reads, in range order."""
-        shards = loader.epoch_shards()
-        start, end = rank_range(loader.info["objects"], loader.rank, loader.world_size)
-        return chunk_segments([s["samples"] for s in shards], start, end, loader.batch_size)[worker::num_workers]
+        sizes = [len(loader.units(s)[0]) for s in loader.epoch_shards()]  # units of each shard, in reading order
+        start, end = rank_range(loader.num_units(), loader.rank, loader.world_size)
+        return chunk_segments(sizes, start, end, loader.batch_size)[worker::num_workers]
 
     def __iter__(self) -> Iterator[dict[str, Any] | _WorkerUserError]:
         try:
@@ -231,15 +237,20 @@ class _RankParts(torch.utils.data.IterableDataset):
         if part:
             yield _stack(part, ld.max_sentences)
 
-    @staticmethod
-    def _read(shards: list[dict], chunks: list[list[tuple[int, int, int]]]) -> Iterator[dict[str, Any]]:
-        """Raw samples of the given chunks, in order; each shard's index is read once, when first needed."""
+    def _read(self, shards: list[dict], chunks: list[list[tuple[int, int, int]]]) -> Iterator[dict[str, Any]]:
+        """Raw samples of the units of the given chunks, in order, with ``__sentence__`` (the unit's sentence)
+        under sentence sampling; each shard's index is read once, when first needed, and each piece's samples in
+        one read."""
         indices: dict[int, list[tuple[str, dict[str, tuple[int, int]]]]] = {}
         for pieces in chunks:
             for k, lo, hi in pieces:
                 if k not in indices:
                     indices[k] = read_shard_index(shards[k]["tar"], shards[k]["idx"])
-                yield from read_samples(shards[k]["tar"], indices[k], lo, hi)
+                samples, sentences = (units[lo:hi] for units in self.loader.units(shards[k]))
+                first = int(samples[0])
+                raw = list(read_samples(shards[k]["tar"], indices[k], first, int(samples[-1]) + 1))
+                for sample, sentence in zip(samples.tolist(), sentences.tolist(), strict=True):
+                    yield raw[sample - first] if sentence < 0 else dict(raw[sample - first], __sentence__=sentence)
 
 
 def _as_is(part: dict[str, Any]) -> dict[str, Any]:
