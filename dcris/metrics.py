@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dcris.config import HeadConfig
+from dcris.data.common import to_device
 from dcris.data.letterbox import stretch_batch, unletterbox_batch
 
 MASK_THRESHOLD = 0.35  # probability above which a pixel is foreground (released code)
@@ -55,13 +56,6 @@ Sizes = torch.Tensor | Sequence[tuple[int, int]]  # (B, 2) original (height, wid
 def _sizes_tensor(sizes: Sizes) -> torch.Tensor:
     """(B, 2) int64 CPU tensor of ``sizes``."""
     return torch.as_tensor(sizes, dtype=torch.int64).reshape(-1, 2)
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on ``device``, copied asynchronously from pinned memory when that is a GPU."""
-    if device.type == "cuda" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def padded_probabilities(logits: torch.Tensor, sizes: Sizes, image_size: int) -> torch.Tensor:
@@ -81,7 +75,7 @@ def padded_probabilities(logits: torch.Tensor, sizes: Sizes, image_size: int) ->
     canvas = (image_size, image_size)
     prob = F.interpolate(torch.sigmoid(logits.float()), size=canvas, mode="bicubic", align_corners=True)
     out_shape = tuple(sizes.max(dim=0).values.tolist())  # on the CPU: no sync
-    return unletterbox_batch(prob[:, 0], _to_device(sizes, logits.device), out_shape)
+    return unletterbox_batch(prob[:, 0], to_device(sizes, logits.device), out_shape)
 
 
 def stretched_probabilities(logits: torch.Tensor, sizes: Sizes, image_size: int, side: int) -> torch.Tensor:
@@ -90,7 +84,7 @@ def stretched_probabilities(logits: torch.Tensor, sizes: Sizes, image_size: int,
     ``dcris.data.letterbox.stretch_batch`` in one step."""
     canvas = (image_size, image_size)
     prob = F.interpolate(torch.sigmoid(logits.float()), size=canvas, mode="bicubic", align_corners=True)
-    return stretch_batch(prob[:, 0], _to_device(_sizes_tensor(sizes), logits.device), side)
+    return stretch_batch(prob[:, 0], to_device(_sizes_tensor(sizes), logits.device), side)
 
 
 def padded_masks_from_logits(logits: torch.Tensor, sizes: Sizes, image_size: int) -> torch.Tensor:
@@ -346,7 +340,7 @@ class GresAccumulator(IoUAccumulator):
         else:
             preds = stretched_probabilities(logits, sizes, image_size, stretch) > MASK_THRESHOLD
             truths = pad_masks(masks, [(stretch, stretch)] * len(masks), logits.device)
-        truth_empty = _to_device(torch.as_tensor(num_targets) == 0, logits.device)
+        truth_empty = to_device(torch.as_tensor(num_targets) == 0, logits.device)
         if no_target_logits is None:
             no_target_probs = (~preds.flatten(1).any(dim=1)).float()
         else:
