@@ -319,7 +319,13 @@ class GresAccumulator(IoUAccumulator):
         counts, truth_empty, no_target_probs = self.batch_counts(
             logits, masks, sizes, image_size, num_targets, no_target_logits, stretch
         )
-        return self.add(counts, truth_empty, no_target_probs > no_target_threshold)
+        return self.add_probabilities(counts, truth_empty, no_target_probs, no_target_threshold)
+
+    def add_probabilities(
+        self, counts: torch.Tensor, truth_empty: torch.Tensor, no_target_probs: torch.Tensor, threshold: float
+    ) -> torch.Tensor:
+        """:meth:`add` with the "no object" decision taken at ``threshold`` from its probabilities."""
+        return self.add(counts, truth_empty, no_target_probs > threshold)
 
     @staticmethod
     def batch_counts(
@@ -375,24 +381,13 @@ class NoTargetSweep(GresAccumulator):
         super().__init__()
         self.curve = {float(t): GresAccumulator() for t in thresholds}
 
-    def add_logits(
-        self,
-        logits: torch.Tensor,
-        masks: Sequence[np.ndarray],
-        sizes: Sizes,
-        image_size: int,
-        num_targets: torch.Tensor,
-        no_target_logits: torch.Tensor | None,
-        no_target_threshold: float = NO_TARGET_THRESHOLD,
-        stretch: int | None = None,
+    def add_probabilities(
+        self, counts: torch.Tensor, truth_empty: torch.Tensor, no_target_probs: torch.Tensor, threshold: float
     ) -> torch.Tensor:
-        """:meth:`GresAccumulator.add_logits`, the batch added to every threshold's sums too."""
-        counts, truth_empty, probs = self.batch_counts(
-            logits, masks, sizes, image_size, num_targets, no_target_logits, stretch
-        )
-        for threshold, acc in self.curve.items():
-            acc.add(counts, truth_empty, probs > threshold)
-        return self.add(counts, truth_empty, probs > no_target_threshold)
+        """:meth:`GresAccumulator.add_probabilities`, the batch added to every threshold's sums too."""
+        for swept, acc in self.curve.items():
+            acc.add_probabilities(counts, truth_empty, no_target_probs, swept)
+        return super().add_probabilities(counts, truth_empty, no_target_probs, threshold)
 
     def all_reduce(self) -> None:
         super().all_reduce()
