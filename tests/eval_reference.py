@@ -98,3 +98,37 @@ def metrics(sums_: dict[str, int]) -> dict[str, float]:
     out = {"miou": sums_["iou_sum"] / IOU_UNIT / n, "oiou": sums_["intersection"] / sums_["union"]}
     out.update({f"prec@{t}": sums_[f"prec_hits@{t}"] / n for t in PREC})
     return out
+
+
+def rela_gres(preds: list, truths: list, pred_nt: list[bool], gt_nt: list[bool]) -> dict:
+    """ReLA's evaluation loop (``ReferEvaluator.evaluate``) in plain numpy over (pred_mask, gt_mask, pred_nt, gt_nt)
+    per sample (its accuracies without the + 1 of older forks)."""
+    accum_i = accum_u = accum_iou = 0.0
+    tp = tn = fp = fn = 0
+    pr = {t: 0 for t in (0.7, 0.8, 0.9)}
+    not_empty = 0
+    for pred, gt, p_nt, g_nt in zip(preds, truths, pred_nt, gt_nt, strict=True):
+        i, u = np.sum(np.logical_and(pred, gt)), np.sum(np.logical_or(pred, gt))
+        if g_nt:
+            if p_nt:
+                tp += 1
+                accum_iou += 1
+            else:
+                fn += 1
+                accum_u += u
+        else:
+            if p_nt:
+                fp += 1
+                i = 0
+            else:
+                tn += 1
+            this_iou = 0.0 if u == 0 else float(i) / float(u)
+            accum_iou += this_iou
+            accum_i += i
+            accum_u += u
+            not_empty += 1
+            for t in pr:
+                pr[t] += this_iou >= t
+    out = dict(giou=accum_iou / len(preds), ciou=accum_i / accum_u, n_acc=tp / (tp + fn), t_acc=tn / (tn + fp))
+    out.update({f"prec@{t}": c / not_empty for t, c in pr.items()})
+    return out

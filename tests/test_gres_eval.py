@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_reference import _inverse_matrix
+from eval_reference import _inverse_matrix, rela_gres
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import nn
@@ -135,44 +135,6 @@ def _rela_prediction(logits: torch.Tensor, height: int, width: int, size: int) -
     return (warped > 0.35).astype(np.int8)
 
 
-def _rela_evaluator(samples: list[tuple[np.ndarray, np.ndarray, bool, bool]]) -> dict:
-    """ReLA's ReferEvaluator.evaluate over (pred_mask, gt_mask, pred_nt, gt_nt), one source."""
-    accum_i = accum_u = accum_iou = 0.0
-    nt = dict(TP=0, TN=0, FP=0, FN=0)
-    pr = {0.7: 0, 0.8: 0, 0.9: 0}
-    not_empty = 0
-    for pred, gt, pred_nt, gt_nt in samples:
-        inter = np.sum(np.logical_and(pred, gt))
-        union = np.sum(np.logical_or(pred, gt))
-        if gt_nt:
-            if pred_nt:
-                nt["TP"] += 1
-                accum_iou += 1
-            else:
-                nt["FN"] += 1
-                accum_u += int(union)
-        else:
-            if pred_nt:
-                nt["FP"] += 1
-                inter = 0
-            else:
-                nt["TN"] += 1
-            this_iou = 0.0 if union == 0 else float(inter) / float(union)
-            accum_iou += this_iou
-            accum_i += inter
-            accum_u += union
-            not_empty += 1
-            for t in pr:
-                pr[t] += this_iou >= t
-    return {
-        "giou": accum_iou / len(samples),
-        "ciou": accum_i / accum_u,
-        "n_acc": nt["TP"] / (nt["TP"] + nt["FN"]),
-        "t_acc": nt["TN"] / (nt["TN"] + nt["FP"]),
-        **{f"prec@{t}": pr[t] / not_empty for t in pr},
-    }
-
-
 def test_rela_protocol_equals_a_rewrite_of_relas_mapper_and_evaluator(gres_release: tuple[Path, Path]) -> None:
     root, shards = gres_release
     size = 56
@@ -193,7 +155,7 @@ def test_rela_protocol_equals_a_rewrite_of_relas_mapper_and_evaluator(gres_relea
             gt = _rela_target(listed, height, width)
             pred_nt = bool(torch.sigmoid(no_target[i]) > 0.5)  # argmax of ReLA's two classes
             samples.append((_rela_prediction(logits[i], height, width, size), gt, pred_nt, ref["ann_id"] == [-1]))
-    want = _rela_evaluator(samples)
+    want = rela_gres(*zip(*samples, strict=True))
     assert 0 < want["n_acc"] < 1 and 0 < want["t_acc"] < 1 and 0.05 < want["ciou"] < 0.95  # not a degenerate case
     read = dict(image_size=size, batch_size=5, loader="torch", workers=0)
     got = evaluate(model, str(shards), ["val"], **read, protocol="rela")["val"]

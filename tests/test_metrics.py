@@ -301,39 +301,6 @@ def test_gres_four_cases_by_hand() -> None:
     assert acc.result()["prec@0.7"] == 1 / 3 and acc.result()["prec@0.8"] == 0
 
 
-def _official_gres(preds: list, truths: list, pred_nt: list[bool], gt_nt: list[bool]) -> dict:
-    """ReLA's evaluation loop in plain numpy (its accuracies without the + 1 of older forks)."""
-    accum_i = accum_u = accum_iou = 0.0
-    tp = tn = fp = fn = 0
-    pr = {t: 0 for t in (0.7, 0.8, 0.9)}
-    not_empty = 0
-    for pred, gt, p_nt, g_nt in zip(preds, truths, pred_nt, gt_nt, strict=True):
-        i, u = np.sum(np.logical_and(pred, gt)), np.sum(np.logical_or(pred, gt))
-        if g_nt:
-            if p_nt:
-                tp += 1
-                accum_iou += 1
-            else:
-                fn += 1
-                accum_u += u
-        else:
-            if p_nt:
-                fp += 1
-                i = 0
-            else:
-                tn += 1
-            this_iou = 0.0 if u == 0 else float(i) / float(u)
-            accum_iou += this_iou
-            accum_i += i
-            accum_u += u
-            not_empty += 1
-            for t in pr:
-                pr[t] += this_iou >= t
-    out = dict(giou=accum_iou / len(preds), ciou=accum_i / accum_u, n_acc=tp / (tp + fn), t_acc=tn / (tn + fp))
-    out.update({f"prec@{t}": c / not_empty for t, c in pr.items()})
-    return out
-
-
 @pytest.mark.parametrize("with_head", [True, False])
 def test_gres_mixed_set_matches_the_official_formulas(with_head: bool) -> None:
     rng = np.random.default_rng(11 + with_head)
@@ -360,7 +327,7 @@ def test_gres_mixed_set_matches_the_official_formulas(with_head: bool) -> None:
         truths += truth
         gt_nt += (num_targets == 0).tolist()
         pred_nt += (torch.sigmoid(nt_logits) > 0.5).tolist() if with_head else [not p.any() for p in painted]
-    expected = _official_gres(preds, truths, pred_nt, gt_nt)
+    expected = eval_reference.rela_gres(preds, truths, pred_nt, gt_nt)
     got = acc.result()
     assert {k: got[k] for k in expected} == pytest.approx(expected, rel=1e-12, abs=1e-12)
     assert got["count"] == len(preds) and got["no_target"] == sum(gt_nt)
