@@ -316,30 +316,6 @@ class GresAccumulator(IoUAccumulator):
         Returns:
             float64 (B,) gRefCOCO IoU of each sample, in batch order, on the logits' device.
         """
-        counts, truth_empty, no_target_probs = self.batch_counts(
-            logits, masks, sizes, image_size, num_targets, no_target_logits, stretch
-        )
-        return self.add_probabilities(counts, truth_empty, no_target_probs, no_target_threshold)
-
-    def add_probabilities(
-        self, counts: torch.Tensor, truth_empty: torch.Tensor, no_target_probs: torch.Tensor, threshold: float
-    ) -> torch.Tensor:
-        """:meth:`add` with the "no object" decision taken at ``threshold`` from its probabilities."""
-        return self.add(counts, truth_empty, no_target_probs > threshold)
-
-    @staticmethod
-    def batch_counts(
-        logits: torch.Tensor,
-        masks: Sequence[np.ndarray],
-        sizes: Sizes,
-        image_size: int,
-        num_targets: torch.Tensor,
-        no_target_logits: torch.Tensor | None,
-        stretch: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What :meth:`add_logits` decides from, on the logits' device: int64 (B, 2) intersection and union of the
-        painted masks, bool (B,) whether each phrase names nothing, and float32 (B,) the "no object"
-        probabilities (without that output: 1 where the mask is empty, else 0)."""
         if stretch is None:
             preds = padded_masks_from_logits(logits, sizes, image_size)
             truths = pad_masks(masks, sizes, logits.device)
@@ -351,7 +327,14 @@ class GresAccumulator(IoUAccumulator):
             no_target_probs = (~preds.flatten(1).any(dim=1)).float()
         else:
             no_target_probs = torch.sigmoid(no_target_logits.float())
-        return overlap_counts(preds, truths), truth_empty, no_target_probs
+        counts = overlap_counts(preds, truths)
+        return self.add_probabilities(counts, truth_empty, no_target_probs, no_target_threshold)
+
+    def add_probabilities(
+        self, counts: torch.Tensor, truth_empty: torch.Tensor, no_target_probs: torch.Tensor, threshold: float
+    ) -> torch.Tensor:
+        """:meth:`add` with the "no object" decision taken at ``threshold`` from its probabilities."""
+        return self.add(counts, truth_empty, no_target_probs > threshold)
 
     def result(self) -> dict[str, float | int]:
         """``giou``, ``ciou``, ``n_acc``, ``t_acc``, ``prec@0.7`` .. ``prec@0.9`` (fractions in [0, 1]), ``count``
