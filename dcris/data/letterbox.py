@@ -189,8 +189,11 @@ def _warp_batch(
     taps_x, wx = _axis_taps(sx[:, None], tx[:, None], lens_x, out_shape[1], src.shape[-1], cubic, False)
     # Spatial dimensions next to the batch, so each pass gathers whole contiguous rows. The source becomes float
     # (less the border) only in the rows the first pass gathers: a large image is never copied whole as float.
+    # A float32 map on a 0 border (the probability maps of every evaluation batch) is gathered as it is.
     moved_border = border.movedim((-2, -1), (0, 1)) if isinstance(border, torch.Tensor) else border  # (1, 1, ...)
-    rows = _resample_dim1(src.movedim((-2, -1), (1, 2)), taps_y, wy, lambda g: g.float() - moved_border)
+    as_is = src.dtype == torch.float32 and not isinstance(border, torch.Tensor) and border == 0
+    convert = (lambda gathered: gathered) if as_is else (lambda gathered: gathered.float() - moved_border)
+    rows = _resample_dim1(src.movedim((-2, -1), (1, 2)), taps_y, wy, convert)
     out = _resample_dim1(rows.transpose(1, 2).contiguous(), taps_x, wx)  # (B, w, h, ...)
     return out.transpose(1, 2).movedim((1, 2), (-2, -1)) + border  # (B, ..., h, w)
 
